@@ -1,0 +1,65 @@
+"""``slaplanner <command>``: one console entry point for the services and the tools."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable, Sequence
+
+import orjson
+
+from shared.messages import BUS_MESSAGES
+
+# command -> (module, function, one-line help); modules are imported only when used.
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "collector": ("services.collector.__main__", "main", "run the collector service"),
+    "forecaster": ("services.forecaster.__main__", "main", "run the forecaster service"),
+    "decider": ("services.decider.__main__", "main", "run the decider service"),
+    "actuator": ("services.actuator.__main__", "main", "run the actuator service"),
+    "dry-run": ("services.decider.dryrun", "main", "replay a trace through a planning policy"),
+    "profile": ("shared.profile_cli", "main", "convert, show or plot a performance profile"),
+    "demo": ("sim.demo", "main", "the four services on an embedded NATS, replaying a trace"),
+    "schema": ("services.cli", "schema_main", "print the JSON Schema of the bus messages"),
+}
+
+
+def schema_main(argv: Sequence[str]) -> int:
+    """``slaplanner schema [MESSAGE]``: what to type into ``nats pub``."""
+    if argv and argv[0] in ("-h", "--help"):
+        print("usage: slaplanner schema [" + "|".join(BUS_MESSAGES) + "]")
+        return 0
+    if argv:
+        model = BUS_MESSAGES.get(argv[0])
+        if model is None:
+            print(f"unknown message {argv[0]!r}; one of {', '.join(BUS_MESSAGES)}",
+                  file=sys.stderr)
+            return 2
+        schema = model.model_json_schema(by_alias=True)
+    else:
+        schema = {name: m.model_json_schema(by_alias=True) for name, m in BUS_MESSAGES.items()}
+    sys.stdout.write(orjson.dumps(schema, option=orjson.OPT_INDENT_2).decode() + "\n")
+    return 0
+
+
+def usage() -> str:
+    lines = ["usage: slaplanner <command> [options]   (slaplanner <command> --help)", ""]
+    lines += [f"  {name:<11} {help_}" for name, (_, _, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0 if args else 2
+    entry = COMMANDS.get(args[0])
+    if entry is None:
+        print(f"unknown command {args[0]!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module, function, _ = entry
+    command: Callable[[list[str]], int | None] = getattr(importlib.import_module(module), function)
+    return int(command(args[1:]) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

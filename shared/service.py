@@ -1,0 +1,258 @@
+"""The thin shell every service shares: connect, consume durably, validate, publish, drain.
+
+A service is a coroutine ``main(runtime)``; it calls ``runtime.consume(...)`` with a handler that
+turns one valid input message into the messages to publish. Everything about a bad body (too big,
+not JSON, failing validation, a subject that disagrees with its deployment key) is handled here:
+the body is acked, published on ``slaplanner.rejected.<service>`` with its reason, counted, and the
+loop goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import threading
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+import nats.errors
+import nats.js.errors
+import prometheus_client
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from pydantic import ValidationError
+
+from shared import bus
+from shared.messages import Envelope, deployment_from_subject
+from shared.service_settings import ServiceSettings
+
+log = logging.getLogger("slaplanner.service")
+
+E = TypeVar("E", bound=Envelope)
+Handler = Callable[[E], Awaitable[Iterable[Envelope]]]
+
+MESSAGES_RECEIVED = prometheus_client.Counter(
+    "slaplanner_messages_received", "Bodies received from the bus", ["service", "subject_family"]
+)
+MESSAGES_PUBLISHED = prometheus_client.Counter(
+    "slaplanner_messages_published", "Messages published to the bus", ["service", "subject_family"]
+)
+MESSAGES_REJECTED = prometheus_client.Counter(
+    "slaplanner_messages_rejected", "Bodies refused, by kind of fault", ["service", "kind"]
+)
+HANDLER_SECONDS = prometheus_client.Histogram(
+    "slaplanner_handler_seconds",
+    "Time to handle one valid message, seconds",
+    ["service"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
+NATS_CONNECTED = prometheus_client.Gauge(
+    "slaplanner_nats_connected", "1 while connected to NATS", ["service"]
+)
+
+
+def _family(subject: str) -> str:
+    parts = subject.split(".")
+    return parts[1] if len(parts) > 1 else subject
+
+
+def _stream_position(msg: Msg) -> str | None:
+    try:
+        meta = msg.metadata
+    except Exception:  # not a JetStream message
+        return None
+    return f"{meta.stream}-{meta.sequence.stream}"
+
+
+def validation_reason(exc: ValidationError) -> str:
+    parts = []
+    for item in exc.errors()[:10]:
+        where = ".".join(str(p) for p in item["loc"]) or "body"
+        parts.append(f"{where}: {item['msg']}")
+    return "; ".join(parts)
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        return
+
+
+@dataclass
+class Runtime:
+    """What a running service holds: its settings, the NATS connection and its stop signal."""
+
+    name: str
+    settings: ServiceSettings
+    nc: NATS
+    js: JetStreamContext
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    consuming: int = 0
+
+    @property
+    def ready(self) -> bool:
+        return self.nc.is_connected
+
+    async def publish(self, message: Envelope) -> None:
+        await bus.publish(self.js, message)
+        MESSAGES_PUBLISHED.labels(self.name, _family(message.subject())).inc()
+
+    async def reject(self, subject: str, raw: bytes, kind: str, reason: str) -> None:
+        MESSAGES_REJECTED.labels(self.name, kind).inc()
+        log.warning("rejected a body on %s (%d bytes): %s", subject, len(raw), reason)
+        await bus.publish_rejected(self.js, bus.rejected(self.name, subject, raw, reason))
+
+    def parse(self, model: type[E], msg: Msg) -> tuple[E | None, str, str]:
+        """The validated message, or None with the kind of fault and its reason."""
+        size = len(msg.data)
+        if size > self.settings.max_body_bytes:
+            return None, "too_large", (
+                f"body of {size} bytes exceeds the limit of {self.settings.max_body_bytes} bytes"
+            )
+        try:
+            message = model.from_json(msg.data, default_id=_stream_position(msg))
+        except ValidationError as exc:
+            return None, "invalid", f"{model.__name__} invalid: {validation_reason(exc)}"
+        except (ValueError, RecursionError) as exc:
+            return None, "invalid_json", str(exc)[:500]
+        if deployment_from_subject(msg.subject) != message.deployment:
+            return None, "subject_mismatch", (
+                f"subject {msg.subject} does not match the body's deployment {message.deployment}"
+            )
+        return message, "", ""
+
+    async def consume(
+        self,
+        subject_filter: str,
+        model: type[E],
+        handler: Handler[E],
+        durable: str | None = None,
+        batch: int = 32,
+    ) -> None:
+        """Feed each valid body on ``subject_filter`` to ``handler`` until stopped."""
+        durable = durable or self.name
+        config = ConsumerConfig(
+            durable_name=durable,
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.NEW,
+            ack_wait=60.0,
+            max_ack_pending=1000,
+        )
+        sub = await self.js.pull_subscribe(
+            subject_filter, durable=durable, stream=self.settings.stream_name, config=config
+        )
+        self.consuming += 1
+        log.info("consuming %s as durable %s", subject_filter, durable)
+        try:
+            while not self.stop.is_set():
+                try:
+                    msgs = await sub.fetch(batch=batch, timeout=1.0)
+                except nats.errors.TimeoutError:
+                    continue
+                except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError,
+                        nats.js.errors.APIError, nats.errors.NoServersError) as exc:
+                    log.warning("fetch failed (%s); retrying", exc)
+                    await asyncio.sleep(1.0)
+                    continue
+                for msg in msgs:
+                    await self._handle_one(msg, model, handler)
+        finally:
+            self.consuming -= 1
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def _handle_one(self, msg: Msg, model: type[E], handler: Handler[E]) -> None:
+        MESSAGES_RECEIVED.labels(self.name, _family(msg.subject)).inc()
+        message, kind, reason = self.parse(model, msg)
+        try:
+            if message is None:
+                await self.reject(msg.subject, msg.data, kind, reason)
+            else:
+                started = time.perf_counter()
+                try:
+                    outputs = list(await handler(message))
+                except Exception as exc:
+                    # A handler that raises has a bug; the message is kept on the rejected
+                    # subject (not lost, not retried forever) and the loop goes on.
+                    log.exception("handler failed on %s", msg.subject)
+                    await self.reject(msg.subject, msg.data, "handler_error", f"internal: {exc!r}")
+                    outputs = []
+                HANDLER_SECONDS.labels(self.name).observe(time.perf_counter() - started)
+                for output in outputs:
+                    await self.publish(output)
+            await msg.ack()
+        except (TimeoutError, nats.errors.Error) as exc:
+            # The bus failed under us: leave the message unacked so it is redelivered; the
+            # outputs' deterministic ids make the second publication a duplicate JetStream drops.
+            log.warning("could not publish or ack (%s); the message will be redelivered", exc)
+            with contextlib.suppress(Exception):
+                await msg.nak(delay=1.0)
+
+
+def _http_app(runtime_ref: list[Runtime]) -> Callable[..., Iterable[bytes]]:
+    metrics_app = prometheus_client.make_wsgi_app()
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") == "/healthz":
+            ok = bool(runtime_ref) and runtime_ref[0].ready
+            start_response("200 OK" if ok else "503 Service Unavailable",
+                           [("Content-Type", "text/plain")])
+            return [b"ok\n" if ok else b"not connected to NATS\n"]
+        return metrics_app(environ, start_response)
+
+    return app
+
+
+def start_http(settings: ServiceSettings, runtime_ref: list[Runtime]) -> WSGIServer:
+    server = make_server(settings.http_host, settings.http_port, _http_app(runtime_ref),
+                         handler_class=_QuietHandler)
+    threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
+    return server
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+async def serve(name: str, settings: ServiceSettings,
+                main: Callable[[Runtime], Coroutine[Any, Any, None]]) -> int:
+    """Run ``main`` as service ``name`` until it returns or SIGTERM/SIGINT; then drain."""
+    runtime_ref: list[Runtime] = []
+    http = start_http(settings, runtime_ref)
+    log.info("%s: /metrics and /healthz on %s:%d", name, settings.http_host, http.server_port)
+    nc = await bus.connect(settings, name)
+    js = nc.jetstream()
+    await bus.ensure_stream(js, settings)
+    runtime = Runtime(name=name, settings=settings, nc=nc, js=js)
+    runtime_ref.append(runtime)
+    NATS_CONNECTED.labels(name).set_function(lambda: float(nc.is_connected))
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, runtime.stop.set)
+    task = asyncio.create_task(main(runtime))
+    stopper = asyncio.create_task(runtime.stop.wait())
+    await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    runtime.stop.set()
+    stopper.cancel()
+    code = 0
+    done, _ = await asyncio.wait({task}, timeout=5.0)
+    if not done:
+        log.warning("%s: main loop did not stop within 5 s; cancelling it", name)
+        task.cancel()
+    elif task.exception() is not None:
+        log.error("%s: stopped on an error", name, exc_info=task.exception())
+        code = 1
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(nc.drain(), timeout=5.0)
+    http.shutdown()
+    log.info("%s: stopped", name)
+    return code

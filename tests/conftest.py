@@ -1,0 +1,160 @@
+"""Fixtures for real servers: nats-server with JetStream, and services as real subprocesses."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import nats
+import pytest
+from nats.aio.client import Client as NATS
+
+from shared import embedded_nats
+
+REPO = Path(__file__).resolve().parent.parent
+# Big enough for the 10 MB hostile body to reach the services, which must refuse it themselves.
+TEST_MAX_PAYLOAD = 16 << 20
+
+
+def docker_engine_answers(timeout_s: float = 0.3) -> bool:
+    """A Docker engine that answers /_ping on its socket (the CLI alone does not count)."""
+    host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+    if not host.startswith("unix://"):
+        return False
+    path = host[len("unix://"):]
+    if not os.path.exists(path):
+        return False
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout_s)
+            sock.connect(path)
+            sock.sendall(b"GET /_ping HTTP/1.0\r\nHost: docker\r\n\r\n")
+            return b"OK" in sock.recv(1024)
+    except OSError:
+        return False
+
+
+@dataclass
+class NatsEndpoint:
+    url: str
+    server: embedded_nats.NatsServer | None  # None when it runs in a container
+
+    def restart(self) -> None:
+        if self.server is None:
+            pytest.skip("restarting a containerised server is not supported by this fixture")
+        self.server.start_again()
+
+
+@contextlib.contextmanager
+def _container_nats(tmp: Path) -> Iterator[NatsEndpoint]:
+    from testcontainers.core.container import DockerContainer
+
+    (tmp / "nats.conf").write_text(
+        f'max_payload: {TEST_MAX_PAYLOAD}\njetstream {{ store_dir: "/data" }}\n'
+    )
+    container = (
+        DockerContainer("nats:2.10-alpine")
+        .with_volume_mapping(str(tmp), "/config", "ro")
+        .with_command("-c /config/nats.conf")
+        .with_exposed_ports(4222)
+    )
+    with container:
+        port = int(container.get_exposed_port(4222))
+        embedded_nats.wait_for_port(port)
+        yield NatsEndpoint(f"nats://{container.get_container_host_ip()}:{port}", None)
+
+
+@pytest.fixture
+def nats_server() -> Iterator[NatsEndpoint]:
+    """A real nats-server with JetStream on a free port, stopped afterwards."""
+    with tempfile.TemporaryDirectory(prefix="slaplanner-test-nats-") as tmp:
+        if docker_engine_answers():
+            with _container_nats(Path(tmp)) as endpoint:
+                yield endpoint
+            return
+        server = embedded_nats.start(Path(tmp), max_payload_bytes=TEST_MAX_PAYLOAD)
+        try:
+            yield NatsEndpoint(server.url, server)
+        finally:
+            server.stop()
+
+
+@pytest.fixture
+async def nc(nats_server: NatsEndpoint) -> AsyncIterator[NATS]:
+    client = await nats.connect(nats_server.url, max_reconnect_attempts=-1,
+                                reconnect_time_wait=0.2)
+    yield client
+    with contextlib.suppress(Exception):
+        await client.close()
+
+
+class ServiceProcess:
+    """One service as a real subprocess (``python -m services.<name>``)."""
+
+    def __init__(self, name: str, env: dict[str, str], log_dir: Path) -> None:
+        self.name = name
+        self.env = env
+        self.log_path = log_dir / f"{name}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> ServiceProcess:
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", f"services.{self.name}"], cwd=REPO, env=self.env,
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+        return self
+
+    def stop(self, timeout_s: float = 10.0) -> int:
+        """SIGTERM, and the exit code; the service must drain and exit within the timeout."""
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+                raise AssertionError(f"{self.name} did not stop within {timeout_s} s") from None
+        return int(self.process.returncode)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+@pytest.fixture
+def services(nats_server: NatsEndpoint, tmp_path: Path) -> Iterator[dict[str, ServiceProcess]]:
+    """Services by name, not started; each test starts the ones it needs."""
+    env = {
+        **os.environ,
+        "SLAPLANNER_NATS_URL": nats_server.url,
+        "SLAPLANNER_HTTP_PORT": "0",
+        "SLAPLANNER_HTTP_HOST": "127.0.0.1",
+        "SLAPLANNER_NATS_RECONNECT_WAIT_S": "200ms",
+        "PYTHONUNBUFFERED": "1",
+    }
+    procs = {n: ServiceProcess(n, dict(env), tmp_path)
+             for n in ("collector", "forecaster", "decider", "actuator")}
+    yield procs
+    for proc in procs.values():
+        if proc.process is not None and proc.process.poll() is None:
+            proc.process.kill()
+            proc.process.wait()
+
+
+def wait_until(predicate: object, timeout_s: float = 20.0, interval_s: float = 0.05) -> None:
+    assert callable(predicate)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval_s)
+    raise AssertionError("condition not met in time")
