@@ -94,3 +94,11 @@ def test_missing_series_are_named() -> None:
 )
 def test_ticks_align_to_interval_boundaries(now: float, interval: float, expected: float) -> None:
     assert next_boundary(now, interval) == pytest.approx(expected)
+
+
+def test_a_series_that_appears_between_scrapes_started_at_zero() -> None:
+    empty = window.parse_exposition("")
+    after = window.parse_exposition(SCRAPE_2, {"model": "llama"})
+    values = window.window_values(empty, after)
+    assert values.values["num_requests"] == 160.0
+    assert values.values["isl_avg"] == pytest.approx(430000 / 160)

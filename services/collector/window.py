@@ -91,9 +91,11 @@ class WindowValues:
 
 
 def _increase(name: str, before: Scrape, after: Scrape) -> float | None:
-    if name not in after.values or name not in before.values:
+    # A labelled series appears with its first event; absent from a scrape that succeeded, it
+    # was zero then. Absent now, it is unknown.
+    if name not in after.values:
         return None
-    return counter_increase(before.values[name], after.values[name])
+    return counter_increase(before.values.get(name, 0.0), after.values[name])
 
 
 def window_values(
@@ -135,8 +137,8 @@ def window_values(
         "osl_p90": (names["osl"], 0.9),
     }
     for field_name, (metric, q) in quantiles.items():
-        now_b, then_b = after.buckets.get(metric), before.buckets.get(metric)
-        if not now_b or not then_b:
+        now_b, then_b = after.buckets.get(metric), before.buckets.get(metric, {})
+        if not now_b:
             values[field_name] = None
             gaps[field_name] = f"histogram {metric}_bucket absent"
             continue
