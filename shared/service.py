@@ -153,7 +153,9 @@ class Runtime:
             while not self.stop.is_set():
                 try:
                     msgs = await sub.fetch(batch=batch, timeout=1.0)
-                except nats.errors.TimeoutError:
+                except TimeoutError:
+                    # nats-py raises its own subclass or plain asyncio.TimeoutError (the
+                    # builtin on 3.11) when a poll finds nothing: both just mean "poll again".
                     continue
                 except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError,
                         nats.js.errors.APIError, nats.errors.NoServersError) as exc:
