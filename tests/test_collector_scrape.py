@@ -15,8 +15,6 @@ from shared.embedded_nats import free_port
 from shared.messages import MetricSnapshot
 from tests.conftest import ServiceProcess
 
-pytestmark = pytest.mark.asyncio
-
 
 def frontend_registry() -> tuple[prometheus_client.CollectorRegistry, dict[str, object]]:
     registry = prometheus_client.CollectorRegistry()
