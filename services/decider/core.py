@@ -1,0 +1,148 @@
+"""The decider's core: a forecast in, a replica target with its explanation out.
+
+Pure apart from its in-memory state per deployment (correction factors, last target): no bus,
+no clock, no cluster. Profiles are loaded and validated once, when the decider is built, so a
+bad profile stops the service at start rather than at its first decision.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from services.decider import registry
+from services.decider.policy import PlannedLoad, PolicyState
+from services.decider.settings import DeciderSettings, DeploymentKnobs
+from shared.messages import DeploymentKey, LoadForecast, ReplicaTarget, derived_id
+from shared.perf_model import Profile, load_profile
+
+
+@dataclass(frozen=True)
+class _Memory:
+    state: PolicyState
+    forecast_id: str
+    target: ReplicaTarget
+
+
+class Decider:
+    def __init__(
+        self, settings: DeciderSettings, profiles: Mapping[str, Profile] | None = None
+    ) -> None:
+        """``profiles``: already loaded profiles by path (the dry run and tests reuse one);
+        every other configured profile is loaded and validated here."""
+        self.settings = settings
+        self.config = settings.deployment_config()
+        self._profiles: dict[str, Profile] = dict(profiles or {})
+        for knobs in self.config.all_knobs():
+            self.profile_for(knobs)  # raises ProfileError now, not at the first forecast
+        self._memory: dict[str, _Memory] = {}
+
+    def profile_for(self, knobs: DeploymentKnobs) -> Profile:
+        profile = self._profiles.get(knobs.profile_path)
+        if profile is None:
+            profile = load_profile(knobs.profile_path)
+            self._profiles[knobs.profile_path] = profile
+        return profile
+
+    def state_of(self, deployment: DeploymentKey) -> PolicyState | None:
+        memory = self._memory.get(str(deployment))
+        return None if memory is None else memory.state
+
+    def decide(self, forecast: LoadForecast) -> ReplicaTarget:
+        """The target for the forecast's next step; a redelivered forecast gets the same target."""
+        key = str(forecast.deployment)
+        memory = self._memory.get(key)
+        if memory is not None and memory.forecast_id == forecast.id:
+            return memory.target
+        knobs = self.config.for_deployment(key)
+        profile = self.profile_for(knobs)
+        step = forecast.steps[0]
+        load = PlannedLoad(
+            num_requests=step.num_requests,
+            isl_avg_tokens=step.isl_avg,
+            osl_avg_tokens=step.osl_avg,
+            window_s=forecast.window_s,
+        )
+        decision = registry.get(knobs.policy)(
+            load,
+            forecast.observed,
+            profile,
+            knobs.policy_config(),
+            memory.state if memory is not None else PolicyState(),
+        )
+        explanation: dict[str, Any] = {
+            "forecast": {
+                "id": forecast.id,
+                "model": forecast.model,
+                "fallback": forecast.fallback,
+                "window_end": forecast.window_end,
+                "window_s": forecast.window_s,
+                "step_window_end": step.window_end,
+                "num_requests": step.num_requests,
+                "num_requests_upper": step.num_requests_upper,
+                "isl_avg": step.isl_avg,
+                "isl_avg_upper": step.isl_avg_upper,
+                "osl_avg": step.osl_avg,
+                "osl_avg_upper": step.osl_avg_upper,
+            },
+            "adjustment_interval_s": knobs.adjustment_interval_s,
+            "profile": profile.origin,
+            **decision.explanation,
+        }
+        target = ReplicaTarget(
+            id=derived_id("target", forecast.id),
+            deployment=forecast.deployment,
+            window_end=forecast.window_end,
+            window_s=forecast.window_s,
+            policy=knobs.policy,
+            prefill_replicas=decision.prefill_replicas,
+            decode_replicas=decision.decode_replicas,
+            forecast_id=forecast.id,
+            explanation=explanation,
+        )
+        self._memory[key] = _Memory(decision.state, forecast.id, target)
+        return target
+
+
+def _number(source: Any, *path: str) -> float | None:
+    """``source[path[0]][path[1]]...`` as a finite float, or ``None``."""
+    value = source
+    for part in path:
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def gauge_values(target: ReplicaTarget) -> dict[str, float | None]:
+    """What an operator watches, read from a target's explanation; ``None`` where not known.
+
+    Pure: the shell hands these to ``services.decider.gauges``; nothing is recorded here.
+    """
+    why = target.explanation
+    observed_count = _number(why, "observed", "num_requests")
+    observed_window = _number(why, "observed", "window_s")
+    observed_rate = (
+        observed_count / observed_window if observed_count is not None and observed_window else None
+    )
+    return {
+        "observed_ttft_seconds": _number(why, "observed", "ttft_avg_s"),
+        "observed_itl_seconds": _number(why, "observed", "itl_avg_s"),
+        "ttft_target_seconds": _number(why, "config", "ttft_target_s"),
+        "itl_target_seconds": _number(why, "config", "itl_target_s"),
+        "observed_request_rate_per_second": observed_rate,
+        "forecast_request_rate_per_second": _number(why, "load", "request_rate_per_s"),
+        "forecast_isl_tokens": _number(why, "load", "isl_avg_tokens"),
+        "forecast_osl_tokens": _number(why, "load", "osl_avg_tokens"),
+        "prefill_correction_factor": _number(why, "correction", "prefill_factor"),
+        "decode_correction_factor": _number(why, "correction", "decode_factor"),
+        "observed_prefill_workers": _number(why, "observed", "prefill_workers"),
+        "observed_decode_workers": _number(why, "observed", "decode_workers"),
+        "prefill_target_replicas": float(target.prefill_replicas),
+        "decode_target_replicas": float(target.decode_replicas),
+        "target_held": 1.0 if why.get("held") else 0.0,
+    }
