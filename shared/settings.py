@@ -96,7 +96,10 @@ def settings_from(
 def describe_error(cls: type[Settings], error: ValidationError) -> str:
     lines = [f"invalid {cls.__name__}:"]
     for item in error.errors():
-        field = str(item["loc"][0]) if item["loc"] else "?"
+        if not item["loc"]:  # a check across fields, or of a file named in the message
+            lines.append(f"  {item['msg']}")
+            continue
+        field = str(item["loc"][0])
         where = f"{flag_name(field)} / {env_name(field)}" if field in cls.model_fields else field
         lines.append(f"  {where}: {item['msg']}")
     return "\n".join(lines)
