@@ -7,9 +7,12 @@ import os
 import sys
 from collections.abc import Sequence
 
+from kubernetes.config.config_exception import ConfigException
+
 from services.actuator import service
-from services.actuator.core import Actuator, DryRunWorkerSets
+from services.actuator.config import ConfigError
 from services.actuator.settings import ActuatorSettings
+from services.actuator.wiring import assemble
 from shared import settings as settings_mod
 from shared.service import configure_logging, serve
 
@@ -20,8 +23,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Apply replica targets to prefill and decode worker sets, safely.",
     )
     configure_logging(settings.log_level)
-    actuator = Actuator(settings, DryRunWorkerSets())
-    return asyncio.run(serve("actuator", settings, lambda rt: service.run(rt, actuator)))
+    publisher = service.NatsPublisher()
+    try:
+        assembly = assemble(settings, publisher)
+    except (ConfigError, ValueError, ConfigException) as exc:
+        print(f"slaplanner actuator: {exc}", file=sys.stderr)
+        return 2
+    return asyncio.run(serve(
+        "actuator", settings, lambda rt: service.run(rt, settings, assembly, publisher)))
 
 
 if __name__ == "__main__":

@@ -1,25 +1,190 @@
-"""Actuator shell: targets in, scale events out; backend calls run off the event loop."""
+"""Actuator shell: targets in, scale events out, only while this instance holds the Lease.
+
+It reads the targets through the service's durable JetStream consumer, but fetches only while it
+leads: a follower leaves every message to the leader, and a message that reaches an instance that
+has just lost the Lease is handed back (nak) unapplied. On becoming leader it first reads the last
+ScaleEvent of each deployment from the stream, so that a target older than one applied by the
+previous leader stays ignored. The clock is read here and passed to the core as ``now``.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Iterable
+import time
+from collections.abc import Callable
 
+import nats.errors
+import nats.js.errors
+import prometheus_client
+from nats.aio.msg import Msg
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from pydantic import ValidationError
+
+from services.actuator import election
 from services.actuator.core import Actuator
-from shared.messages import Envelope, ReplicaTarget
+from services.actuator.settings import ActuatorSettings
+from services.actuator.wiring import Assembly
+from shared import service as shell
+from shared.messages import SUBJECT_PREFIX, ReplicaTarget, ScaleEvent
 from shared.service import Runtime
 
 log = logging.getLogger("slaplanner.actuator")
+OUTCOMES = prometheus_client.Counter(
+    "slaplanner_actuator_outcomes", "Targets handled, by backend and outcome",
+    ["backend", "outcome"])
+LEADER = prometheus_client.Gauge(
+    "slaplanner_actuator_leader", "1 while this actuator holds the Lease (or needs none)")
 CONSUMES = "slaplanner.target.>"
+SCALED = "slaplanner.scaled.>"
+Clock = Callable[[], float]
 
 
-async def run(runtime: Runtime, actuator: Actuator) -> None:
-    loop = asyncio.get_running_loop()
+class NatsPublisher:
+    """The virtual backend's way out: bound to the runtime once it is connected."""
 
-    async def on_target(target: ReplicaTarget) -> Iterable[Envelope]:
-        event = await loop.run_in_executor(None, actuator.apply, target)
+    def __init__(self) -> None:
+        self.runtime: Runtime | None = None
+
+    async def __call__(self, subject: str, body: bytes, msg_id: str) -> None:
+        runtime = self.runtime
+        if runtime is None:
+            raise RuntimeError("the publisher is not bound to a connected runtime yet")
+        headers = {"Nats-Msg-Id": msg_id}
+        if subject.startswith(SUBJECT_PREFIX + "."):  # inside the stream: stored, deduplicated
+            await runtime.js.publish(subject, body, headers=headers)
+        else:
+            await runtime.nc.publish(subject, body, headers=headers)
+            await runtime.nc.flush()
+        shell.MESSAGES_PUBLISHED.labels(runtime.name, "virtual").inc()
+
+
+async def restore(runtime: Runtime, actuator: Actuator) -> int:
+    """Feed the last ScaleEvent of every deployment to the actuator's memory."""
+    config = ConsumerConfig(deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+                            ack_policy=AckPolicy.NONE, inactive_threshold=30.0)
+    sub = await runtime.js.pull_subscribe(SCALED, stream=runtime.settings.stream_name,
+                                          config=config)
+    count = 0
+    try:
+        pending = (await sub.consumer_info()).num_pending or 0
+        while pending > 0:
+            try:
+                msgs = await sub.fetch(batch=min(256, pending), timeout=1.0)
+            except TimeoutError:
+                break
+            for msg in msgs:
+                pending -= 1
+                with contextlib.suppress(ValueError, ValidationError):
+                    actuator.restore(ScaleEvent.from_json(msg.data))
+                    count += 1
+    finally:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+    log.info("restored the last scale event of %d deployments from the stream", count)
+    return count
+
+
+async def handle_one(runtime: Runtime, actuator: Actuator, msg: Msg, clock: Clock) -> None:
+    shell.MESSAGES_RECEIVED.labels(runtime.name, "target").inc()
+    target, kind, reason = runtime.parse(ReplicaTarget, msg)
+    try:
+        if target is None:
+            await runtime.reject(msg.subject, msg.data, kind, reason)
+            await msg.ack()
+            return
+        started = time.perf_counter()
+        try:
+            event = await actuator.handle(target, clock())
+        except Exception as exc:  # a bug: keep the body on the rejected subject, go on
+            log.exception("handling the target on %s failed", msg.subject)
+            await runtime.reject(msg.subject, msg.data, "handler_error", f"internal: {exc!r}")
+            await msg.ack()
+            return
+        shell.HANDLER_SECONDS.labels(runtime.name).observe(time.perf_counter() - started)
+        if event is None:  # lost the lease meanwhile: leave it to the leader
+            await msg.nak(delay=1.0)
+            return
         log.info("%s %s: %s", target.deployment, event.outcome, event.reason)
-        return [event]
+        OUTCOMES.labels(event.backend, event.outcome.value).inc()
+        await runtime.publish(event)
+        await msg.ack()
+    except (TimeoutError, nats.errors.Error) as exc:
+        log.warning("could not publish or ack (%s); the target will be redelivered", exc)
+        with contextlib.suppress(Exception):
+            await msg.nak(delay=1.0)
 
-    await runtime.consume(CONSUMES, ReplicaTarget, on_target)
+
+async def consume(runtime: Runtime, assembly: Assembly, settings: ActuatorSettings,
+                  clock: Clock) -> None:
+    actuator, elector = assembly.actuator, assembly.elector
+    config = ConsumerConfig(durable_name=runtime.name, ack_policy=AckPolicy.EXPLICIT,
+                            deliver_policy=DeliverPolicy.NEW, ack_wait=60.0,
+                            max_ack_pending=1000)
+    sub = await runtime.js.pull_subscribe(CONSUMES, durable=runtime.name,
+                                          stream=settings.stream_name, config=config)
+    runtime.consuming += 1
+    leading = False
+    try:
+        while not runtime.stop.is_set():
+            if elector is not None and not elector.is_leader(clock()):
+                leading = False
+                LEADER.set(0)
+                await _wait(runtime.stop, 0.2)
+                continue
+            if not leading:
+                leading = True
+                LEADER.set(1)
+                if settings.restore_from_stream:
+                    try:
+                        await restore(runtime, actuator)
+                    except (nats.errors.Error, nats.js.errors.Error) as exc:
+                        log.warning("could not restore from the stream (%s)", exc)
+            try:
+                msgs = await sub.fetch(batch=16, timeout=1.0)
+            except TimeoutError:  # nats.errors.TimeoutError, or the bare one fetch also raises
+                continue
+            except (nats.errors.Error, nats.js.errors.Error) as exc:
+                log.warning("fetch failed (%s); retrying", exc)
+                await _wait(runtime.stop, 1.0)
+                continue
+            for msg in msgs:
+                await handle_one(runtime, actuator, msg, clock)
+    finally:
+        LEADER.set(0)
+        runtime.consuming -= 1
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+
+
+async def lead(assembly: Assembly, stop: asyncio.Event, period_s: float, clock: Clock) -> None:
+    """Acquire and renew the Lease until stopped; then release it for a fast takeover."""
+    assert assembly.elector is not None and assembly.lock is not None
+    try:
+        while not stop.is_set():
+            await election.step(assembly.elector, assembly.lock, clock())
+            await _wait(stop, period_s)
+    finally:
+        await election.release(assembly.elector, assembly.lock)
+
+
+async def _wait(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(stop.wait(), timeout=seconds)
+
+
+async def run(runtime: Runtime, settings: ActuatorSettings, assembly: Assembly,
+              publisher: NatsPublisher | None = None, clock: Clock = time.time) -> None:
+    if publisher is not None:
+        publisher.runtime = runtime
+    tasks = [asyncio.create_task(consume(runtime, assembly, settings, clock))]
+    if assembly.elector is not None:
+        tasks.append(asyncio.create_task(
+            lead(assembly, runtime.stop, settings.lease_retry_period_s, clock)))
+    try:
+        await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

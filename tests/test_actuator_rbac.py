@@ -1,0 +1,148 @@
+"""The actuator's RBAC in deploy/: valid manifests, least privilege, and exactly what it uses.
+
+A tour drives every backend and feature against the API test server, which enforces the Roles
+of ``deploy/actuator-rbac.yaml`` as its authorizer: any call they do not permit answers 403 and
+fails the tour. Then every call is checked against the rules, and every rule must have been used.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import kubernetes_validate
+import pytest
+
+from services.actuator import election
+from shared.messages import DeploymentKey, Outcome
+from tests import k8s_api_server as srv
+from tests import k8s_rbac
+from tests.conftest_k8s import (
+    NS,
+    Clock,
+    assemble,
+    deployment,
+    dgd,
+    dynamo_mapping,
+    kube_for,
+    lws,
+    pod,
+    target,
+)
+
+KUBERNETES_VERSIONS = ["1.29.0", "1.31.0", kubernetes_validate.utils.latest_version()]
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_the_rbac_manifests_are_valid_kubernetes_objects(version: str) -> None:
+    docs = k8s_rbac.documents()
+    assert [d["kind"] for d in docs] == ["ServiceAccount", "Role", "RoleBinding", "Role",
+                                         "RoleBinding"]
+    for doc in docs:
+        kubernetes_validate.validate(doc, version, strict=True)
+
+
+def test_nothing_is_granted_cluster_wide_and_the_bindings_hold_together() -> None:
+    docs = k8s_rbac.documents()
+    assert not [d for d in docs if d["kind"] in ("ClusterRole", "ClusterRoleBinding")]
+    [account] = [d for d in docs if d["kind"] == "ServiceAccount"]
+    roles = {d["metadata"]["name"] for d in docs if d["kind"] == "Role"}
+    for binding in (d for d in docs if d["kind"] == "RoleBinding"):
+        assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                      "name": binding["metadata"]["name"]}
+        assert binding["roleRef"]["name"] in roles
+        assert binding["subjects"] == [{"kind": "ServiceAccount",
+                                        "name": account["metadata"]["name"],
+                                        "namespace": account["metadata"]["namespace"]}]
+    for rule in k8s_rbac.rules():
+        assert "*" not in rule.groups | rule.resources | rule.verbs
+        assert not rule.verbs & {"delete", "deletecollection", "escalate", "bind", "impersonate",
+                                 "watch"}, rule
+        assert "secrets" not in rule.resources
+
+
+def test_a_lease_rule_with_a_name_does_not_permit_other_leases_or_creation() -> None:
+    rules = k8s_rbac.rules()
+    lease = srv.RequestAttributes("update", "coordination.k8s.io", "leases", "", "slaplanner",
+                                  "slaplanner-actuator")
+    assert k8s_rbac.permitted(lease, rules)
+    assert not k8s_rbac.permitted(srv.RequestAttributes(
+        "update", "coordination.k8s.io", "leases", "", "slaplanner", "kube-scheduler"), rules)
+    assert not k8s_rbac.permitted(srv.RequestAttributes(
+        "patch", "apps", "deployments", "", NS, "x"), rules)  # only the scale subresource
+
+
+async def tour(server: srv.KubeApiServer) -> None:
+    """Every backend and feature once, as the actuator would run them in a cluster."""
+    kube = kube_for(server)
+    clock = Clock()
+    # The Lease: created once, then read and renewed.
+    leader = assemble(kube, dynamo_mapping(), leader_election="on", lease_namespace="slaplanner")
+    assert leader.elector is not None and leader.lock is not None
+    await election.step(leader.elector, leader.lock, clock())
+    await election.step(leader.elector, leader.lock, clock.advance(2))
+    assert leader.elector.is_leader(clock())
+
+    # dynamo: read the DGD, look for other autoscalers, patch, record Events.
+    server.add(srv.DGDS, dgd("llama", 1, 2))
+    event = await leader.actuator.handle(target(2, 3), clock())
+    assert event is not None and event.outcome is Outcome.APPLIED, event
+
+    # scale: a Deployment (with pods to mark before its scale-down) and a StatefulSet, then a
+    # LeaderWorkerSet and a DynamoGraphDeploymentScalingAdapter.
+    for index in range(3):
+        server.add(srv.PODS, pod(f"qwen-prefill-{index}", "qwen-prefill"))
+    server.add(srv.DEPLOYMENTS, deployment("qwen-prefill", 3))
+    server.add(srv.STATEFULSETS, deployment("qwen-decode", 1))
+    server.add(srv.LEADER_WORKER_SETS, lws("mixtral-decode", 1))
+    server.add(srv.DGDSAS, {"metadata": {"name": "mixtral-prefill", "namespace": NS},
+                            "spec": {"replicas": 1}})
+    objects: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
+        ("qwen", {"kind": "Deployment", "name": "qwen-prefill"},
+         {"kind": "StatefulSet", "name": "qwen-decode"}),
+        ("mixtral", {"kind": "DynamoGraphDeploymentScalingAdapter", "name": "mixtral-prefill"},
+         {"kind": "LeaderWorkerSet", "name": "mixtral-decode"}),
+    ]
+    for name, prefill, decode in objects:
+        mapping = {"allow": [{"namespace": NS, "kind": o["kind"], "name": o["name"]}
+                             for o in (prefill, decode)],
+                   "deployment": [{"namespace": NS, "name": name, "backend": "scale",
+                                   "scale": {"prefill": prefill, "decode": decode}}]}
+        scaler = assemble(kube, mapping)
+        key = DeploymentKey(namespace=NS, name=name)
+        event = await scaler.actuator.handle(target(2, 2, key=key), clock())
+        assert event is not None
+        assert event.outcome is Outcome.APPLIED, event.reason
+
+
+async def test_the_role_permits_every_call_of_a_full_tour_and_grants_nothing_unused() -> None:
+    rules = k8s_rbac.rules()
+    with srv.KubeApiServer() as server:
+        server.authorizer = lambda attrs: k8s_rbac.permitted(attrs, rules)
+        await tour(server)
+        calls = [r.attributes for r in server.requests if r.attributes is not None]
+    assert not [r for r in server.requests if r.status == 403]
+    used = {k8s_rbac.used(a) for a in calls}
+    granted = set().union(*(rule.grants() for rule in rules))
+    assert used <= granted
+    assert granted - used == set(), "the Role grants rights the actuator never uses"
+    lease_calls = [a for a in calls if a.resource == "leases"]
+    assert {(a.verb, a.namespace) for a in lease_calls} == {
+        ("create", "slaplanner"), ("get", "slaplanner"), ("update", "slaplanner")}
+
+
+async def test_without_the_role_the_actuator_says_which_permission_is_missing() -> None:
+    rules = [r for r in k8s_rbac.rules() if "deployments/scale" not in r.resources]
+    with srv.KubeApiServer() as server:
+        server.authorizer = lambda attrs: k8s_rbac.permitted(attrs, rules)
+        server.add(srv.DEPLOYMENTS, deployment("qwen-prefill", 1))
+        server.add(srv.DEPLOYMENTS, deployment("qwen-decode", 1))
+        mapping = {"allow": [{"namespace": NS, "kind": "Deployment", "name": n}
+                             for n in ("qwen-prefill", "qwen-decode")],
+                   "deployment": [{"namespace": NS, "name": "qwen", "backend": "scale", "scale": {
+                       "prefill": {"kind": "Deployment", "name": "qwen-prefill"},
+                       "decode": {"kind": "Deployment", "name": "qwen-decode"}}}]}
+        event = await assemble(kube_for(server), mapping).actuator.handle(
+            target(1, 2, key=DeploymentKey(namespace=NS, name="qwen")), Clock()())
+    assert event is not None and event.outcome is Outcome.FAILED
+    assert "may not get deployments/scale (API group 'apps') in namespace 'prod'" in (
+        event.reason or "")
