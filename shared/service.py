@@ -36,7 +36,12 @@ from shared.service_settings import ServiceSettings
 log = logging.getLogger("slaplanner.service")
 
 E = TypeVar("E", bound=Envelope)
-Handler = Callable[[E], Awaitable[Iterable[Envelope]]]
+# A handler returns the messages to publish, or None to hand the message back unhandled (it is
+# redelivered later, to this instance or another).
+Handler = Callable[[E], Awaitable[Iterable[Envelope] | None]]
+# A gate says whether this instance should take work now (a follower of a leader election
+# should not); it is asked before every fetch.
+Gate = Callable[[], Awaitable[bool]]
 
 MESSAGES_RECEIVED = prometheus_client.Counter(
     "slaplanner_messages_received", "Bodies received from the bus", ["service", "subject_family"]
@@ -134,6 +139,7 @@ class Runtime:
         handler: Handler[E],
         durable: str | None = None,
         batch: int = 32,
+        gate: Gate | None = None,
     ) -> None:
         """Feed each valid body on ``subject_filter`` to ``handler`` until stopped."""
         durable = durable or self.name
@@ -151,6 +157,10 @@ class Runtime:
         log.info("consuming %s as durable %s", subject_filter, durable)
         try:
             while not self.stop.is_set():
+                if gate is not None and not await gate():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self.stop.wait(), timeout=0.2)
+                    continue
                 try:
                     msgs = await sub.fetch(batch=batch, timeout=1.0)
                 except TimeoutError:
@@ -178,15 +188,18 @@ class Runtime:
             else:
                 started = time.perf_counter()
                 try:
-                    outputs = list(await handler(message))
+                    result = await handler(message)
                 except Exception as exc:
                     # A handler that raises has a bug; the message is kept on the rejected
                     # subject (not lost, not retried forever) and the loop goes on.
                     log.exception("handler failed on %s", msg.subject)
                     await self.reject(msg.subject, msg.data, "handler_error", f"internal: {exc!r}")
-                    outputs = []
+                    result = []
                 HANDLER_SECONDS.labels(self.name).observe(time.perf_counter() - started)
-                for output in outputs:
+                if result is None:
+                    await msg.nak(delay=1.0)
+                    return
+                for output in result:
                     await self.publish(output)
             await msg.ack()
         except (TimeoutError, nats.errors.Error) as exc:

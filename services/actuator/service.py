@@ -18,7 +18,6 @@ from collections.abc import Callable
 import nats.errors
 import nats.js.errors
 import prometheus_client
-from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from pydantic import ValidationError
 
@@ -27,7 +26,7 @@ from services.actuator.core import Actuator
 from services.actuator.settings import ActuatorSettings
 from services.actuator.wiring import Assembly
 from shared import service as shell
-from shared.messages import SUBJECT_PREFIX, ReplicaTarget, ScaleEvent
+from shared.messages import SUBJECT_PREFIX, Envelope, ReplicaTarget, ScaleEvent
 from shared.service import Runtime
 
 log = logging.getLogger("slaplanner.actuator")
@@ -86,76 +85,39 @@ async def restore(runtime: Runtime, actuator: Actuator) -> int:
     return count
 
 
-async def handle_one(runtime: Runtime, actuator: Actuator, msg: Msg, clock: Clock) -> None:
-    shell.MESSAGES_RECEIVED.labels(runtime.name, "target").inc()
-    target, kind, reason = runtime.parse(ReplicaTarget, msg)
-    try:
-        if target is None:
-            await runtime.reject(msg.subject, msg.data, kind, reason)
-            await msg.ack()
-            return
-        started = time.perf_counter()
-        try:
-            event = await actuator.handle(target, clock())
-        except Exception as exc:  # a bug: keep the body on the rejected subject, go on
-            log.exception("handling the target on %s failed", msg.subject)
-            await runtime.reject(msg.subject, msg.data, "handler_error", f"internal: {exc!r}")
-            await msg.ack()
-            return
-        shell.HANDLER_SECONDS.labels(runtime.name).observe(time.perf_counter() - started)
-        if event is None:  # lost the lease meanwhile: leave it to the leader
-            await msg.nak(delay=1.0)
-            return
-        log.info("%s %s: %s", target.deployment, event.outcome, event.reason)
-        OUTCOMES.labels(event.backend, event.outcome.value).inc()
-        await runtime.publish(event)
-        await msg.ack()
-    except (TimeoutError, nats.errors.Error) as exc:
-        log.warning("could not publish or ack (%s); the target will be redelivered", exc)
-        with contextlib.suppress(Exception):
-            await msg.nak(delay=1.0)
-
-
 async def consume(runtime: Runtime, assembly: Assembly, settings: ActuatorSettings,
                   clock: Clock) -> None:
     actuator, elector = assembly.actuator, assembly.elector
-    config = ConsumerConfig(durable_name=runtime.name, ack_policy=AckPolicy.EXPLICIT,
-                            deliver_policy=DeliverPolicy.NEW, ack_wait=60.0,
-                            max_ack_pending=1000)
-    sub = await runtime.js.pull_subscribe(CONSUMES, durable=runtime.name,
-                                          stream=settings.stream_name, config=config)
-    runtime.consuming += 1
     leading = False
+
+    async def gate() -> bool:
+        nonlocal leading
+        if elector is not None and not elector.is_leader(clock()):
+            leading = False
+            LEADER.set(0)
+            return False
+        if not leading:
+            leading = True
+            LEADER.set(1)
+            if settings.restore_from_stream:
+                try:
+                    await restore(runtime, actuator)
+                except (nats.errors.Error, nats.js.errors.Error) as exc:
+                    log.warning("could not restore from the stream (%s)", exc)
+        return True
+
+    async def on_target(target: ReplicaTarget) -> list[Envelope] | None:
+        event = await actuator.handle(target, clock())
+        if event is None:  # lost the lease meanwhile: leave it to the leader
+            return None
+        log.info("%s %s: %s", target.deployment, event.outcome, event.reason)
+        OUTCOMES.labels(event.backend, event.outcome.value).inc()
+        return [event]
+
     try:
-        while not runtime.stop.is_set():
-            if elector is not None and not elector.is_leader(clock()):
-                leading = False
-                LEADER.set(0)
-                await _wait(runtime.stop, 0.2)
-                continue
-            if not leading:
-                leading = True
-                LEADER.set(1)
-                if settings.restore_from_stream:
-                    try:
-                        await restore(runtime, actuator)
-                    except (nats.errors.Error, nats.js.errors.Error) as exc:
-                        log.warning("could not restore from the stream (%s)", exc)
-            try:
-                msgs = await sub.fetch(batch=16, timeout=1.0)
-            except TimeoutError:  # nats.errors.TimeoutError, or the bare one fetch also raises
-                continue
-            except (nats.errors.Error, nats.js.errors.Error) as exc:
-                log.warning("fetch failed (%s); retrying", exc)
-                await _wait(runtime.stop, 1.0)
-                continue
-            for msg in msgs:
-                await handle_one(runtime, actuator, msg, clock)
+        await runtime.consume(CONSUMES, ReplicaTarget, on_target, batch=16, gate=gate)
     finally:
         LEADER.set(0)
-        runtime.consuming -= 1
-        with contextlib.suppress(Exception):
-            await sub.unsubscribe()
 
 
 async def lead(assembly: Assembly, stop: asyncio.Event, period_s: float, clock: Clock) -> None:
