@@ -81,6 +81,7 @@ def start(
     extra_config: str = "",
 ) -> NatsServer:
     port = port or free_port()
+    store_dir.mkdir(parents=True, exist_ok=True)
     config = store_dir / "nats.conf"
     config.write_text(
         f"listen: 127.0.0.1:{port}\n"

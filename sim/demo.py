@@ -46,7 +46,7 @@ class Board:
     last_window_end: float | None = None
 
     HEADER = (f"{'t (s)':>7} {'req':>6} {'ISL':>7} {'OSL':>5} {'TTFT s':>7} {'ITL ms':>7} "
-              f"{'fc req':>7} {'model':>9} {'P':>3} {'D':>3}  actuator")
+              f"{'next fc':>7} {'forecast model':>18} {'P':>3} {'D':>3}  actuator")
 
     async def on_message(self, msg: Msg) -> None:
         family = msg.subject.split(".")[1]
@@ -84,8 +84,8 @@ class Board:
             f"{t:>7.0f} {num(s and s.num_requests, '.0f'):>6} {num(s and s.isl_avg, '.0f'):>7} "
             f"{num(s and s.osl_avg, '.0f'):>5} {num(s and s.ttft_avg_s, '.3f'):>7} "
             f"{num(itl_ms, '.2f'):>7} {num(f and f.steps[0].num_requests, '.0f'):>7} "
-            f"{(f.model if f else '-'):>9} {e.prefill.to:>3} {e.decode.to:>3}  "
-            f"{e.outcome}{'' if e.prefill.from_ is None else ''}",
+            f"{(f.model if f else '-')[:18]:>18} {e.prefill.to:>3} {e.decode.to:>3}  "
+            f"{e.outcome}",
             flush=True,
         )
 
