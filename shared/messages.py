@@ -148,11 +148,20 @@ class ForecastStep(_Frozen):
     isl_avg_upper: NonNegative
     osl_avg: NonNegative
     osl_avg_upper: NonNegative
+    # The spread within a window, when the collector reports it: a burst of long prompts
+    # breaks TTFT while the mean looks calm.
+    isl_p90: NonNegative | None = None
+    isl_p90_upper: NonNegative | None = None
+    osl_p90: NonNegative | None = None
+    osl_p90_upper: NonNegative | None = None
 
     @model_validator(mode="after")
     def _upper_not_below_point(self) -> Self:
-        for point in ("num_requests", "isl_avg", "osl_avg"):
-            if getattr(self, f"{point}_upper") < getattr(self, point):
+        for point in ("num_requests", "isl_avg", "osl_avg", "isl_p90", "osl_p90"):
+            value, upper = getattr(self, point), getattr(self, f"{point}_upper")
+            if (value is None) != (upper is None):
+                raise ValueError(f"{point} and {point}_upper come together or not at all")
+            if value is not None and upper < value:
                 raise ValueError(f"{point}_upper is below {point}")
         return self
 

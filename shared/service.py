@@ -15,8 +15,9 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, TypeVar
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -131,6 +132,30 @@ class Runtime:
                 f"subject {msg.subject} does not match the body's deployment {message.deployment}"
             )
         return message, "", ""
+
+    async def read_stream(
+        self, subject_filter: str, deliver: DeliverPolicy, start_time: datetime | None = None,
+        batch: int = 512,
+    ) -> AsyncIterator[Msg]:
+        """What the stream holds on a subject now (from ``start_time`` with ``BY_START_TIME``),
+        read once with a throwaway consumer; no acks, no durable state."""
+        config = ConsumerConfig(deliver_policy=deliver, opt_start_time=start_time,
+                                ack_policy=AckPolicy.NONE, inactive_threshold=30.0)
+        sub = await self.js.pull_subscribe(subject_filter, stream=self.settings.stream_name,
+                                           config=config)
+        try:
+            pending = (await sub.consumer_info()).num_pending or 0
+            while pending > 0:
+                try:
+                    msgs = await sub.fetch(batch=min(batch, pending), timeout=2.0)
+                except TimeoutError:
+                    return
+                for msg in msgs:
+                    pending -= 1
+                    yield msg
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
 
     async def consume(
         self,

@@ -18,7 +18,7 @@ from collections.abc import Callable
 import nats.errors
 import nats.js.errors
 import prometheus_client
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.api import DeliverPolicy
 from pydantic import ValidationError
 
 from services.actuator import election
@@ -61,26 +61,11 @@ class NatsPublisher:
 
 async def restore(runtime: Runtime, actuator: Actuator) -> int:
     """Feed the last ScaleEvent of every deployment to the actuator's memory."""
-    config = ConsumerConfig(deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
-                            ack_policy=AckPolicy.NONE, inactive_threshold=30.0)
-    sub = await runtime.js.pull_subscribe(SCALED, stream=runtime.settings.stream_name,
-                                          config=config)
     count = 0
-    try:
-        pending = (await sub.consumer_info()).num_pending or 0
-        while pending > 0:
-            try:
-                msgs = await sub.fetch(batch=min(256, pending), timeout=1.0)
-            except TimeoutError:
-                break
-            for msg in msgs:
-                pending -= 1
-                with contextlib.suppress(ValueError, ValidationError):
-                    actuator.restore(ScaleEvent.from_json(msg.data))
-                    count += 1
-    finally:
-        with contextlib.suppress(Exception):
-            await sub.unsubscribe()
+    async for msg in runtime.read_stream(SCALED, DeliverPolicy.LAST_PER_SUBJECT):
+        with contextlib.suppress(ValueError, ValidationError):
+            actuator.restore(ScaleEvent.from_json(msg.data))
+            count += 1
     log.info("restored the last scale event of %d deployments from the stream", count)
     return count
 

@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from services.forecaster import service
+from services.forecaster import predictors, service
 from services.forecaster.core import Forecaster
 from services.forecaster.settings import ForecasterSettings
 from shared import settings as settings_mod
@@ -20,8 +20,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Forecast request count, ISL and OSL per deployment from metric snapshots.",
     )
     configure_logging(settings.log_level)
-    forecaster = Forecaster(settings)
-    return asyncio.run(serve("forecaster", settings, lambda rt: service.run(rt, forecaster)))
+    try:
+        forecaster = Forecaster(settings)
+    except (predictors.PredictorUnavailable, KeyError) as exc:
+        print(f"slaplanner forecaster: {exc}", file=sys.stderr)
+        return 2
+    return asyncio.run(
+        serve("forecaster", settings, lambda rt: service.run(rt, forecaster, settings))
+    )
 
 
 if __name__ == "__main__":

@@ -1,25 +1,70 @@
-"""Forecaster shell: snapshots in, forecasts out; fits run in a thread so the loop stays free."""
+"""Forecaster shell: snapshots in, forecasts out; fits run in a thread so the loop stays free.
+
+On start it rebuilds every deployment's history from the stream, so a restarted pod forecasts
+as well as before, and optionally arms a warm start from a recorded trace for deployments it has
+never seen.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta
+
+import prometheus_client
+from nats.js.api import DeliverPolicy
 
 from services.forecaster.core import Forecaster
+from services.forecaster.settings import ForecasterSettings
+from shared import traces
 from shared.messages import Envelope, MetricSnapshot
 from shared.service import Runtime
 
 log = logging.getLogger("slaplanner.forecaster")
 CONSUMES = "slaplanner.metrics.>"
 
+FIT_SECONDS = prometheus_client.Histogram(
+    "slaplanner_forecaster_fit_seconds", "Time to forecast one deployment, seconds", ["model"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0),
+)
+FALLBACKS = prometheus_client.Counter(
+    "slaplanner_forecaster_fallbacks", "Forecasts that fell back from the configured model"
+)
+REFITS = prometheus_client.Gauge(
+    "slaplanner_forecaster_refits", "Model refits so far, all deployments and series"
+)
 
-async def run(runtime: Runtime, forecaster: Forecaster) -> None:
+
+async def rebuild_from_stream(runtime: Runtime, forecaster: Forecaster, max_age_s: float) -> int:
+    """Replay the snapshots the stream still holds (up to ``max_age_s`` old) into the history."""
+    since = datetime.now(UTC) - timedelta(seconds=max_age_s)
+    snapshots = []
+    async for msg in runtime.read_stream(CONSUMES, DeliverPolicy.BY_START_TIME, since):
+        with contextlib.suppress(ValueError):
+            snapshots.append(MetricSnapshot.from_json(msg.data))
+    recorded = await asyncio.to_thread(forecaster.rebuild, snapshots)
+    log.info("rebuilt history from %d snapshots in the stream (%d recorded)", len(snapshots),
+             recorded)
+    return recorded
+
+
+async def run(runtime: Runtime, forecaster: Forecaster, settings: ForecasterSettings) -> None:
     loop = asyncio.get_running_loop()
+    REFITS.set_function(lambda: float(forecaster.refits_total()))
+    if settings.warm_start_trace:
+        trace = await asyncio.to_thread(traces.load_trace, settings.warm_start_trace)
+        forecaster.warm_start_new_deployments(trace.arrival_s, trace.isl_tokens, trace.osl_tokens)
+        log.info("new deployments start from %s (%d requests)", settings.warm_start_trace,
+                 len(trace))
+    await rebuild_from_stream(runtime, forecaster, settings.rebuild_max_age_s)
 
     async def on_snapshot(snapshot: MetricSnapshot) -> Iterable[Envelope]:
-        forecaster.observe(snapshot)
         forecast = await loop.run_in_executor(None, forecaster.forecast, snapshot)
+        FIT_SECONDS.labels(forecast.model).observe(forecast.fit_s)
+        if forecast.fallback is not None:
+            FALLBACKS.inc()
         return [forecast]
 
     await runtime.consume(CONSUMES, MetricSnapshot, on_snapshot)

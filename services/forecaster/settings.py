@@ -83,6 +83,10 @@ class ForecasterSettings(ServiceSettings):
         gt=0.0,
         description="window the warm-start trace is bucketed into; use the collector's interval",
     )
+    rebuild_max_age_s: DurationS = Field(
+        default=86_400.0,
+        description="on start, rebuild histories from the stream's snapshots up to this old",
+    )
 
     @field_validator("predictor_overrides")
     @classmethod
