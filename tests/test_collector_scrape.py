@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import urllib.request
+from typing import Any
 
 import orjson
 import prometheus_client
@@ -16,7 +17,7 @@ from shared.messages import MetricSnapshot
 from tests.conftest import ServiceProcess
 
 
-def frontend_registry() -> tuple[prometheus_client.CollectorRegistry, dict[str, object]]:
+def frontend_registry() -> tuple[prometheus_client.CollectorRegistry, dict[str, Any]]:
     registry = prometheus_client.CollectorRegistry()
     labels = ["model"]
     metrics = {
@@ -62,8 +63,8 @@ async def test_snapshots_match_the_values_served(
     server, _thread = prometheus_client.start_http_server(port, "127.0.0.1", registry=registry)
     snapshots: list[MetricSnapshot] = []
 
-    async def on_snapshot(msg: object) -> None:
-        snapshots.append(MetricSnapshot.from_json(msg.data))  # type: ignore[attr-defined]
+    async def on_snapshot(msg: Any) -> None:
+        snapshots.append(MetricSnapshot.from_json(msg.data))
 
     await nc.subscribe("slaplanner.metrics.prod.llama", cb=on_snapshot)
     collector = services["collector"]
@@ -80,14 +81,14 @@ async def test_snapshots_match_the_values_served(
         assert snapshots[0].stale, "the first scrape is only a baseline"
         # 50 identical requests: whichever windows they fall in, every average is exact.
         for _ in range(50):
-            m["requests"].labels("llama").inc()  # type: ignore[attr-defined]
-            m["isl"].labels("llama").observe(3000)  # type: ignore[attr-defined]
-            m["osl"].labels("llama").observe(300)  # type: ignore[attr-defined]
-            m["ttft"].labels("llama").observe(0.2)  # type: ignore[attr-defined]
-            m["itl"].labels("llama").observe(0.015)  # type: ignore[attr-defined]
-            m["duration"].labels("llama").observe(4.7)  # type: ignore[attr-defined]
-        m["inflight"].labels("llama").set(7)  # type: ignore[attr-defined]
-        m["requests"].labels("other").inc(1000)  # type: ignore[attr-defined]
+            m["requests"].labels("llama").inc()
+            m["isl"].labels("llama").observe(3000)
+            m["osl"].labels("llama").observe(300)
+            m["ttft"].labels("llama").observe(0.2)
+            m["itl"].labels("llama").observe(0.015)
+            m["duration"].labels("llama").observe(4.7)
+        m["inflight"].labels("llama").set(7)
+        m["requests"].labels("other").inc(1000)
         for _ in range(200):
             fresh = [s for s in snapshots if not s.stale]
             if sum(s.num_requests or 0 for s in fresh) >= 50 and len(fresh) >= 2:
@@ -127,8 +128,8 @@ async def test_an_unreachable_endpoint_gives_stale_snapshots_not_zeros(
 ) -> None:
     snapshots: list[MetricSnapshot] = []
 
-    async def on_snapshot(msg: object) -> None:
-        snapshots.append(MetricSnapshot.from_json(msg.data))  # type: ignore[attr-defined]
+    async def on_snapshot(msg: Any) -> None:
+        snapshots.append(MetricSnapshot.from_json(msg.data))
 
     await nc.subscribe("slaplanner.metrics.default.llm", cb=on_snapshot)
     collector = services["collector"]

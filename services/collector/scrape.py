@@ -7,17 +7,16 @@ import logging
 import time
 import urllib.request
 
+from services.collector import snapshot as snapshot_mod
 from services.collector import window
 from services.collector.settings import CollectorSettings
+from services.collector.ticks import next_boundary
 from shared.messages import DeploymentKey, MetricSnapshot
 from shared.service import Runtime
 
+__all__ = ["fetch", "next_boundary", "run", "snapshot"]
+
 log = logging.getLogger("slaplanner.collector")
-
-
-def next_boundary(now: float, interval_s: float) -> float:
-    """The first multiple of the interval after ``now``: ticks never drift with slow scrapes."""
-    return (now // interval_s + 1.0) * interval_s
 
 
 def fetch(urls: list[str], timeout_s: float) -> str:
@@ -31,15 +30,11 @@ def fetch(urls: list[str], timeout_s: float) -> str:
 def snapshot(key: DeploymentKey, window_end: float, window_s: float,
              values: window.WindowValues | None, stale_reason: str | None) -> MetricSnapshot:
     if values is None:
-        return MetricSnapshot(
-            deployment=key, window_end=window_end, window_s=window_s, source="scrape",
-            stale=True, gaps={"all": stale_reason or "no data"},
-        )
-    gaps = dict(values.gaps)
-    gaps["prefill_workers"] = gaps["decode_workers"] = "not exposed by the frontend /metrics"
-    return MetricSnapshot(
-        deployment=key, window_end=window_end, window_s=window_s, source="scrape",
-        gaps=gaps, **values.values,  # type: ignore[arg-type]
+        return snapshot_mod.stale(key, window_end, window_s, "scrape", stale_reason or "no data")
+    return snapshot_mod.observed(
+        key, window_end, window_s, "scrape", values,
+        extra_gaps={"prefill_workers": "not exposed by the frontend /metrics",
+                    "decode_workers": "not exposed by the frontend /metrics"},
     )
 
 

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
+from services.collector import promql
 from shared.messages import DNS_LABEL
 from shared.service_settings import ServiceSettings
 from shared.settings import CommaList, DurationS
 
 
 class CollectorSettings(ServiceSettings):
-    source: Literal["scrape", "trace"] = Field(
+    source: Literal["scrape", "prometheus", "trace"] = Field(
         default="scrape",
-        description="scrape: read /metrics endpoints directly; trace: replay a recorded trace "
-        "in virtual time (the demo)",
+        description="scrape: read /metrics endpoints directly; prometheus: query a Prometheus "
+        "server (many deployments); trace: replay a recorded trace in virtual time (the demo)",
     )
     namespace: str = Field(default="default", pattern=DNS_LABEL,
                            description="namespace of the deployment the metrics describe")
@@ -48,6 +49,87 @@ class CollectorSettings(ServiceSettings):
     profile: str | None = Field(
         default=None, description="profile for the replayed latencies (default: bundled H200)"
     )
+
+    # --- source "prometheus" ---
+    prometheus_url: str = Field(
+        default="http://127.0.0.1:9090", description="Prometheus HTTP API base URL",
+        json_schema_extra={"flag_aliases": ["--prometheus-endpoint"]},
+    )
+    prometheus_timeout_s: DurationS = Field(
+        default=10.0, gt=0.0,
+        description="per query; a query slower than this makes the window stale",
+    )
+    prometheus_query_delay_s: DurationS = Field(
+        default=5.0,
+        description="read a window this long after its end (still evaluated at its end), so "
+        "the last scrape before the end has been ingested; at least the scrape duration",
+    )
+    prometheus_bearer_token_file: str | None = Field(
+        default=None, description="file with a bearer token for Prometheus (re-read each window)"
+    )
+    prometheus_ca_file: str | None = Field(
+        default=None, description="CA bundle to verify Prometheus' TLS certificate"
+    )
+    prometheus_concurrency: int = Field(
+        default=4, ge=1, le=64, description="queries in flight at once"
+    )
+    dialect: Literal["auto", "dynamo", "dynamo-legacy", "vllm"] = Field(
+        default="auto",
+        description="metric names: dynamo (dynamo_frontend_*), dynamo-legacy "
+        "(nv_llm_http_service_*), vllm (vllm:* per worker), or auto (the first one present)",
+    )
+    window_method: Literal["exact", "increase"] = Field(
+        default="exact",
+        description="exact: counter at the window's end minus its last sample before the "
+        "window (windows tile); increase: PromQL increase(), extrapolated, as Dynamo's planner",
+    )
+    selector: str = Field(
+        default="",
+        description="PromQL label matchers of the deployment (or of every discovered one), "
+        'without braces, e.g. model="llama",dynamo_namespace="prod"',
+    )
+    prefill_selector: str = Field(
+        default='dynamo_component="prefill"',
+        description="label matcher of prefill worker series (Dynamo's vLLM prefill component)",
+    )
+    decode_selector: str = Field(
+        default='dynamo_component=~"backend|decode"',
+        description="label matcher of decode worker series (Dynamo's vLLM decode component)",
+    )
+    discover_labels: CommaList = Field(
+        default_factory=list,
+        description="discover deployments from these label values: one label (the name; "
+        "namespace from --namespace) or two (namespace,name), e.g. model or namespace,deployment",
+    )
+    forget_after_s: DurationS = Field(
+        default=600.0,
+        description="a discovered deployment unseen this long is no longer published",
+    )
+    queries_file: str | None = Field(
+        default=None,
+        description="TOML file overriding metric names and queries, and listing static "
+        "deployments (see docs/collector.md)",
+    )
+    max_backlog_windows: int = Field(
+        default=10, ge=1,
+        description="if the collector falls further behind than this many windows, the oldest "
+        "are published stale instead of read",
+    )
+
+    @field_validator("selector", "prefill_selector", "decode_selector")
+    @classmethod
+    def _matchers(cls, value: str) -> str:
+        return promql.check_matchers(value)
+
+    @field_validator("discover_labels")
+    @classmethod
+    def _labels(cls, value: list[str]) -> list[str]:
+        if len(value) > 2:
+            raise ValueError("one label (the name) or two (namespace,name)")
+        for label in value:
+            if not promql.LABEL_NAME.match(label):
+                raise ValueError(f"{label!r} is not a Prometheus label name")
+        return value
 
     def label_filter(self) -> dict[str, str]:
         pairs = (item.split("=", 1) for item in self.scrape_labels)

@@ -9,12 +9,14 @@ one has come back, so a day of trace replays in seconds and every decision sees 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass
 
 import numpy as np
 from nats.aio.msg import Msg
 
+from services.collector import window
 from services.collector.settings import CollectorSettings
 from shared import perf_model, traces
 from shared.messages import DeploymentKey, MetricSnapshot, ScaleEvent
@@ -76,15 +78,17 @@ def window_snapshot(
     latencies: dict[str, float], prefill_workers: int, decode_workers: int,
 ) -> MetricSnapshot:
     gaps = {}
-    if load.num_requests == 0:
-        gaps = {f: "no requests in window" for f in ("isl_avg", "osl_avg", "ttft_avg_s",
-                                                     "itl_avg_s", "request_duration_avg_s")}
+    if load.num_requests == 0:  # an idle window: a real 0 requests, averages undefined
+        gaps = {f: window.UNDEFINED for f in ("isl_avg", "osl_avg", "isl_p90", "osl_p90",
+                                              "ttft_avg_s", "itl_avg_s", "request_duration_avg_s")}
     return MetricSnapshot(
         deployment=key, source="trace", window_s=settings.interval_s,
         window_end=settings.trace_start_epoch_s + (load.index + 1) * settings.interval_s,
         num_requests=float(load.num_requests), isl_avg=load.isl_avg, osl_avg=load.osl_avg,
         isl_p90=load.isl_p90, osl_p90=load.osl_p90, prefill_workers=prefill_workers,
-        decode_workers=decode_workers, gaps=gaps, **latencies,
+        decode_workers=decode_workers, gaps=gaps, ttft_avg_s=latencies.get("ttft_avg_s"),
+        itl_avg_s=latencies.get("itl_avg_s"),
+        request_duration_avg_s=latencies.get("request_duration_avg_s"),
     )
 
 
@@ -103,10 +107,9 @@ async def run(runtime: Runtime, settings: CollectorSettings) -> None:
     events: asyncio.Queue[ScaleEvent] = asyncio.Queue()
 
     async def on_scaled(msg: Msg) -> None:
-        try:
+        # the actuator's own messages are valid; anything else is not ours to judge
+        with contextlib.suppress(ValueError):
             await events.put(ScaleEvent.from_json(msg.data))
-        except ValueError:
-            pass  # the actuator's own messages are valid; anything else is not ours to judge
 
     sub = await runtime.nc.subscribe(ScaleEvent.subject_pattern.format(
         namespace=key.namespace, name=key.name), cb=on_scaled)

@@ -4,7 +4,11 @@ A scrape is flattened into ``Sample``s; the window between two scrapes is the in
 counter (a counter that went down was reset, so its whole current value is the increase, as
 Prometheus' ``increase()`` assumes) and averages are ``increase(_sum) / increase(_count)``, as
 Dynamo's planner computes them. Nothing is invented: a series that is absent gives ``None`` with a
-reason, an empty window gives ``None`` averages with "no requests in window".
+reason (unknown), an empty window gives ``None`` averages with ``UNDEFINED`` (0/0), and an idle
+window's request count is a real 0.
+
+The Prometheus source (``promql``) computes the same window values inside Prometheus and reports
+them with the same field names and the same reasons; the names and reasons live here.
 """
 
 from __future__ import annotations
@@ -15,6 +19,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
+
+# Why a field is null when its window had no samples: 0/0 is undefined, not 0 and not unknown.
+UNDEFINED = "no samples in window"
+
+# The snapshot fields a window yields, by how they are computed.
+COUNT_FIELDS = ("num_requests",)
+AVERAGE_FIELDS = ("isl_avg", "osl_avg", "ttft_avg_s", "itl_avg_s", "request_duration_avg_s")
+QUANTILE_FIELDS = ("isl_p90", "osl_p90", "ttft_p90_s", "ttft_p99_s", "itl_p90_s", "itl_p99_s")
+GAUGE_FIELDS = ("requests_running", "requests_waiting")
 
 # Dynamo frontend metric names (NVIDIA Dynamo, docs "Dynamo Metrics", Apache-2.0).
 DYNAMO_FRONTEND = {
@@ -124,7 +137,7 @@ def window_values(
             gaps[field_name] = f"series {metric}_sum/_count absent"
         elif count <= 0:
             values[field_name] = None
-            gaps[field_name] = "no samples in window"
+            gaps[field_name] = UNDEFINED
         else:
             values[field_name] = max(total / count, 0.0)
 
@@ -146,7 +159,7 @@ def window_values(
         estimate = histogram_quantile(q, delta)
         values[field_name] = estimate
         if estimate is None:
-            gaps[field_name] = "no samples in window"
+            gaps[field_name] = UNDEFINED
 
     for field_name, metric in (("requests_running", names["inflight"]),
                                ("requests_waiting", names["queued"])):

@@ -1,0 +1,413 @@
+"""Prometheus source: each window, for each deployment, query Prometheus at the window's end.
+
+The queries and the meaning of their answers are in ``promql`` (pure); this module asks them
+(prometheus-api-client, through the small ``Reader`` protocol), remembers what it must between
+windows (the dialect, the deployments seen, whether Prometheus is failing) and publishes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Protocol
+
+from prometheus_api_client.exceptions import PrometheusApiClientException
+from prometheus_api_client.prometheus_connect import PrometheusConnect
+from urllib3.util.retry import Retry
+
+from services.collector import promql, snapshot, ticks, window
+from services.collector.query_config import QueryConfig, StaticDeployment
+from services.collector.settings import CollectorSettings
+from shared.messages import DeploymentKey, MetricSnapshot
+from shared.service import Runtime
+
+log = logging.getLogger("slaplanner.collector")
+SOURCE = "prometheus"
+Group = tuple[str, ...]
+
+
+class Unavailable(Exception):
+    """Prometheus could not be read (refused, unreachable, too slow, 5xx): the window is stale."""
+
+
+class Rejected(Exception):
+    """Prometheus refused one query (4xx): a configuration problem, not an outage."""
+
+
+class Reader(Protocol):
+    def query(self, text: str, at: float) -> list[promql.Sample]:
+        """An instant query evaluated at ``at`` (epoch seconds); raises Unavailable/Rejected."""
+        ...
+
+
+def _short_reason(exc: BaseException, timeout_s: float) -> str:
+    text = str(exc)
+    if "timeout" in type(exc).__name__.lower() or "timed out" in text:
+        return f"no answer within {timeout_s:g} s"
+    for marker in ("Connection refused", "Name or service not known", "No route to host"):
+        if marker in text:
+            return marker.lower()
+    return text[:300]
+
+
+class HttpReader:
+    """The Prometheus HTTP API through prometheus-api-client; no retries inside a window."""
+
+    def __init__(self, settings: CollectorSettings) -> None:
+        self.url = settings.prometheus_url
+        self.timeout_s = settings.prometheus_timeout_s
+        self.token_file = settings.prometheus_bearer_token_file
+        self.token_mtime = -1.0
+        # retries would stretch a window past its deadline; the next window is the retry
+        self.client = PrometheusConnect(
+            url=self.url, retry=Retry(total=0),
+            timeout=self.timeout_s,  # type: ignore[arg-type]  # requests takes float seconds
+        )
+        if settings.prometheus_ca_file:
+            self.client._session.verify = settings.prometheus_ca_file
+
+    def _refresh_token(self) -> None:
+        """Re-read the bearer token when its file changes (Kubernetes rotates them)."""
+        if not self.token_file:
+            return
+        try:
+            path = Path(self.token_file)
+            mtime = path.stat().st_mtime
+            if mtime != self.token_mtime:
+                token = path.read_text(encoding="utf-8").strip()
+                self.client.headers = {"Authorization": f"Bearer {token}"}
+                self.token_mtime = mtime
+        except OSError as exc:
+            raise Unavailable(f"cannot read {self.token_file}: {exc.strerror}") from None
+
+    def query(self, text: str, at: float) -> list[promql.Sample]:
+        self._refresh_token()
+        params = {"time": f"{at:.3f}", "timeout": promql.duration(self.timeout_s)}
+        try:
+            result = self.client.custom_query(query=text, params=params)
+        except OSError as exc:  # requests' errors are OSErrors: refused, unreachable, timeout
+            raise Unavailable(_short_reason(exc, self.timeout_s)) from None
+        except PrometheusApiClientException as exc:
+            match = re.search(r"HTTP Status Code (\d+)", str(exc))
+            status = int(match.group(1)) if match else 0
+            if 400 <= status < 500 and status not in (408, 429):
+                raise Rejected(_api_error(str(exc))) from None
+            raise Unavailable(f"HTTP {status}: {_api_error(str(exc))}") from None
+        try:
+            return promql.parse_result(result)
+        except ValueError as exc:
+            raise Rejected(str(exc)) from None
+
+
+def _api_error(text: str) -> str:
+    match = re.search(r'"error":\s*"((?:[^"\\]|\\.)*)"', text)
+    return (match.group(1) if match else text)[:300]
+
+
+@dataclass
+class Target:
+    """One set of queries: a static deployment, or every deployment discovered by labels."""
+
+    scope: promql.Scope
+    members: dict[Group, DeploymentKey] = field(default_factory=dict)
+
+
+class Collector:
+    """What the Prometheus source remembers between windows; reads through a ``Reader``."""
+
+    def __init__(self, settings: CollectorSettings, config: QueryConfig, reader: Reader) -> None:
+        self.settings = settings
+        self.overrides = config.overrides
+        self.reader = reader
+        self.dialect = None if settings.dialect == "auto" else promql.DIALECTS[settings.dialect]
+        self.discover = tuple(settings.discover_labels)
+        self.static: tuple[StaticDeployment, ...] = config.deployments or (
+            () if self.discover else (StaticDeployment(
+                DeploymentKey(namespace=settings.namespace, name=settings.deployment),
+                settings.selector),))
+        self.discovered = Target(self._scope(settings.selector, self.discover))
+        self.last_seen: dict[DeploymentKey, float] = {}
+        self.checked: set[DeploymentKey] = set()
+        self.printed = False
+        self.failing: str | None = None
+        self.no_dialect_logged = False
+        self.rejections_logged: set[tuple[str, str]] = set()
+        self.pool = ThreadPoolExecutor(settings.prometheus_concurrency,
+                                       thread_name_prefix="prometheus")
+
+    def _scope(self, selector: str, by: tuple[str, ...]) -> promql.Scope:
+        s = self.settings
+        return promql.Scope(selector, by, s.prefill_selector, s.decode_selector, s.interval_s,
+                            promql.Method(s.window_method))
+
+    def known(self) -> list[DeploymentKey]:
+        return [d.key for d in self.static] + list(self.last_seen)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    # --- one window ----------------------------------------------------------------------
+
+    def window(self, end: float) -> list[MetricSnapshot]:
+        """Every deployment's snapshot for the window that ends at ``end``."""
+        try:
+            snapshots = self._read(end)
+        except Unavailable as exc:
+            self._failed(exc)
+            return self.stale(end, f"Prometheus cannot be read: {exc}")
+        except Rejected as exc:  # the detection or discovery query: Prometheus answered
+            if ("discovery", str(exc)) not in self.rejections_logged:
+                self.rejections_logged.add(("discovery", str(exc)))
+                log.error("Prometheus refused the dialect detection or discovery query: %s", exc)
+            snapshots = [snapshot.observed(key, end, self.settings.interval_s, SOURCE, _nothing(),
+                                           {"all": f"Prometheus refused a query: {exc}"})
+                         for key in self.known()]
+        if self.failing is not None:
+            log.info("Prometheus answers again; snapshots are fresh from window %s", _utc(end))
+            self.failing = None
+        return snapshots
+
+    def _failed(self, exc: Unavailable) -> None:
+        if self.failing is None:  # once per outage, not every interval
+            log.warning("Prometheus at %s cannot be read (%s); publishing stale snapshots "
+                        "until it answers", self.settings.prometheus_url, exc)
+        self.failing = str(exc)
+
+    def start(self, now: float) -> None:
+        """At start: the dialect, the queries in use, and the check of every deployment."""
+        if self.dialect is not None:  # known without asking Prometheus: print it now
+            targets = self._targets()
+            self._print(self.dialect, targets,
+                        [promql.plan(self.dialect, self.overrides, t.scope) for t in targets])
+        try:
+            self._prepare(now)
+        except Unavailable as exc:
+            self._failed(exc)
+        except Rejected as exc:
+            log.error("Prometheus refused the dialect detection or discovery query: %s", exc)
+
+    def stale(self, end: float, reason: str) -> list[MetricSnapshot]:
+        return [snapshot.stale(key, end, self.settings.interval_s, SOURCE, reason)
+                for key in self.known()]
+
+    def _read(self, end: float) -> list[MetricSnapshot]:
+        prepared = self._prepare(end)
+        if prepared is None:
+            reason = ("no known metric dialect in Prometheus (looked for "
+                      f"{', '.join(sorted(_detect_names()))}); set --dialect and check the "
+                      "scrape targets")
+            return [snapshot.observed(key, end, self.settings.interval_s, SOURCE,
+                                      _nothing(), {"all": reason}) for key in self.known()]
+        return self._collect(*prepared, end)
+
+    def _prepare(self, end: float) -> tuple[list[Target], list[promql.Plan]] | None:
+        """The dialect, the deployments and their queries; checks deployments seen first."""
+        dialect = self._dialect(end)
+        if dialect is None:
+            return None
+        if self.discover:
+            self._discovery(dialect, end)
+        targets = self._targets()
+        plans = [promql.plan(dialect, self.overrides, t.scope) for t in targets]
+        if not self.printed:
+            self._print(dialect, targets, plans)
+        for target, plan in zip(targets, plans, strict=True):
+            fresh = {g: k for g, k in target.members.items() if k not in self.checked}
+            if fresh:
+                self._check(target, plan, fresh, end)
+        return targets, plans
+
+    def _targets(self) -> list[Target]:
+        targets = [Target(self._scope(d.selector, ()), {(): d.key}) for d in self.static]
+        return [*targets, self.discovered] if self.discover else targets
+
+    def _dialect(self, end: float) -> promql.Dialect | None:
+        if self.dialect is not None:
+            return self.dialect
+        names = {s.labels.get("__name__", "") for s in
+                 self.reader.query(promql.detection_query(), end)}
+        self.dialect = promql.detect(names)
+        if self.dialect is None:
+            if not self.no_dialect_logged:
+                log.warning("no known metric dialect in Prometheus yet (looked for %s); "
+                            "trying again every window", ", ".join(sorted(_detect_names())))
+                self.no_dialect_logged = True
+        else:
+            log.info("dialect %s auto-detected: %s", self.dialect.name, self.dialect.about)
+        return self.dialect
+
+    def _discovery(self, dialect: promql.Dialect, end: float) -> None:
+        target = self.discovered
+        samples = self.reader.query(promql.discovery_query(dialect, self.overrides,
+                                                           target.scope), end)
+        for group in promql.split(samples, self.discover):
+            if "" in group:
+                continue  # a series without one of the labels names no deployment
+            key = promql.discovered_key(group, self.discover, self.settings.namespace)
+            if group not in target.members:
+                log.info("deployment %s appeared (%s)", key,
+                         promql.group_selector(target.scope, group))
+            target.members[group] = key
+            self.last_seen[key] = end
+        for group, key in list(target.members.items()):
+            if end - self.last_seen[key] > self.settings.forget_after_s:
+                log.info("deployment %s not seen since %s; no longer published", key,
+                         _utc(self.last_seen[key]))
+                del target.members[group]
+                del self.last_seen[key]
+                self.checked.discard(key)
+
+    def _queries(self, texts: Iterable[str], end: float
+                 ) -> dict[str, list[promql.Sample] | Rejected]:
+        """Run queries in parallel; a rejected one is returned, an outage aborts them all."""
+        futures: dict[Future[list[promql.Sample]], str] = {
+            self.pool.submit(self.reader.query, text, end): text for text in set(texts)}
+        answers: dict[str, list[promql.Sample] | Rejected] = {}
+        try:
+            for future in as_completed(futures):
+                try:
+                    answers[futures[future]] = future.result()
+                except Rejected as exc:
+                    answers[futures[future]] = exc
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+        return answers
+
+    def _collect(self, targets: Sequence[Target], plans: Sequence[promql.Plan],
+                 end: float) -> list[MetricSnapshot]:
+        answers = self._queries((q.promql for p in plans for q in p.queries), end)
+        kinds = promql.FIELD_KINDS
+        snapshots = []
+        for target, plan in zip(targets, plans, strict=True):
+            grouped: dict[str, dict[Group, list[promql.Sample]]] = {}
+            refused: dict[str, str] = {}
+            for query in plan.queries:
+                answer = answers[query.promql]
+                if isinstance(answer, Rejected):
+                    refused[query.field] = f"Prometheus refused the query ({query.origin}): " \
+                                           f"{answer}"
+                    if (query.field, query.origin) not in self.rejections_logged:
+                        self.rejections_logged.add((query.field, query.origin))
+                        log.error("Prometheus refused the %s query from %s: %s\n  %s",
+                                  query.field, query.origin, answer, query.promql)
+                    continue
+                grouped[query.field] = promql.split(answer, target.scope.by)
+            for group, key in target.members.items():
+                values = promql.values_for(grouped, kinds, group)
+                snapshots.append(snapshot.observed(key, end, self.settings.interval_s, SOURCE,
+                                                   values, {**refused, **plan.unobserved}))
+        return snapshots
+
+    # --- what the operator sees at start ----------------------------------------------------
+
+    def _print(self, dialect: promql.Dialect, targets: Sequence[Target],
+               plans: Sequence[promql.Plan]) -> None:
+        self.printed = True
+        s = self.settings
+        log.info("Prometheus %s, dialect %s, window %s (%s), read %g s after each window's end",
+                 s.prometheus_url, dialect.name, promql.duration(s.interval_s), s.window_method,
+                 s.prometheus_query_delay_s)
+        for target, plan in zip(targets, plans, strict=True):
+            who = (f"deployments discovered by ({', '.join(target.scope.by)})"
+                   if target.scope.by else ", ".join(str(k) for k in target.members.values()))
+            lines = [f"  {q.field} [{q.origin}]: {q.promql}" for q in plan.queries]
+            lines += [f"  {f}: none ({why})" for f, why in plan.unobserved.items()]
+            log.info("queries for %s:\n%s", who, "\n".join(lines))
+
+    def _check(self, target: Target, plan: promql.Plan, fresh: dict[Group, DeploymentKey],
+               end: float) -> None:
+        """Say, for deployments seen for the first time, which queries will return nothing."""
+        scope = target.scope
+        texts: list[str] = ["count(up == 0)"]
+        for query in plan.queries:
+            if not query.reads:
+                texts.append(query.promql)
+            for read in query.reads:
+                texts += [promql.presence_query(read, scope), promql.anywhere_query(read)]
+                if read.role is not promql.Role.ALL:
+                    texts.append(promql.presence_query(read, scope, promql.Role.ALL))
+        answers = self._queries(texts, end)
+
+        def groups(text: str) -> dict[Group, list[promql.Sample]]:
+            answer = answers[text]
+            return {} if isinstance(answer, Rejected) else promql.split(answer, scope.by)
+
+        down_answer = answers["count(up == 0)"]
+        down = 0 if isinstance(down_answer, Rejected) or not down_answer else int(
+            down_answer[0].value)
+        for group, key in fresh.items():
+            problems = []
+            for query in plan.queries:
+                if not query.reads and group not in groups(query.promql):
+                    problems.append(f"{query.field}: the query from {query.origin} returns no "
+                                    f"series: {query.promql}")
+                for read in query.reads:
+                    if group in groups(promql.presence_query(read, scope)):
+                        continue
+                    without_role = group in groups(
+                        promql.presence_query(read, scope, promql.Role.ALL))
+                    anywhere = bool(groups(promql.anywhere_query(read)))
+                    problems.append(promql.diagnose(query, read, scope, group, without_role,
+                                                    anywhere, down))
+            if problems:
+                log.warning("%s: %d of %d queries have no series to read, so their fields will "
+                            "be null:\n  %s", key, len(problems), len(plan.queries),
+                            "\n  ".join(problems))
+            else:
+                log.info("%s: every query has series to read", key)
+            self.checked.add(key)
+
+
+def _nothing() -> window.WindowValues:
+    return window.WindowValues(values={}, gaps={})
+
+
+def _detect_names() -> set[str]:
+    return {n for d in promql.DIALECTS.values() for n in d.metrics[d.detect]}
+
+
+def _utc(epoch_s: float) -> str:
+    return datetime.fromtimestamp(epoch_s, UTC).isoformat(timespec="seconds")
+
+
+async def run(runtime: Runtime, settings: CollectorSettings, config: QueryConfig) -> None:
+    collector = Collector(settings, config, HttpReader(settings))
+    interval, delay = settings.interval_s, settings.prometheus_query_delay_s
+    log.info("reading Prometheus at %s every %s for %s", settings.prometheus_url,
+             promql.duration(interval),
+             ", ".join(str(k) for k in collector.known()) or
+             f"deployments discovered by ({', '.join(collector.discover)})")
+    await asyncio.to_thread(collector.start, time.time())
+    index = ticks.first_index(time.time(), interval, delay)
+    try:
+        while not runtime.stop.is_set():
+            wait = ticks.due_at(index, interval, delay) - time.time()
+            if wait > 0:
+                try:
+                    await asyncio.wait_for(runtime.stop.wait(), timeout=wait)
+                    return
+                except TimeoutError:
+                    pass
+            step = ticks.catch_up(index, time.time(), interval, delay,
+                                  settings.max_backlog_windows)
+            if step.skipped:
+                log.warning("fell %d windows behind; publishing them stale", len(step.skipped))
+                for skipped in step.skipped:
+                    for stale in collector.stale(ticks.end_of(skipped, interval),
+                                                 "the collector fell behind; window not read"):
+                        await runtime.publish(stale)
+            end = ticks.end_of(step.index, interval)
+            for message in await asyncio.to_thread(collector.window, end):
+                await runtime.publish(message)
+            index = step.index + 1
+    finally:
+        collector.close()

@@ -1,0 +1,573 @@
+"""PromQL for the collector (pure): metric dialects, queries, and what their answers mean.
+
+Nothing here talks to Prometheus. ``plan`` turns a dialect (plus the operator's overrides) into
+one PromQL query per snapshot field for a scope (the deployment's label matchers, the grouping
+labels of discovered deployments, the window); ``interpret`` turns the vector a query returned into
+a value or a reason; ``diagnose`` says what to check when a metric is missing.
+
+Every window query is evaluated at the window's end (the ``time`` of the instant query) and covers
+exactly ``[end - window, end]``, so the values do not depend on when the query ran.
+
+Window functions. ``increase`` is Dynamo's planner: ``increase(x_sum[w]) / increase(x_count[w])``
+for averages and ``increase(requests_total[w])`` for the count (ai-dynamo/dynamo,
+components/planner/src/dynamo/planner/utils/prometheus.py). Prometheus extrapolates ``increase``
+to the window's edges, so one window's count is an estimate (the ratio of two increases is not
+affected: the factor cancels). ``exact`` (the default) reads the counter at the window's end minus
+its last sample before the window's start, per series, like the direct-scrape source: windows
+tile, their counts add up to the counter's growth, and a reset counts the whole new value.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from string import Template
+from typing import Any
+
+from services.collector import window
+from shared.messages import DNS_LABEL, DeploymentKey
+
+
+class Kind(StrEnum):
+    COUNT = "count"  # sum of a counter's increase over the window
+    AVERAGE = "average"  # increase(_sum) / increase(_count) of a histogram
+    QUANTILE = "quantile"  # histogram_quantile over the window's bucket increases
+    GAUGE_SUM = "gauge_sum"  # sum of a gauge at the window's end
+    GAUGE_MEAN = "gauge_mean"  # mean of a gauge over the workers at the window's end
+    WORKERS = "workers"  # number of scrape targets (instances) that expose a metric
+
+
+class Role(StrEnum):
+    ALL = "all"
+    PREFILL = "prefill"
+    DECODE = "decode"
+
+
+class Method(StrEnum):
+    EXACT = "exact"
+    INCREASE = "increase"
+
+
+# Every snapshot field the Prometheus source fills, and how its answer is read.
+FIELD_KINDS: dict[str, Kind] = {
+    **{f: Kind.COUNT for f in window.COUNT_FIELDS},
+    **{f: Kind.AVERAGE for f in window.AVERAGE_FIELDS},
+    **{f: Kind.QUANTILE for f in window.QUANTILE_FIELDS},
+    **{f: Kind.GAUGE_SUM for f in window.GAUGE_FIELDS},
+    "kv_cache_usage": Kind.GAUGE_MEAN,
+    "prefill_workers": Kind.WORKERS,
+    "decode_workers": Kind.WORKERS,
+}
+FIELDS = tuple(FIELD_KINDS)
+
+# Placeholders an operator may use in a query of the queries file.
+PLACEHOLDERS = {
+    "selector": "label matchers of the deployment, without braces",
+    "prefill": "$selector plus the prefill workers' matcher",
+    "decode": "$selector plus the decode workers' matcher",
+    "window": "the window as a PromQL duration, e.g. 60s",
+    "by": "the grouping labels of discovered deployments (empty for a static one)",
+}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a dialect reads one field: which kind of query, over which metric, for which workers."""
+
+    kind: Kind
+    metric: str  # a key of the dialect's metric table
+    role: Role = Role.ALL
+    quantile: float | None = None
+
+
+@dataclass(frozen=True)
+class Dialect:
+    name: str
+    about: str
+    metrics: Mapping[str, tuple[str, ...]]  # key -> names, preferred first, others older
+    recipes: Mapping[str, Recipe]
+    detect: str  # metric key whose presence identifies the dialect
+    discovery: str  # metric key whose label values name the deployments
+    unobserved: Mapping[str, str] = field(default_factory=dict)  # field -> why it has no query
+
+
+def _histogram_recipes(role_of: Mapping[str, Role]) -> dict[str, Recipe]:
+    recipes = {"num_requests": Recipe(Kind.COUNT, "requests", role_of["requests"])}
+    for fld, key in (("isl_avg", "isl"), ("osl_avg", "osl"), ("ttft_avg_s", "ttft"),
+                     ("itl_avg_s", "itl"), ("request_duration_avg_s", "duration")):
+        recipes[fld] = Recipe(Kind.AVERAGE, key, role_of[key])
+    for fld, key, q in (("isl_p90", "isl", 0.9), ("osl_p90", "osl", 0.9),
+                        ("ttft_p90_s", "ttft", 0.9), ("ttft_p99_s", "ttft", 0.99),
+                        ("itl_p90_s", "itl", 0.9), ("itl_p99_s", "itl", 0.99)):
+        recipes[fld] = Recipe(Kind.QUANTILE, key, role_of[key], q)
+    recipes["requests_running"] = Recipe(Kind.GAUGE_SUM, "inflight", role_of["inflight"])
+    recipes["requests_waiting"] = Recipe(Kind.GAUGE_SUM, "queued", role_of["queued"])
+    recipes["kv_cache_usage"] = Recipe(Kind.GAUGE_MEAN, "kv_usage", Role.DECODE)
+    recipes["prefill_workers"] = Recipe(Kind.WORKERS, "workers", Role.PREFILL)
+    recipes["decode_workers"] = Recipe(Kind.WORKERS, "workers", Role.DECODE)
+    return recipes
+
+
+def vllm(*names: str) -> tuple[str, ...]:
+    """vLLM metric names, and the same with ``:`` escaped to ``_``: prometheus-client's
+    OpenMetrics exposition writes ``vllm:x`` as ``vllm_x`` when Prometheus negotiates that
+    format (prometheus/client_python#1177), so a directly scraped vLLM may be stored either way."""
+    return names + tuple(n.replace(":", "_") for n in names)
+
+
+# The engine's own per-worker metrics, renamed across vLLM versions (newest first). Dynamo's
+# workers re-expose them with dynamo_namespace/dynamo_component labels.
+VLLM_KV_USAGE = vllm("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
+VLLM_ITL = vllm("vllm:inter_token_latency_seconds", "vllm:time_per_output_token_seconds")
+VLLM_WORKER = vllm("vllm:num_requests_running")
+
+
+def _frontend(prefix: str, name: str, about: str, queued: bool) -> Dialect:
+    metrics = {
+        "requests": (f"{prefix}_requests_total",),
+        "isl": (f"{prefix}_input_sequence_tokens",),
+        "osl": (f"{prefix}_output_sequence_tokens",),
+        "ttft": (f"{prefix}_time_to_first_token_seconds",),
+        "itl": (f"{prefix}_inter_token_latency_seconds",),
+        "duration": (f"{prefix}_request_duration_seconds",),
+        "inflight": (f"{prefix}_inflight_requests",),
+        "queued": (f"{prefix}_queued_requests",),
+        "kv_usage": VLLM_KV_USAGE,
+        "workers": VLLM_WORKER,
+        "discovery": (f"{prefix}_requests_total", f"{prefix}_inflight_requests"),
+    }
+    recipes = _histogram_recipes({k: Role.ALL for k in metrics})
+    unobserved = {}
+    if not queued:
+        del recipes["requests_waiting"]
+        unobserved["requests_waiting"] = f"the {name} dialect has no queue gauge"
+    return Dialect(name, about, metrics, recipes, detect="requests", discovery="discovery",
+                   unobserved=unobserved)
+
+
+DYNAMO = _frontend("dynamo_frontend", "dynamo", "Dynamo frontend (dynamo_frontend_*)", True)
+DYNAMO_LEGACY = _frontend("nv_llm_http_service", "dynamo-legacy",
+                          "Dynamo frontend, older names (nv_llm_http_service_*)", False)
+VLLM = Dialect(
+    "vllm",
+    "vLLM engine metrics (vllm:*), per worker; prefill and decode told apart by labels",
+    metrics={
+        "requests": vllm("vllm:request_success_total"),
+        "isl": vllm("vllm:request_prompt_tokens"),
+        "osl": vllm("vllm:request_generation_tokens"),
+        "ttft": vllm("vllm:time_to_first_token_seconds"),
+        "itl": VLLM_ITL,
+        "duration": vllm("vllm:e2e_request_latency_seconds"),
+        "inflight": VLLM_WORKER,
+        "queued": vllm("vllm:num_requests_waiting"),
+        "kv_usage": VLLM_KV_USAGE,
+        "workers": VLLM_WORKER,
+        "discovery": VLLM_WORKER,
+    },
+    # Every request finishes on a decode worker, which also records its prompt length; the first
+    # token is the prefill worker's (what the prefill profile measures); the ITL is decode's.
+    recipes=_histogram_recipes({
+        "requests": Role.DECODE, "isl": Role.DECODE, "osl": Role.DECODE, "ttft": Role.PREFILL,
+        "itl": Role.DECODE, "duration": Role.DECODE, "inflight": Role.ALL, "queued": Role.ALL,
+    }),
+    detect="requests",
+    discovery="discovery",
+)
+
+# In the order auto-detection prefers them: a Dynamo deployment also exposes vllm:* metrics.
+DIALECTS: dict[str, Dialect] = {d.name: d for d in (DYNAMO, DYNAMO_LEGACY, VLLM)}
+METRIC_KEYS = tuple(DYNAMO.metrics)
+
+
+def detection_query() -> str:
+    """One query listing which dialects' identifying metrics exist at all."""
+    names = sorted({n for d in DIALECTS.values() for n in d.metrics[d.detect]})
+    return f'group by (__name__) ({{__name__=~"{"|".join(re.escape(n) for n in names)}"}})'
+
+
+def detect(present: Iterable[str]) -> Dialect | None:
+    """The first dialect (in preference order) whose identifying metric is present."""
+    names = set(present)
+    for dialect in DIALECTS.values():
+        if names.intersection(dialect.metrics[dialect.detect]):
+            return dialect
+    return None
+
+
+# --- label matchers --------------------------------------------------------------------------
+
+_MATCHER = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"\s*')
+METRIC_NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
+LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+
+
+def check_matchers(text: str) -> str:
+    """Validate PromQL label matchers without braces (``a="x", b=~"y.*"``); return them tidied.
+
+    Raises ``ValueError`` naming the part that is not a matcher.
+    """
+    parts: list[str] = []
+    pos = 0
+    text = text.strip()
+    while pos < len(text):
+        match = _MATCHER.match(text, pos)
+        if match is None:
+            raise ValueError(
+                f"not a label matcher at {text[pos:pos + 40]!r}; write e.g. "
+                'model="llama",namespace=~"prod|staging" (no braces, values in double quotes)'
+            )
+        parts.append(f'{match.group(1)}{match.group(2)}"{match.group(3)}"')
+        pos = match.end()
+        if pos < len(text):
+            if text[pos] != ",":
+                raise ValueError(f"expected ',' between label matchers at {text[pos:pos + 40]!r}")
+            pos += 1
+    return ",".join(parts)
+
+
+def quote(value: str) -> str:
+    """A PromQL double-quoted string literal."""
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return f'"{escaped}"'
+
+
+def join(*matchers: str) -> str:
+    return ",".join(m for m in matchers if m)
+
+
+def duration(seconds: float) -> str:
+    """A PromQL duration: whole seconds when exact, else milliseconds (``2500ms``)."""
+    millis = round(seconds * 1000.0)
+    if millis <= 0:
+        raise ValueError(f"a window of {seconds} s is too short for PromQL")
+    return f"{millis // 1000}s" if millis % 1000 == 0 else f"{millis}ms"
+
+
+# --- rendering -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Scope:
+    """What one set of queries covers: label matchers, grouping labels, the window."""
+
+    selector: str  # matchers every series must have (a deployment, or all when grouping)
+    by: tuple[str, ...]  # grouping labels, one group per discovered deployment; () for one
+    prefill: str  # matcher of the prefill workers
+    decode: str  # matcher of the decode workers
+    window_s: float
+    method: Method = Method.EXACT
+
+    def matcher(self, role: Role) -> str:
+        if role is Role.PREFILL:
+            return join(self.selector, self.prefill)
+        if role is Role.DECODE:
+            return join(self.selector, self.decode)
+        return self.selector
+
+    def placeholders(self) -> dict[str, str]:
+        return {"selector": self.selector, "prefill": self.matcher(Role.PREFILL),
+                "decode": self.matcher(Role.DECODE), "window": duration(self.window_s),
+                "by": ", ".join(self.by)}
+
+
+def increase(series: str, window: str, method: Method) -> str:
+    """The increase of every counter series of ``series`` over the window, per series."""
+    if method is Method.INCREASE:
+        return f"increase({series}[{window}])"
+    # exact: end value minus the last sample of the window before (a counter that went down was
+    # reset: all of its value is new); a series without a sample there started (or came back)
+    # inside the window: its last minus its first sample in the window.
+    start = f"last_over_time({series}[{window}] offset {window})"
+    return (f"(({series} - {start}) >= 0) or ({series} and {start}) "
+            f"or ({series} - min_over_time({series}[{window}]))")
+
+
+def _any(names: Sequence[str], suffix: str, match: str,
+         per_series: Callable[[str], str] | None = None) -> str:
+    """Alternatives (renamed metrics) joined with ``or``: each series from its first name."""
+    terms = [f"{n}{suffix}{{{match}}}" for n in names]
+    if per_series is not None:
+        terms = [per_series(t) for t in terms]
+    return terms[0] if len(terms) == 1 else " or ".join(f"({t})" for t in terms)
+
+
+def aggregate(op: str, labels: Sequence[str]) -> str:
+    """``sum`` or ``sum by (a, b)``: plain when there is nothing to group by."""
+    return f"{op} by ({', '.join(labels)})" if labels else op
+
+
+def render(recipe: Recipe, names: Sequence[str], scope: Scope) -> str:
+    """The PromQL of one recipe for one scope."""
+    match = scope.matcher(recipe.role)
+    by = scope.by
+    w = duration(scope.window_s)
+
+    def inc(series: str) -> str:
+        return increase(series, w, scope.method)
+
+    def fresh(series: str) -> str:
+        # the value at the window's end, if it was scraped inside the window: a gauge that
+        # Prometheus has not seen for a while (its own restart, say) is unknown, not current
+        return f"{series} and last_over_time({series}[{w}])"
+
+    if recipe.kind is Kind.COUNT:
+        return f"{aggregate('sum', by)} ({_any(names, '', match, inc)})"
+    if recipe.kind is Kind.AVERAGE:
+        total = f"{aggregate('sum', by)} ({_any(names, '_sum', match, inc)})"
+        count = f"{aggregate('sum', by)} ({_any(names, '_count', match, inc)})"
+        return f"{total} / {count}"
+    if recipe.kind is Kind.QUANTILE:
+        assert recipe.quantile is not None
+        buckets = _any(names, "_bucket", match, inc)
+        return f"histogram_quantile({recipe.quantile:g}, {aggregate('sum', ('le', *by))} " \
+               f"({buckets}))"
+    if recipe.kind is Kind.GAUGE_SUM:
+        return f"{aggregate('sum', by)} ({_any(names, '', match, fresh)})"
+    if recipe.kind is Kind.GAUGE_MEAN:
+        return f"{aggregate('avg', by)} ({_any(names, '', match, fresh)})"
+    if recipe.kind is Kind.WORKERS:
+        per_instance = f"{aggregate('count', ('instance', *by))} " \
+                       f"({_any(names, '', match, fresh)})"
+        return f"{aggregate('count', by)} ({per_instance})"
+    raise AssertionError(recipe.kind)
+
+
+def render_template(template: str, scope: Scope) -> str:
+    """An operator's query with its ``$placeholders`` filled (``$$`` is a dollar sign)."""
+    return Template(template).substitute(scope.placeholders())
+
+
+def template_errors(template: str) -> list[str]:
+    """What is wrong with an operator's query template (unknown placeholders, stray ``$``)."""
+    tpl = Template(template)
+    if not tpl.is_valid():
+        return ["a '$' that starts no placeholder (write $$ for a dollar sign)"]
+    unknown = sorted(set(tpl.get_identifiers()) - set(PLACEHOLDERS))
+    return [f"unknown placeholder ${name} (known: "
+            f"{', '.join('$' + p for p in PLACEHOLDERS)})" for name in unknown]
+
+
+@dataclass(frozen=True)
+class Read:
+    """A metric a query reads, for the missing-metric check: its names and matcher."""
+
+    names: tuple[str, ...]
+    suffix: str  # "", "_bucket", "_count", ...
+    role: Role
+
+
+@dataclass(frozen=True)
+class Query:
+    field: str
+    kind: Kind
+    promql: str
+    reads: tuple[Read, ...]  # empty for an operator's own query
+    origin: str  # where it comes from, for the log and the reasons
+
+
+@dataclass(frozen=True)
+class Overrides:
+    """What the queries file changes: metric names, whole queries ('' disables one)."""
+
+    metrics: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    queries: Mapping[str, str] = field(default_factory=dict)
+    origin: str = "the queries file"
+
+
+@dataclass(frozen=True)
+class Plan:
+    queries: tuple[Query, ...]
+    unobserved: Mapping[str, str]  # field -> why there is no query for it
+
+
+def plan(dialect: Dialect, overrides: Overrides, scope: Scope) -> Plan:
+    """One query per field of the snapshot (or the reason there is none)."""
+    names = {**dialect.metrics, **overrides.metrics}
+    queries: list[Query] = []
+    unobserved: dict[str, str] = {}
+    for fld, kind in FIELD_KINDS.items():
+        if fld in overrides.queries:
+            template = overrides.queries[fld]
+            if not template.strip():
+                unobserved[fld] = f"query disabled in {overrides.origin}"
+            else:
+                queries.append(Query(fld, kind, render_template(template, scope), (),
+                                     f"[queries] in {overrides.origin}"))
+            continue
+        recipe = dialect.recipes.get(fld)
+        if recipe is None:
+            unobserved[fld] = dialect.unobserved.get(fld, f"the {dialect.name} dialect has none")
+            continue
+        metric_names = names[recipe.metric]
+        suffix = {Kind.AVERAGE: "_count", Kind.QUANTILE: "_bucket"}.get(recipe.kind, "")
+        origin = (f"[metrics].{recipe.metric} in {overrides.origin}"
+                  if recipe.metric in overrides.metrics else f"dialect {dialect.name}")
+        queries.append(Query(fld, kind, render(recipe, metric_names, scope),
+                             (Read(tuple(metric_names), suffix, recipe.role),), origin))
+    return Plan(tuple(queries), unobserved)
+
+
+# --- answers ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sample:
+    labels: Mapping[str, str]
+    value: float
+
+
+def parse_result(result: Any) -> list[Sample]:
+    """The ``data.result`` of an instant query as samples; a scalar is one unlabelled sample.
+
+    Raises ``ValueError`` for a range vector or anything else that is not one value per series.
+    """
+    if (isinstance(result, list) and len(result) == 2
+            and isinstance(result[0], int | float) and isinstance(result[1], str)):
+        return [Sample({}, float(result[1]))]  # a scalar: [time, "value"]
+    if not isinstance(result, list):
+        raise ValueError(f"unexpected result {str(result)[:100]!r}")
+    samples = []
+    for item in result:
+        if not isinstance(item, dict) or "value" not in item:
+            raise ValueError("the query returned a range vector; it must return one value per "
+                             "series (an instant vector)")
+        samples.append(Sample(dict(item.get("metric", {})), float(item["value"][1])))
+    return samples
+
+
+def group_key(labels: Mapping[str, str], by: Sequence[str]) -> tuple[str, ...]:
+    return tuple(labels.get(label, "") for label in by)
+
+
+def split(samples: Iterable[Sample], by: Sequence[str]) -> dict[tuple[str, ...], list[Sample]]:
+    groups: dict[tuple[str, ...], list[Sample]] = {}
+    for sample in samples:
+        groups.setdefault(group_key(sample.labels, by), []).append(sample)
+    return groups
+
+
+NO_SERIES = {
+    Kind.COUNT: "no data: no series (metric absent, labels not matching, or no sample in window)",
+    Kind.AVERAGE: "no data: no series (metric absent, labels not matching, or no sample in window)",
+    Kind.QUANTILE: "no data: no series (metric absent, labels not matching, or no sample in "
+                   "window)",
+    Kind.GAUGE_SUM: "no data: the gauge has no series at the window's end",
+    Kind.GAUGE_MEAN: "no data: the gauge has no series at the window's end",
+    Kind.WORKERS: "no data: no worker exposes the metric (none running, or the role selector "
+                  "matches none)",
+}
+
+
+def interpret(kind: Kind, samples: Sequence[Sample], fld: str = "") -> tuple[float | None, str]:
+    """A field's value from the samples of one deployment, or ``None`` and why.
+
+    Three kinds of null: unknown (no series), undefined (NaN: 0/0 of an empty window, reason
+    ``window.UNDEFINED``) and implausible (a value the field cannot hold). A real 0 is a value.
+    """
+    if not samples:
+        return None, NO_SERIES[kind]
+    if len(samples) > 1:
+        return None, (f"the query returned {len(samples)} series for one deployment; "
+                      "aggregate it (sum by ($by) (...))")
+    value = samples[0].value
+    if math.isnan(value):
+        if kind in (Kind.AVERAGE, Kind.QUANTILE):
+            return None, window.UNDEFINED
+        return None, "the query returned NaN"
+    if math.isinf(value):
+        return None, f"the query returned {value}"
+    if value < 0:
+        return None, f"negative value {value:g}"
+    if fld == "kv_cache_usage" and value > 1.0:
+        return None, f"{value:g} is not a fraction in [0, 1] (is the metric a percentage?)"
+    if kind is Kind.WORKERS:
+        return float(round(value)), ""
+    return value, ""
+
+
+def values_for(groups: Mapping[str, Mapping[tuple[str, ...], Sequence[Sample]]],
+               kinds: Mapping[str, Kind], member: tuple[str, ...]) -> window.WindowValues:
+    """One deployment's window values from every query's grouped answer."""
+    values: dict[str, float | None] = {}
+    gaps: dict[str, str] = {}
+    for fld, by_group in groups.items():
+        value, reason = interpret(kinds[fld], by_group.get(member, ()), fld)
+        # worker counts are integers on the bus (and the model is strict about it)
+        values[fld] = int(value) if kinds[fld] is Kind.WORKERS and value is not None else value
+        if value is None:
+            gaps[fld] = reason
+    return window.WindowValues(values=values, gaps=gaps)
+
+
+# --- deployments from label values -------------------------------------------------------------
+
+_DNS = re.compile(DNS_LABEL)
+
+
+def dns_label(value: str) -> str:
+    """A label value as a DNS-1123 label (a subject token): itself if it is one, else a tidied
+    form plus a short hash of the original, so that two values never share a name."""
+    if _DNS.match(value):
+        return value
+    tidy = re.sub(r"[^a-z0-9-]+", "-", value.lower()).strip("-")[:54].strip("-") or "x"
+    digest = hashlib.sha256(value.encode("utf-8")).hexdigest()[:8]
+    return f"{tidy}-{digest}"
+
+
+def discovered_key(values: Sequence[str], labels: Sequence[str],
+                   default_namespace: str) -> DeploymentKey:
+    """The deployment named by one group of label values: (name) or (namespace, name)."""
+    if len(labels) == 1:
+        return DeploymentKey(namespace=default_namespace, name=dns_label(values[0]))
+    return DeploymentKey(namespace=dns_label(values[0]), name=dns_label(values[1]))
+
+
+def discovery_query(dialect: Dialect, overrides: Overrides, scope: Scope) -> str:
+    names = overrides.metrics.get(dialect.discovery, dialect.metrics[dialect.discovery])
+    return f"{aggregate('group', scope.by)} ({_any(names, '', scope.selector)})"
+
+
+def group_selector(scope: Scope, member: tuple[str, ...]) -> str:
+    """The matchers of one discovered deployment (for messages and checks)."""
+    return join(scope.selector, *(f"{label}={quote(v)}" for label, v in zip(scope.by, member,
+                                                                             strict=True)))
+
+
+# --- the missing-metric check ----------------------------------------------------------------
+
+
+def presence_query(read: Read, scope: Scope, role: Role | None = None) -> str:
+    """Which groups have at least one series of the metric (``role`` None: ignore the role)."""
+    match = scope.matcher(read.role if role is None else role)
+    return f"{aggregate('count', scope.by)} ({_any(read.names, read.suffix, match)})"
+
+
+def anywhere_query(read: Read) -> str:
+    return f"count({_any(read.names, read.suffix, '')})"
+
+
+def metric_list(read: Read) -> str:
+    return " or ".join(n + read.suffix for n in read.names)
+
+
+def diagnose(query: Query, read: Read, scope: Scope, member: tuple[str, ...],
+             without_role: bool, anywhere: bool, targets_down: int) -> str:
+    """What to check when ``read`` has no series for a deployment."""
+    names = metric_list(read)
+    where = group_selector(scope, member)
+    if read.role is not Role.ALL and without_role:
+        role_matcher = scope.prefill if read.role is Role.PREFILL else scope.decode
+        return (f"{query.field}: {names} exists for {{{where}}} but not for its {read.role} "
+                f"workers ({role_matcher}): check --{read.role}-selector (for an aggregated "
+                f"deployment, disable the prefill queries)")
+    if anywhere:
+        return (f"{query.field}: {names} exists, but no series has the labels {{{where}}}: "
+                "check the deployment's selector or discovery labels")
+    down = f"; {targets_down} scrape target(s) are down (up == 0)" if targets_down else ""
+    return (f"{query.field}: no series named {names} in Prometheus: check the metric name "
+            f"(--dialect, or [metrics] in the queries file, from {query.origin}), that the "
+            f"serving pods are up and that Prometheus scrapes them{down}")
