@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import os
 import subprocess
 import sys
@@ -24,7 +25,7 @@ import nats
 from nats.aio.msg import Msg
 
 from shared import embedded_nats, traces
-from shared.messages import LoadForecast, MetricSnapshot, ReplicaTarget, ScaleEvent
+from shared.messages import Envelope, LoadForecast, MetricSnapshot, ReplicaTarget, ScaleEvent
 
 SERVICES = ("forecaster", "decider", "actuator")
 
@@ -50,8 +51,9 @@ class Board:
 
     async def on_message(self, msg: Msg) -> None:
         family = msg.subject.split(".")[1]
-        parsers = {"metrics": MetricSnapshot, "forecast": LoadForecast, "target": ReplicaTarget,
-                   "scaled": ScaleEvent}
+        parsers: dict[str, type[Envelope]] = {
+            "metrics": MetricSnapshot, "forecast": LoadForecast, "target": ReplicaTarget,
+            "scaled": ScaleEvent}
         if family not in parsers:
             return
         message = parsers[family].from_json(msg.data)
@@ -80,10 +82,13 @@ class Board:
 
         t = window_end - self.start_epoch_s
         itl_ms = None if s is None or s.itl_avg_s is None else s.itl_avg_s * 1000
+        requests, isl, osl, ttft = ((s.num_requests, s.isl_avg, s.osl_avg, s.ttft_avg_s)
+                                    if s is not None else (None, None, None, None))
+        next_requests = f.steps[0].num_requests if f is not None else None
         print(
-            f"{t:>7.0f} {num(s and s.num_requests, '.0f'):>6} {num(s and s.isl_avg, '.0f'):>7} "
-            f"{num(s and s.osl_avg, '.0f'):>5} {num(s and s.ttft_avg_s, '.3f'):>7} "
-            f"{num(itl_ms, '.2f'):>7} {num(f and f.steps[0].num_requests, '.0f'):>7} "
+            f"{t:>7.0f} {num(requests, '.0f'):>6} {num(isl, '.0f'):>7} "
+            f"{num(osl, '.0f'):>5} {num(ttft, '.3f'):>7} "
+            f"{num(itl_ms, '.2f'):>7} {num(next_requests, '.0f'):>7} "
             f"{(f.model if f else '-')[:18]:>18} {e.prefill.to:>3} {e.decode.to:>3}  "
             f"{e.outcome}",
             flush=True,
@@ -178,7 +183,7 @@ async def run(args: argparse.Namespace, url: str, log_dir: Path) -> int:
         await nc.close()
         summarise(board, interval_s)
         return 0
-    except (TimeoutError, asyncio.TimeoutError):
+    except TimeoutError:
         print("the demo did not finish in time; service logs follow", file=sys.stderr)
         for name in procs:
             print(f"--- {name}\n{(log_dir / f'{name}.log').read_text()[-3000:]}", file=sys.stderr)
@@ -197,7 +202,7 @@ async def run(args: argparse.Namespace, url: str, log_dir: Path) -> int:
 def summarise(board: Board, interval_s: float) -> None:
     events = [r.event for _, r in sorted(board.rows.items()) if r.event is not None]
     gpu_hours = sum((e.prefill.to + e.decode.to) * interval_s for e in events) / 3600.0
-    changes = sum(1 for a, b in zip(events, events[1:], strict=False)
+    changes = sum(1 for a, b in itertools.pairwise(events)
                   if (a.prefill.to, a.decode.to) != (b.prefill.to, b.decode.to))
     print(f"\n{len(events)} intervals, {changes} scaling changes, "
           f"peak {max(e.prefill.to for e in events)} prefill / "

@@ -9,6 +9,7 @@ from pathlib import Path
 import nats
 import nats.errors
 import pytest
+from nats.aio.client import Client as NATS
 
 from shared import bus, embedded_nats
 from shared.messages import DeploymentKey, MetricSnapshot
@@ -64,7 +65,7 @@ def test_each_auth_form_reaches_the_client(settings: dict[str, str],
 
 
 async def test_the_stream_drops_a_message_published_twice_with_the_same_id(
-    nats_server: object, nc: nats.aio.client.Client
+    nats_server: object, nc: NATS
 ) -> None:
     settings = ServiceSettings()
     js = nc.jetstream()

@@ -11,6 +11,7 @@ import nats.js.api
 import orjson
 import pytest
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 
 from shared.messages import Rejected, ReplicaTarget, ScaleEvent
 from tests.conftest import NatsEndpoint, ServiceProcess
@@ -46,7 +47,7 @@ class Collected:
         self.by_family: dict[str, list[bytes]] = {}
         self.arrived = asyncio.Event()
 
-    async def on_message(self, msg: nats.aio.msg.Msg) -> None:
+    async def on_message(self, msg: Msg) -> None:
         family = msg.subject.split(".")[1]
         self.by_family.setdefault(family, []).append(msg.data)
         self.arrived.set()
