@@ -17,7 +17,7 @@ from kubernetes_validate.utils import resources_from_file
 from tests.k8s_api_server import RequestAttributes
 
 REPO = Path(__file__).resolve().parent.parent
-RBAC_FILE = REPO / "deploy" / "actuator-rbac.yaml"
+RBAC_FILE = REPO / "deploy" / "base" / "actuator-rbac.yaml"
 
 
 @dataclass(frozen=True)

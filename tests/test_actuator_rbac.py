@@ -1,7 +1,7 @@
 """The actuator's RBAC in deploy/: valid manifests, least privilege, and exactly what it uses.
 
 A tour drives every backend and feature against the API test server, which enforces the Roles
-of ``deploy/actuator-rbac.yaml`` as its authorizer: any call they do not permit answers 403 and
+of ``deploy/base/actuator-rbac.yaml`` as its authorizer: any call they do not permit answers 403 and
 fails the tour. Then every call is checked against the rules, and every rule must have been used.
 """
 

@@ -98,7 +98,7 @@ def permanent_error(op: Op, exc: ApiException) -> BackendError:
     elif exc.status == 403:
         message = (f"forbidden: the actuator may not {op.verb} {op.resource} (API group "
                    f"{op.kind.group!r}) in namespace {op.namespace!r}; grant it in the actuator's "
-                   f"Role (deploy/actuator-rbac.yaml). The API server said: {said}")
+                   f"Role (deploy/base/actuator-rbac.yaml). The API server said: {said}")
     elif exc.status == 404 and op.name and not not_served(said):
         message = (f"{op.kind.kind} {op.namespace}/{op.name} not found ({op.verb} "
                    f"{op.kind.api_version} {op.resource}); check the name in the actuator's "

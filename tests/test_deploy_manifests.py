@@ -1,0 +1,448 @@
+"""deploy/: valid Kubernetes objects, kustomizations that hold together, pods that come up right.
+
+Every manifest is validated strictly against the schemas of current Kubernetes versions. The
+kustomization files are not Kubernetes objects: every file they name must exist, and what the
+overlays merge or patch must exist in the base. When ``kubectl`` is installed, the base and the
+overlays are also rendered with its kustomize and every rendered object is validated and its
+references (ConfigMaps, Secrets, ServiceAccounts) checked.
+
+The helpers here (reading kustomizations, env files and manifests) are used by the other
+``test_deploy_*`` modules too.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml  # type: ignore[import-untyped]
+
+from shared import embedded_nats
+
+REPO = Path(__file__).resolve().parent.parent
+DEPLOY = REPO / "deploy"
+BASE = DEPLOY / "base"
+OVERLAYS = {"dynamo": DEPLOY / "overlays" / "dynamo", "scale": DEPLOY / "overlays" / "scale"}
+TARGETS = {"base": BASE, **OVERLAYS}
+SERVICES = ("collector", "forecaster", "decider", "actuator")
+K8S_VERSIONS = ["1.31.0", kubernetes_validate.utils.latest_version()]
+GENERATORS = ("configMapGenerator", "secretGenerator")
+# Where the Deployments mount the ConfigMap slaplanner-files and the optional profile.
+FILES_MOUNT = "/etc/slaplanner/"
+PROFILE_MOUNT = "/etc/slaplanner-profile/"
+
+Doc = dict[str, Any]
+
+
+# --- reading deploy/ ---------------------------------------------------------------------------
+
+def load_yaml_documents(text: str) -> list[Doc]:
+    return [doc for doc in yaml.safe_load_all(text) if doc is not None]
+
+
+@cache
+def documents(path: Path) -> tuple[Doc, ...]:
+    return tuple(load_yaml_documents(path.read_text()))
+
+
+@cache
+def kustomization(directory: Path) -> Doc:
+    doc = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    assert isinstance(doc, dict)
+    return doc
+
+
+def generator_sources(entry: Doc) -> list[tuple[str, Path]]:
+    """(key, file) of a generator entry; ``key=path`` names the key, else the file's name."""
+    sources: list[tuple[str, Path]] = []
+    for item in entry.get("files", []):
+        key, _, path = item.rpartition("=")
+        sources.append((key or Path(path).name, Path(path)))
+    for item in entry.get("envs", []):
+        sources.append(("", Path(item)))
+    return sources
+
+
+def referenced_paths(directory: Path) -> list[Path]:
+    """Every file or directory a kustomization names."""
+    k = kustomization(directory)
+    names = [*k.get("resources", []), *k.get("components", []),
+             *k.get("patchesStrategicMerge", [])]
+    names += [p["path"] for p in k.get("patches", []) if "path" in p]
+    for kind in GENERATORS:
+        for entry in k.get(kind, []):
+            names += [str(path) for _, path in generator_sources(entry)]
+    return [(directory / name).resolve() for name in names]
+
+
+def resource_files(directory: Path) -> list[Path]:
+    """The manifest files of a kustomization and of the kustomizations it builds on."""
+    files: list[Path] = []
+    for name in kustomization(directory).get("resources", []):
+        path = (directory / name).resolve()
+        files += resource_files(path) if path.is_dir() else [path]
+    return files
+
+
+def resources(directory: Path) -> list[Doc]:
+    return [doc for path in resource_files(directory) for doc in documents(path)]
+
+
+def generator_files() -> set[Path]:
+    return {
+        (directory / path).resolve()
+        for directory in TARGETS.values()
+        for kind in GENERATORS
+        for entry in kustomization(directory).get(kind, [])
+        for _, path in generator_sources(entry)
+    }
+
+
+def manifest_files() -> list[Path]:
+    """Every YAML file in deploy/ that is a Kubernetes manifest (not a kustomization, not data)."""
+    data = generator_files()
+    return sorted(
+        path for path in DEPLOY.rglob("*.y*ml")
+        if path.name != "kustomization.yaml" and path.resolve() not in data
+    )
+
+
+def parse_env_file(path: Path) -> dict[str, str]:
+    """An env file as kustomize reads it: KEY=VALUE lines, # comments, values kept verbatim."""
+    env: dict[str, str] = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, value = line.partition("=")
+        assert sep and key, f"{path}:{number}: not KEY=VALUE"
+        assert key not in env, f"{path}:{number}: {key} given twice"
+        env[key] = value
+    return env
+
+
+def generated(directory: Path, kind: str, name: str) -> dict[str, str]:
+    """The data of a generated ConfigMap or Secret: the base's, then each overlay's merge."""
+    data: dict[str, str] = {}
+    k = kustomization(directory)
+    for path in k.get("resources", []):
+        if (directory / path).is_dir():
+            data.update(generated((directory / path).resolve(), kind, name))
+    for entry in k.get(kind, []):
+        if entry["name"] != name:
+            continue
+        if entry.get("behavior") == "replace":
+            data = {}
+        for key, path in generator_sources(entry):
+            if key:
+                data[key] = (directory / path).read_text()
+            else:
+                data.update(parse_env_file(directory / path))
+    return data
+
+
+def generated_files(directory: Path, name: str) -> dict[str, Path]:
+    """Which source file each key of a generated files ConfigMap comes from, after the merges."""
+    files: dict[str, Path] = {}
+    k = kustomization(directory)
+    for path in k.get("resources", []):
+        if (directory / path).is_dir():
+            files.update(generated_files((directory / path).resolve(), name))
+    for entry in k.get("configMapGenerator", []):
+        if entry["name"] == name:
+            if entry.get("behavior") == "replace":
+                files = {}
+            files.update({key: (directory / path).resolve()
+                          for key, path in generator_sources(entry) if key})
+    return files
+
+
+def planner_env(target: str) -> dict[str, str]:
+    return generated(TARGETS[target], "configMapGenerator", "slaplanner-config")
+
+
+def local_env(target: str, env: dict[str, str] | None = None) -> dict[str, str]:
+    """The ConfigMap's environment, with the mounted files' paths pointing at their sources."""
+    files = generated_files(TARGETS[target], "slaplanner-files")
+    out = dict(planner_env(target) if env is None else env)
+    for key, value in out.items():
+        if value.startswith(FILES_MOUNT):
+            name = value.removeprefix(FILES_MOUNT)
+            assert name in files, f"{key}={value}: no such key in the ConfigMap slaplanner-files"
+            out[key] = str(files[name])
+    return out
+
+
+def find(docs: list[Doc], kind: str, name: str) -> Doc:
+    matches = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    assert len(matches) == 1, f"{kind}/{name}: {len(matches)} found"
+    return matches[0]
+
+
+def pod_templates(docs: list[Doc]) -> Iterator[tuple[Doc, Doc]]:
+    for doc in docs:
+        if doc["kind"] in ("Deployment", "StatefulSet", "DaemonSet", "Job"):
+            yield doc, doc["spec"]["template"]["spec"]
+
+
+def containers(pod: Doc) -> list[Doc]:
+    return [*pod.get("initContainers", []), *pod["containers"]]
+
+
+def deployment(service: str) -> Doc:
+    return find(resources(BASE), "Deployment", f"slaplanner-{service}")
+
+
+def main_container(service: str) -> Doc:
+    [container] = deployment(service)["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def env_of(container: Doc) -> dict[str, Doc]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+# --- manifests ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize("path", manifest_files(), ids=lambda p: str(p.relative_to(DEPLOY)))
+def test_every_manifest_is_a_valid_kubernetes_object(path: Path, version: str) -> None:
+    docs = documents(path)
+    assert docs, f"{path} holds no object"
+    for doc in docs:
+        kubernetes_validate.validate(doc, version, strict=True)
+
+
+def test_every_manifest_belongs_to_a_kustomization() -> None:
+    used = {path for directory in TARGETS.values() for path in resource_files(directory)}
+    assert [p for p in manifest_files() if p.resolve() not in used] == []
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_every_file_a_kustomization_names_exists(target: str) -> None:
+    missing = [p for p in referenced_paths(TARGETS[target]) if not p.exists()]
+    assert missing == []
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_overlays_build_on_the_base(overlay: str) -> None:
+    assert [(OVERLAYS[overlay] / r).resolve() for r in kustomization(OVERLAYS[overlay])["resources"]
+            if (OVERLAYS[overlay] / r).is_dir()] == [BASE]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_what_an_overlay_merges_or_patches_exists_in_the_base(overlay: str) -> None:
+    k, base = kustomization(OVERLAYS[overlay]), kustomization(BASE)
+    for kind in GENERATORS:
+        for entry in k.get(kind, []):
+            if entry.get("behavior") in ("merge", "replace"):
+                assert entry["name"] in {e["name"] for e in base.get(kind, [])}, entry
+                # a merge finds its generator by name and namespace
+                assert entry.get("namespace") == base["namespace"], entry
+    base_objects = {(d["kind"], d["metadata"]["name"]) for d in resources(BASE)}
+    for patch in k.get("patches", []):
+        if "target" in patch:
+            wanted = (patch["target"]["kind"], patch["target"]["name"])
+        else:
+            [doc] = documents((OVERLAYS[overlay] / patch["path"]).resolve())
+            wanted = (doc["kind"], doc["metadata"]["name"])
+        assert wanted in base_objects, patch
+
+
+# --- the pods ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_one_deployment_per_service_runs_that_service(service: str) -> None:
+    container = main_container(service)
+    assert container["image"] == "slaplanner"  # the kustomization sets the tag
+    assert container["args"] == [service]
+    assert container["envFrom"] == [{"configMapRef": {"name": "slaplanner-config"}}]
+    env = env_of(container)
+    assert env["SLAPLANNER_NATS_USER"]["value"] == service
+    assert env["SLAPLANNER_NATS_PASSWORD"]["valueFrom"] == {
+        "secretKeyRef": {"name": "slaplanner-nats-users", "key": service}}
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_the_services_are_probed_on_healthz_at_the_named_http_port(service: str) -> None:
+    container = main_container(service)
+    [port] = container["ports"]
+    assert port["name"] == "http"
+    assert port["containerPort"] == int(planner_env("base")["SLAPLANNER_HTTP_PORT"])
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "http"}, probe
+
+
+def test_every_pod_is_locked_down_and_sized() -> None:
+    templates = list(pod_templates(resources(BASE)))
+    assert len(templates) == len(SERVICES) + 2  # NATS and Prometheus
+    for workload, pod in templates:
+        where = workload["metadata"]["name"]
+        assert pod["securityContext"]["runAsNonRoot"] is True, where
+        assert pod["securityContext"]["runAsUser"] > 0, where
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, where
+        for container in containers(pod):
+            what = f"{where}/{container['name']}"
+            assert container["securityContext"] == {
+                "allowPrivilegeEscalation": False,
+                "readOnlyRootFilesystem": True,
+                "capabilities": {"drop": ["ALL"]},
+            }, what
+            assert {"cpu", "memory"} <= set(container["resources"]["requests"]), what
+            assert "memory" in container["resources"]["limits"], what
+            image = container["image"]
+            assert image == "slaplanner" or re.fullmatch(r"[\w./-]+:[\w.-]+", image), what
+            assert not image.endswith(":latest"), what
+
+
+def test_the_image_tag_is_the_project_version() -> None:
+    version = re.search(r'^version = "([^"]+)"', (REPO / "pyproject.toml").read_text(), re.M)
+    assert version is not None
+    assert kustomization(BASE)["images"] == [{"name": "slaplanner", "newTag": version.group(1)}]
+
+
+def test_the_actuator_runs_as_its_account_with_its_pod_name_and_one_leader() -> None:
+    [account] = [d for d in documents(BASE / "actuator-rbac.yaml")
+                 if d["kind"] == "ServiceAccount"]
+    actuator = deployment("actuator")
+    pod = actuator["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == account["metadata"]["name"] == "slaplanner-actuator"
+    assert env_of(main_container("actuator"))["POD_NAME"]["valueFrom"] == {
+        "fieldRef": {"fieldPath": "metadata.name"}}
+    assert actuator["spec"]["replicas"] >= 2
+    assert planner_env("base")["SLAPLANNER_LEADER_ELECTION"] == "on"
+    # the other services need no Kubernetes credentials at all
+    for service in ("collector", "forecaster", "decider"):
+        assert deployment(service)["spec"]["template"]["spec"][
+            "automountServiceAccountToken"] is False
+
+
+@pytest.mark.parametrize("service", ("collector", "forecaster", "decider"))
+def test_stateful_services_never_run_twice(service: str) -> None:
+    spec = deployment(service)["spec"]
+    assert spec["replicas"] == 1
+    assert spec["strategy"] == {"type": "Recreate"}
+
+
+def test_the_nats_server_gets_every_password_the_config_names() -> None:
+    statefulset = find(resources(BASE), "StatefulSet", "slaplanner-nats")
+    auth = (BASE / "nats" / "auth.conf").read_text()
+    users = re.findall(r"^\s*user: (\w+)\s*\n\s*password: \$(\w+)", auth, re.M)
+    assert sorted(u for u, _ in users) == sorted([*SERVICES, "admin"])
+    secret = generated(BASE, "secretGenerator", "slaplanner-nats-users")
+    assert sorted(secret) == sorted(u for u, _ in users)
+    for container in containers(statefulset["spec"]["template"]["spec"]):
+        env = env_of(container)
+        for user, variable in users:
+            assert env[variable]["valueFrom"] == {
+                "secretKeyRef": {"name": "slaplanner-nats-users", "key": user}}, container["name"]
+
+
+def test_the_shipped_passwords_are_obvious_placeholders_the_server_refuses() -> None:
+    secret = generated(BASE, "secretGenerator", "slaplanner-nats-users")
+    assert all(value.startswith("CHANGE-ME") for value in secret.values())
+    statefulset = find(resources(BASE), "StatefulSet", "slaplanner-nats")
+    [guard] = statefulset["spec"]["template"]["spec"]["initContainers"]
+    script = guard["command"][-1]
+    assert "CHANGE-ME*" in script and "exit 1" in script
+
+
+def test_the_nats_image_is_the_server_version_the_permission_tests_run() -> None:
+    out = subprocess.run([embedded_nats.nats_server_binary(), "--version"], capture_output=True,
+                         text=True, check=True).stdout
+    match = re.search(r"v(\d+\.\d+\.\d+)", out)
+    assert match is not None, out
+    statefulset = find(resources(BASE), "StatefulSet", "slaplanner-nats")
+    for container in containers(statefulset["spec"]["template"]["spec"]):
+        assert container["image"] == f"nats:{match.group(1)}-alpine"
+
+
+def rule_grants(role: Doc) -> set[tuple[str, str, str, str]]:
+    return {(group, resource, verb, ",".join(rule.get("resourceNames", [])))
+            for rule in role["rules"] for group in rule["apiGroups"]
+            for resource in rule["resources"] for verb in rule["verbs"]}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_an_overlay_grants_the_actuator_only_what_the_base_role_grants(overlay: str) -> None:
+    base_role = find(list(documents(BASE / "actuator-rbac.yaml")), "Role", "slaplanner-actuator")
+    docs = list(documents(OVERLAYS[overlay] / "workload-rbac.yaml"))
+    role = find(docs, "Role", "slaplanner-actuator")
+    binding = find(docs, "RoleBinding", "slaplanner-actuator")
+    assert rule_grants(role) <= rule_grants(base_role)
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                  "name": role["metadata"]["name"]}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "slaplanner-actuator",
+                                    "namespace": kustomization(BASE)["namespace"]}]
+    # the Role lives where the workloads the mapping names live
+    mapping = generated(OVERLAYS[overlay], "configMapGenerator", "slaplanner-files")
+    namespaces = set(re.findall(r'^namespace = "([^"]+)"', mapping["actuator.toml"], re.M))
+    assert namespaces == {role["metadata"]["namespace"]} == {binding["metadata"]["namespace"]}
+    assert "namespace" not in kustomization(OVERLAYS[overlay])
+
+
+# --- rendered with kustomize -------------------------------------------------------------------
+
+@cache
+def rendered(target: str) -> tuple[Doc, ...]:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed: the kustomizations are checked file by file only")
+    out = subprocess.run([kubectl, "kustomize", str(TARGETS[target])], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return tuple(load_yaml_documents(out.stdout))
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_the_rendered_kustomization_is_valid_for_kubernetes(target: str) -> None:
+    docs = rendered(target)
+    for doc in docs:
+        kubernetes_validate.validate(doc, K8S_VERSIONS[-1], strict=True)
+    for kind, name in (("Namespace", "slaplanner"), ("StatefulSet", "slaplanner-nats"),
+                       ("Role", "slaplanner-actuator"), ("ServiceAccount", "slaplanner-actuator"),
+                       *(("Deployment", f"slaplanner-{s}") for s in SERVICES)):
+        assert [d for d in docs if (d["kind"], d["metadata"]["name"]) == (kind, name)], name
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_what_the_pods_refer_to_exists_in_the_rendered_objects(target: str) -> None:
+    docs = list(rendered(target))
+    present = {(d["kind"], d["metadata"].get("namespace"), d["metadata"]["name"]) for d in docs}
+    for workload, pod in pod_templates(docs):
+        namespace = workload["metadata"]["namespace"]
+        wanted: set[tuple[str, str]] = set()
+        if "serviceAccountName" in pod:
+            wanted.add(("ServiceAccount", pod["serviceAccountName"]))
+        for volume in pod.get("volumes", []):
+            if "configMap" in volume and not volume["configMap"].get("optional"):
+                wanted.add(("ConfigMap", volume["configMap"]["name"]))
+        for container in containers(pod):
+            for source in container.get("envFrom", []):
+                wanted.add(("ConfigMap", source["configMapRef"]["name"]))
+            for env in container.get("env", []):
+                ref = env.get("valueFrom", {}).get("secretKeyRef")
+                if ref:
+                    wanted.add(("Secret", ref["name"]))
+        missing = {w for w in wanted if (w[0], namespace, w[1]) not in present}
+        assert missing == set(), workload["metadata"]["name"]
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_the_rendered_configuration_is_what_the_config_tests_check(target: str) -> None:
+    docs = rendered(target)
+    [config] = [d for d in docs if d["kind"] == "ConfigMap"
+                and d["metadata"]["name"].startswith("slaplanner-config-")]
+    assert config["data"] == planner_env(target)
+    [files] = [d for d in docs if d["kind"] == "ConfigMap"
+               and d["metadata"]["name"].startswith("slaplanner-files-")]
+    assert files["data"] == {key: path.read_text()
+                             for key, path in generated_files(TARGETS[target],
+                                                              "slaplanner-files").items()}

@@ -1,0 +1,306 @@
+"""The NATS users of deploy/, enforced by a real nats-server started from the same config.
+
+The server runs deploy/base/nats/auth.conf as it is, with the passwords in its environment as
+the StatefulSet gives them. What each service publishes and reads is taken from the code (the
+message models' subjects and the services' consumer filters), so a service that starts to read
+or write a new subject fails here until auth.conf allows it. Then three services run as real
+processes with their own users and the ConfigMap's settings, and a snapshot typed as the
+collector becomes a ScaleEvent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import subprocess
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nats
+import nats.errors
+import nats.js.errors
+import orjson
+import pytest
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from services.actuator import service as actuator_service
+from services.actuator.settings import ActuatorSettings
+from services.decider import service as decider_service
+from services.forecaster import service as forecaster_service
+from shared import bus, embedded_nats
+from shared.messages import (
+    FORECAST_SUBJECT,
+    METRICS_SUBJECT,
+    REJECTED_SUBJECT,
+    SCALED_SUBJECT,
+    TARGET_SUBJECT,
+    MetricSnapshot,
+    Rejected,
+    ScaleEvent,
+)
+from shared.service_settings import ServiceSettings
+from tests import test_deploy_manifests as deploy
+from tests.conftest import ServiceProcess
+
+NATS_DIR = deploy.BASE / "nats"
+USERS = (*deploy.SERVICES, "admin")
+
+
+def one(pattern: str) -> str:
+    return pattern.format(namespace="prod", name="llama")
+
+
+# What each service publishes: its messages and its rejections (shared.service.Runtime).
+PUBLISHES: dict[str, list[str]] = {
+    "collector": [one(METRICS_SUBJECT)],
+    "forecaster": [one(FORECAST_SUBJECT)],
+    "decider": [one(TARGET_SUBJECT)],
+    "actuator": [one(SCALED_SUBJECT), one(ActuatorSettings().virtual_subject)],
+}
+for _service in deploy.SERVICES:
+    PUBLISHES[_service].append(REJECTED_SUBJECT.format(stage=_service))
+
+# What each service reads, as its consumers filter it.
+READS: dict[str, list[str]] = {
+    "collector": [],
+    "forecaster": [forecaster_service.CONSUMES],
+    "decider": [decider_service.CONSUMES, decider_service.FAST_PATH_CONSUMES,
+                decider_service.SCALED_CONSUMES],
+    "actuator": [actuator_service.CONSUMES, actuator_service.SCALED],
+}
+ALL_READS = sorted({subject for subjects in READS.values() for subject in subjects})
+
+
+def password_variables() -> dict[str, str]:
+    return {user: f"NATS_{user.upper()}_PASSWORD" for user in USERS}
+
+
+@dataclass
+class Bus:
+    url: str
+    passwords: dict[str, str]
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[Bus]:
+    """nats-server with deploy's auth.conf, its passwords in the environment as in the pod."""
+    passwords = {user: secrets.token_hex(16) for user in USERS}
+    with tempfile.TemporaryDirectory(prefix="slaplanner-deploy-nats-") as tmp, \
+            pytest.MonkeyPatch.context() as env:
+        for user, variable in password_variables().items():
+            env.setenv(variable, passwords[user])
+        running = embedded_nats.start(Path(tmp),
+                                      extra_config=(NATS_DIR / "auth.conf").read_text())
+        try:
+            yield Bus(running.url, passwords)
+        finally:
+            running.stop()
+
+
+@dataclass
+class Client:
+    nc: NATS
+    errors: list[str] = field(default_factory=list)
+
+    async def settle(self) -> list[str]:
+        """Errors the server sent for what was done so far."""
+        await self.nc.flush(timeout=5)
+        await asyncio.sleep(0.05)  # the error callback runs as its own task
+        return [e.lower() for e in self.errors]
+
+    async def refused(self) -> bool:
+        found = any("permissions violation" in e for e in await self.settle())
+        self.errors.clear()
+        return found
+
+
+@contextlib.asynccontextmanager
+async def connect(bus_: Bus, user: str) -> AsyncIterator[Client]:
+    client = Client(nc=NATS())
+
+    async def on_error(exc: Exception) -> None:
+        client.errors.append(str(exc))
+
+    await client.nc.connect(bus_.url, user=user, password=bus_.passwords[user],
+                            error_cb=on_error, allow_reconnect=False)
+    try:
+        yield client
+    finally:
+        with contextlib.suppress(Exception):
+            await client.nc.close()
+
+
+def test_the_whole_server_config_is_valid_with_the_pods_environment(tmp_path: Path) -> None:
+    for name in ("nats.conf", "auth.conf"):
+        text = (NATS_DIR / name).read_text()
+        (tmp_path / name).write_text(text.replace("/data/jetstream", str(tmp_path / "js")))
+    env = {**os.environ, "POD_NAME": "slaplanner-nats-0",
+           **{v: "x" for v in password_variables().values()}}
+    checked = subprocess.run([embedded_nats.nats_server_binary(), "-c",
+                              str(tmp_path / "nats.conf"), "-t"],
+                             env=env, capture_output=True, text=True, timeout=30)
+    assert checked.returncode == 0, checked.stderr + checked.stdout
+    # without the Secret's variables the server does not start at all
+    env.pop("NATS_DECIDER_PASSWORD")
+    checked = subprocess.run([embedded_nats.nats_server_binary(), "-c",
+                              str(tmp_path / "nats.conf"), "-t"],
+                             env=env, capture_output=True, text=True, timeout=30)
+    assert checked.returncode != 0
+    assert "NATS_DECIDER_PASSWORD" in checked.stderr + checked.stdout
+
+
+@pytest.mark.parametrize("service", deploy.SERVICES)
+async def test_a_service_keeps_the_stream_and_publishes_only_its_own_subjects(
+    server: Bus, service: str
+) -> None:
+    async with connect(server, service) as client:
+        js = client.nc.jetstream()
+        await bus.ensure_stream(js, ServiceSettings())  # what every service does at start
+        for subject in PUBLISHES[service]:
+            ack = await js.publish(subject, b"{}", headers={"Nats-Msg-Id": uuid.uuid4().hex})
+            assert ack.seq > 0, subject
+        assert not await client.refused()
+        for other in deploy.SERVICES:
+            if other == service:
+                continue
+            for subject in PUBLISHES[other]:
+                await client.nc.publish(subject, b"{}")
+                assert await client.refused(), f"{service} may publish {subject}"
+
+
+@pytest.mark.parametrize("service", deploy.SERVICES)
+async def test_a_service_subscribes_only_to_what_it_reads(server: Bus, service: str) -> None:
+    async with connect(server, service) as client:
+        for subject in ALL_READS:
+            await client.nc.subscribe(subject)
+            assert await client.refused() == (subject not in READS[service]), subject
+        # replies (JetStream's acknowledgements and API answers) come back on an inbox
+        await client.nc.subscribe(client.nc.new_inbox())
+        assert not await client.refused()
+
+
+@pytest.mark.parametrize("service", deploy.SERVICES)
+async def test_no_service_may_delete_or_purge_the_stream(server: Bus, service: str) -> None:
+    async with connect(server, service) as client:
+        js = client.nc.jetstream(timeout=0.5)  # a refused request is never answered
+        await bus.ensure_stream(js, ServiceSettings())
+        for attempt in (js.delete_stream, js.purge_stream):
+            with pytest.raises((nats.errors.TimeoutError, nats.errors.NoRespondersError,
+                                nats.js.errors.Error)):
+                await attempt(ServiceSettings().stream_name)
+            assert await client.refused()
+    async with connect(server, "admin") as admin:
+        info = await admin.nc.jetstream().stream_info(ServiceSettings().stream_name)
+        assert info.config.name == ServiceSettings().stream_name
+
+
+async def test_the_admin_may_do_anything(server: Bus) -> None:
+    async with connect(server, "admin") as admin:
+        for subject in [s for subjects in PUBLISHES.values() for s in subjects]:
+            await admin.nc.publish(subject, b"{}")
+        await admin.nc.subscribe("slaplanner.>")
+        assert not await admin.refused()
+
+
+async def test_a_client_without_the_right_password_is_refused(server: Bus) -> None:
+    for options in ({}, {"user": "forecaster", "password": "guess"},
+                    {"user": "nobody", "password": server.passwords["admin"]}):
+        with pytest.raises((nats.errors.NoServersError, nats.errors.Error, OSError)):
+            await nats.connect(server.url, allow_reconnect=False, max_reconnect_attempts=0,
+                               connect_timeout=2, **options)
+
+
+# --- the services themselves, with their users ---------------------------------------------------
+
+def snapshot_body(window_end: float) -> bytes:
+    """What an operator types after `nats pub slaplanner.metrics.prod.llama`."""
+    return orjson.dumps({
+        "schema_version": 1, "deployment": {"namespace": "prod", "name": "llama"},
+        "window_end": window_end, "window_s": 60.0, "num_requests": 600.0,
+        "isl_avg": 3000.0, "osl_avg": 300.0,
+    })
+
+
+async def test_the_services_run_under_their_users_and_the_configmap(
+    server: Bus, tmp_path: Path
+) -> None:
+    base_env = {
+        **os.environ,
+        **deploy.local_env("base"),
+        "SLAPLANNER_NATS_URL": server.url,
+        "SLAPLANNER_HTTP_HOST": "127.0.0.1",
+        "SLAPLANNER_HTTP_PORT": "0",
+        "SLAPLANNER_NATS_RECONNECT_WAIT_S": "200ms",
+        # no Kubernetes here to hold a Lease; one actuator runs
+        "SLAPLANNER_LEADER_ELECTION": "off",
+        "PYTHONUNBUFFERED": "1",
+    }
+    procs = [
+        ServiceProcess(name, {**base_env, "SLAPLANNER_NATS_USER": name,
+                              "SLAPLANNER_NATS_PASSWORD": server.passwords[name]}, tmp_path)
+        for name in ("forecaster", "decider", "actuator")
+    ]
+    seen: dict[str, list[bytes]] = {}
+    arrived = asyncio.Event()
+
+    async def on_message(msg: Msg) -> None:
+        seen.setdefault(msg.subject, []).append(msg.data)
+        arrived.set()
+
+    async def wait_for(prefix: str) -> bytes:
+        while True:
+            for subject, bodies in seen.items():
+                if subject.startswith(prefix):
+                    return bodies[0]
+            arrived.clear()
+            await arrived.wait()
+
+    def logs() -> str:
+        return "\n".join(f"--- {p.name}\n{p.log()[-3000:]}" for p in procs)
+
+    try:
+        for proc in procs:
+            proc.start()
+        async with connect(server, "admin") as admin, connect(server, "collector") as collector:
+            await admin.nc.subscribe("slaplanner.>", cb=on_message)
+            js = admin.nc.jetstream()
+            for _ in range(600):
+                with contextlib.suppress(nats.errors.Error, nats.js.errors.Error):
+                    names = {c.name for c in await js.consumers_info("SLAPLANNER")}
+                    if {"forecaster", "decider", "actuator"} <= names:
+                        break
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError(f"services not ready:\n{logs()}")
+
+            # a body that fails validation is rejected, on the reader's own rejected subject
+            await collector.nc.publish(one(METRICS_SUBJECT), b'{"schema_version": 1}')
+            rejected = Rejected.model_validate_json(
+                await asyncio.wait_for(wait_for(REJECTED_SUBJECT.format(stage="forecaster")), 30))
+            assert rejected.stage == "forecaster"
+
+            # a snapshot published as the collector does it ends in a dry-run ScaleEvent
+            snapshot = MetricSnapshot.from_json(snapshot_body(1_732_345_200.0))
+            await bus.publish(collector.nc.jetstream(), snapshot)
+            try:
+                body = await asyncio.wait_for(wait_for("slaplanner.scaled."), 60)
+            except TimeoutError:
+                raise AssertionError(f"no ScaleEvent:\n{logs()}") from None
+            event = ScaleEvent.from_json(body)
+            assert event.outcome == "dry-run"
+            assert event.window_end == snapshot.window_end
+            assert not await collector.refused()
+        for proc in procs:
+            assert proc.stop() == 0, logs()
+        assert "permissions violation" not in logs().lower(), logs()
+    finally:
+        for proc in procs:
+            if proc.process is not None and proc.process.poll() is None:
+                proc.process.kill()
+                proc.process.wait()
