@@ -42,6 +42,8 @@ class Row:
 class Board:
     start_epoch_s: float
     rows: dict[float, Row] = field(default_factory=dict)
+    targets: dict[str, ReplicaTarget] = field(default_factory=dict)
+    fast_path_actions: int = 0
     printed: int = 0
     done: asyncio.Event = field(default_factory=asyncio.Event)
     last_window_end: float | None = None
@@ -63,8 +65,18 @@ class Board:
         elif isinstance(message, LoadForecast):
             row.forecast = message
         elif isinstance(message, ReplicaTarget):
-            row.target = message
+            self.targets[message.id] = message
+            if message.forecast_id is not None:
+                row.target = message
         elif isinstance(message, ScaleEvent):
+            target = self.targets.get(message.target_id)
+            if target is not None and target.forecast_id is None:
+                # A fast-path target between planning intervals (from a snapshot, not a
+                # forecast): shown on its own line, not as the window's planned decision.
+                self.fast_path_actions += 1
+                print(f"{'':>7} fast path: P {message.prefill.to}, D {message.decode.to} "
+                      f"({message.outcome})", flush=True)
+                return
             row.event = message
             self.print_row(message.window_end, row)
             if message.window_end == self.last_window_end:
@@ -204,7 +216,8 @@ def summarise(board: Board, interval_s: float) -> None:
     gpu_hours = sum((e.prefill.to + e.decode.to) * interval_s for e in events) / 3600.0
     changes = sum(1 for a, b in itertools.pairwise(events)
                   if (a.prefill.to, a.decode.to) != (b.prefill.to, b.decode.to))
-    print(f"\n{len(events)} intervals, {changes} scaling changes, "
+    print(f"\n{len(events)} intervals, {changes} scaling changes "
+          f"(+{board.fast_path_actions} fast-path actions), "
           f"peak {max(e.prefill.to for e in events)} prefill / "
           f"{max(e.decode.to for e in events)} decode, {gpu_hours:.2f} GPU-hours planned "
           f"(1 GPU per engine).")

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from services.decider import service
 from services.decider.core import Decider
-from services.decider.settings import DeciderSettings
+from services.decider.settings import DeciderServiceSettings
 from shared import settings as settings_mod
 from shared.perf_model import ProfileError
 from shared.service import configure_logging, serve
@@ -17,7 +17,7 @@ from shared.service import configure_logging, serve
 
 def main(argv: Sequence[str] | None = None) -> int:
     settings = settings_mod.parse(
-        DeciderSettings, argv, os.environ, prog="slaplanner decider",
+        DeciderServiceSettings, argv, os.environ, prog="slaplanner decider",
         description="Size prefill and decode worker sets from forecasts and a measured profile.",
     )
     configure_logging(settings.log_level)

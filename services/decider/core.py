@@ -1,29 +1,47 @@
 """The decider's core: a forecast in, a replica target with its explanation out.
 
-Pure apart from its in-memory state per deployment (correction factors, last target): no bus,
-no clock, no cluster. Profiles are loaded and validated once, when the decider is built, so a
-bad profile stops the service at start rather than at its first decision.
+Pure apart from its in-memory state per deployment (correction factors, last target, the
+stabilisation window, learnt startup time): no bus, no clock, no cluster; time is the messages'
+``window_end``. Profiles are loaded and validated once, when the decider is built, so a bad
+profile stops the service at start rather than at its first decision.
+
+Three entry points, one per input the shell (or the simulator, in process) feeds it:
+
+- ``decide(forecast)`` -> ``ReplicaTarget``: the planning decision, once per forecast;
+- ``on_snapshot(snapshot)`` -> ``ReplicaTarget | None``: the fast path between planning
+  intervals, for policies that have one (a target only when it scales up);
+- ``on_scale_event(event)``: what the actuator did, for policies that learn from it.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from services.decider import registry
-from services.decider.policy import PlannedLoad, PolicyState
+from services.decider.policy import PlannedLoad, PolicyDecision, PolicyState
 from services.decider.settings import DeciderSettings, DeploymentKnobs
-from shared.messages import DeploymentKey, LoadForecast, ReplicaTarget, derived_id
+from shared.messages import (
+    DeploymentKey,
+    LoadForecast,
+    MetricSnapshot,
+    ReplicaTarget,
+    ScaleEvent,
+    derived_id,
+)
 from shared.perf_model import Profile, load_profile
 
 
 @dataclass(frozen=True)
 class _Memory:
     state: PolicyState
-    forecast_id: str
-    target: ReplicaTarget
+    forecast_id: str | None = None  # the last forecast answered, and its answer
+    target: ReplicaTarget | None = None
+    snapshot_id: str | None = None  # the last snapshot seen by the fast path, and its answer
+    snapshot_target: ReplicaTarget | None = None
+    event_id: str | None = None  # the last ScaleEvent learnt from
 
 
 class Decider:
@@ -46,6 +64,13 @@ class Decider:
             self._profiles[knobs.profile_path] = profile
         return profile
 
+    def has_fast_path(self) -> bool:
+        """Whether any configured deployment's policy reacts to snapshots between intervals."""
+        return any(k.policy in registry.FAST_PATHS for k in self.config.all_knobs())
+
+    def learns_from_scale_events(self) -> bool:
+        return any(k.policy in registry.SCALE_EVENT_HOOKS for k in self.config.all_knobs())
+
     def state_of(self, deployment: DeploymentKey) -> PolicyState | None:
         memory = self._memory.get(str(deployment))
         return None if memory is None else memory.state
@@ -54,7 +79,7 @@ class Decider:
         """The target for the forecast's next step; a redelivered forecast gets the same target."""
         key = str(forecast.deployment)
         memory = self._memory.get(key)
-        if memory is not None and memory.forecast_id == forecast.id:
+        if memory is not None and memory.forecast_id == forecast.id and memory.target is not None:
             return memory.target
         knobs = self.config.for_deployment(key)
         profile = self.profile_for(knobs)
@@ -64,6 +89,7 @@ class Decider:
             isl_avg_tokens=step.isl_avg,
             osl_avg_tokens=step.osl_avg,
             window_s=forecast.window_s,
+            forecast=forecast,
         )
         decision = registry.get(knobs.policy)(
             load,
@@ -102,8 +128,79 @@ class Decider:
             forecast_id=forecast.id,
             explanation=explanation,
         )
-        self._memory[key] = _Memory(decision.state, forecast.id, target)
+        self._memory[key] = replace(
+            memory or _Memory(decision.state),
+            state=decision.state,
+            forecast_id=forecast.id,
+            target=target,
+        )
         return target
+
+    def on_snapshot(self, snapshot: MetricSnapshot) -> ReplicaTarget | None:
+        """The fast path: a target if the deployment's policy scales up on this snapshot now,
+        ``None`` otherwise (also for policies without a fast path). A redelivered snapshot gets
+        the same answer and changes nothing."""
+        key = str(snapshot.deployment)
+        knobs = self.config.for_deployment(key)
+        fast_path = registry.FAST_PATHS.get(knobs.policy)
+        if fast_path is None:
+            return None
+        memory = self._memory.get(key)
+        if memory is not None and memory.snapshot_id == snapshot.id:
+            return memory.snapshot_target
+        state = memory.state if memory is not None else PolicyState()
+        result = fast_path(snapshot, self.profile_for(knobs), knobs.policy_config(), state)
+        target = (
+            None
+            if result.decision is None
+            else self._target(
+                derived_id("fast-path", snapshot.id), snapshot, knobs, result.decision
+            )
+        )
+        self._memory[key] = replace(
+            memory or _Memory(result.state),
+            state=result.state,
+            snapshot_id=snapshot.id,
+            snapshot_target=target,
+        )
+        return target
+
+    def on_scale_event(self, event: ScaleEvent) -> None:
+        """Let the deployment's policy learn from what the actuator did (idempotent per id)."""
+        key = str(event.deployment)
+        knobs = self.config.for_deployment(key)
+        hook = registry.SCALE_EVENT_HOOKS.get(knobs.policy)
+        memory = self._memory.get(key)
+        if hook is None or (memory is not None and memory.event_id == event.id):
+            return
+        state = memory.state if memory is not None else PolicyState()
+        new_state = hook(event, knobs.policy_config(), state)
+        self._memory[key] = replace(
+            memory or _Memory(new_state), state=new_state, event_id=event.id
+        )
+
+    def _target(
+        self,
+        target_id: str,
+        snapshot: MetricSnapshot,
+        knobs: DeploymentKnobs,
+        decision: PolicyDecision,
+    ) -> ReplicaTarget:
+        return ReplicaTarget(
+            id=target_id,
+            deployment=snapshot.deployment,
+            window_end=snapshot.window_end,
+            window_s=snapshot.window_s,
+            policy=knobs.policy,
+            prefill_replicas=decision.prefill_replicas,
+            decode_replicas=decision.decode_replicas,
+            forecast_id=None,
+            explanation={
+                "snapshot_id": snapshot.id,
+                "adjustment_interval_s": knobs.adjustment_interval_s,
+                **decision.explanation,
+            },
+        )
 
 
 def _number(source: Any, *path: str) -> float | None:

@@ -9,7 +9,11 @@ the position of the interval times the interval (Dynamo's convention, also where
 were skipped). A trace has no latencies, so correction factors stay at 1, as in Dynamo's dry run.
 
 The decision for each interval goes through the same ``Decider`` the service runs, fed with the
-same ``LoadForecast`` messages the forecaster would publish.
+same ``LoadForecast`` messages the forecaster would publish. For a policy with a fast path
+(``slaplanner``), each interval is also replayed as short snapshots (``--fast-path-interval``,
+5 s by default) of the requests that arrived in it, fed to ``Decider.on_snapshot`` as the
+service's second consumer would: a burst inside an interval that the planned replicas cannot
+serve raises them at once, and the short counts measure how bursty arrivals are.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from services.decider.settings import DeciderSettings, DeploymentKnobs
 from shared import traces
 from shared.messages import DeploymentKey, ForecastStep, LoadForecast, MetricSnapshot
 from shared.perf_model import Profile, ProfileError
+from shared.settings import parse_duration_s
 
 DRY_RUN_DEPLOYMENT = DeploymentKey(namespace="dry-run", name="trace")
 
@@ -77,6 +82,13 @@ class DryRunResult:
     num_p: list[int] = field(default_factory=list)
     num_d: list[int] = field(default_factory=list)
     explanations: list[dict[str, Any] | None] = field(default_factory=list)
+    # what the policy needed before stabilisation, step limits and budget, and what bound it
+    need_p: list[int | None] = field(default_factory=list)
+    need_d: list[int | None] = field(default_factory=list)
+    prefill_bound_by: list[str | None] = field(default_factory=list)
+    decode_bound_by: list[str | None] = field(default_factory=list)
+    # fast-path scale-ups between planning intervals: (time, prefill, decode)
+    fast_path: list[tuple[float, int, int]] = field(default_factory=list)
 
     def per_interval(self) -> dict[str, list[Any]]:
         return {
@@ -89,11 +101,47 @@ class DryRunResult:
             "est_osl": self.est_osl,
             "num_p": self.num_p,
             "num_d": self.num_d,
+            "need_p": self.need_p,
+            "need_d": self.need_d,
+            "prefill_bound_by": self.prefill_bound_by,
+            "decode_bound_by": self.decode_bound_by,
         }
+
+    def fast_path_events(self) -> list[dict[str, Any]]:
+        return [{"time": t, "num_p": p, "num_d": d} for t, p, d in self.fast_path]
 
 
 def _finite_non_negative(value: float) -> float:
     return value if math.isfinite(value) and value > 0 else 0.0
+
+
+def need_of(explanation: dict[str, Any] | None, role: str) -> int | None:
+    """The replicas a decision needed before stabilisation, step limits and the budget."""
+    if not explanation or explanation.get("held"):
+        return None
+    detail = explanation.get(role)
+    if not isinstance(detail, dict):
+        return None
+    if "needed_replicas" in detail:  # dynamo
+        return int(detail["needed_replicas"])
+    for step in detail.get("steps", []):  # slaplanner: the need within the role's bounds
+        if step.get("step") == "role_bounds":
+            return int(step["replicas"])
+    return None
+
+
+def _short_windows(
+    fast_load: traces.IntervalLoad | None, interval_s: float
+) -> tuple[int, dict[int, dict[int, int]]]:
+    """Short windows per interval: ``(windows per interval, {interval index: {offset: row}})``."""
+    if fast_load is None:
+        return 0, {}
+    per_interval = round(interval_s / fast_load.interval_s)
+    rows: dict[int, dict[int, int]] = {}
+    for row, index in enumerate(fast_load.index.tolist()):
+        parent, offset = divmod(int(index), per_interval)
+        rows.setdefault(parent, {})[offset] = row
+    return per_interval, rows
 
 
 def run_dry_run(
@@ -103,14 +151,29 @@ def run_dry_run(
     start_prefill: int = 1,
     start_decode: int = 1,
     profile: Profile | None = None,
+    fast_load: traces.IntervalLoad | None = None,
 ) -> DryRunResult:
     """Decide every interval of ``load`` as Dynamo's dry run does; pure apart from loading the
-    profile (pass ``profile`` to reuse one already loaded from ``knobs.profile_path``)."""
+    profile (pass ``profile`` to reuse one already loaded from ``knobs.profile_path``).
+
+    ``fast_load``, the same trace bucketed into windows that divide the interval, is replayed
+    through the fast path of a policy that has one (ignored otherwise)."""
     settings = DeciderSettings.model_validate({**knobs.model_dump(), "no_correction": True})
     decider = Decider(settings, None if profile is None else {knobs.profile_path: profile})
     interval = load.interval_s
     predictors = {series: PREDICTORS[predictor]() for series in ("rr", "isl", "osl")}
     result = DryRunResult()
+    if not decider.has_fast_path():
+        fast_load = None
+    if fast_load is not None:
+        ratio = interval / fast_load.interval_s
+        if fast_load.interval_s >= interval or abs(ratio - round(ratio)) > 1e-9:
+            raise ValueError(
+                f"the fast-path interval ({fast_load.interval_s:g} s) must divide the interval "
+                f"({interval:g} s) into several windows"
+            )
+    per_interval, short_rows = _short_windows(fast_load, interval)
+    current = (start_prefill, start_decode)
     for position in range(len(load)):
         rr = float(load.num_requests[position])
         isl = float(load.isl_avg_tokens[position])
@@ -135,8 +198,8 @@ def run_dry_run(
                 num_requests=result.rr[-1],
                 isl_avg=result.isl[-1],
                 osl_avg=result.osl[-1],
-                prefill_workers=result.num_p[-1],
-                decode_workers=result.num_d[-1],
+                prefill_workers=current[0],
+                decode_workers=current[1],
             )
             forecast = LoadForecast(
                 id=f"dry-run-forecast-{position}",
@@ -159,6 +222,12 @@ def run_dry_run(
             )
             target = decider.decide(forecast)
             num_p, num_d, why = target.prefill_replicas, target.decode_replicas, target.explanation
+        current = (num_p, num_d)
+        if fast_load is not None:
+            current = _replay_short_windows(
+                decider, fast_load, short_rows.get(int(load.index[position]), {}),
+                per_interval, now, current, result,
+            )
         for series, value in (("rr", rr), ("isl", isl), ("osl", osl)):
             predictors[series].add(value)
         result.time.append(now)
@@ -171,7 +240,44 @@ def run_dry_run(
         result.num_p.append(num_p)
         result.num_d.append(num_d)
         result.explanations.append(why)
+        result.need_p.append(need_of(why, "prefill"))
+        result.need_d.append(need_of(why, "decode"))
+        result.prefill_bound_by.append(why.get("prefill_bound_by") if why else None)
+        result.decode_bound_by.append(why.get("decode_bound_by") if why else None)
     return result
+
+
+def _replay_short_windows(
+    decider: Decider,
+    fast_load: traces.IntervalLoad,
+    rows: dict[int, int],
+    per_interval: int,
+    start_s: float,
+    current: tuple[int, int],
+    result: DryRunResult,
+) -> tuple[int, int]:
+    """Feed one interval's short windows (empty ones too) to the fast path; the replicas after."""
+    window = fast_load.interval_s
+    for offset in range(per_interval):
+        row = rows.get(offset)
+        end = start_s + (offset + 1) * window
+        snapshot = MetricSnapshot(
+            id=f"dry-run-short-{end:.6f}",
+            deployment=DRY_RUN_DEPLOYMENT,
+            window_end=end,
+            window_s=window,
+            source="trace",
+            num_requests=0.0 if row is None else float(fast_load.num_requests[row]),
+            isl_avg=None if row is None else float(fast_load.isl_avg_tokens[row]),
+            osl_avg=None if row is None else float(fast_load.osl_avg_tokens[row]),
+            prefill_workers=current[0],
+            decode_workers=current[1],
+        )
+        target = decider.on_snapshot(snapshot)
+        if target is not None:
+            current = (target.prefill_replicas, target.decode_replicas)
+            result.fast_path.append((end, *current))
+    return current
 
 
 def budget_mark(explanation: dict[str, Any] | None) -> str:
@@ -183,6 +289,25 @@ def budget_mark(explanation: dict[str, Any] | None) -> str:
     return "!" if budget.get("final_gpus", 0) > budget.get("max_gpus", 0) else "~"
 
 
+STABILISED = "scale_down_stabilised"
+
+
+def _policy_marks(result: DryRunResult) -> list[str]:
+    """'S' where stabilisation held a role above its need, 'F' where the fast path scaled up
+    during the interval."""
+    fired = [t for t, _, _ in result.fast_path]
+    marks = []
+    for i, start in enumerate(result.time):
+        end = result.time[i + 1] if i + 1 < len(result.time) else math.inf
+        mark = ""
+        if STABILISED in (result.prefill_bound_by[i], result.decode_bound_by[i]):
+            mark += "S"
+        if any(start < t <= end for t in fired):
+            mark += "F"
+        marks.append(mark)
+    return marks
+
+
 def format_table(result: DryRunResult) -> str:
     header = (
         f"{'time_s':>9} {'rr':>7} {'est_rr':>8} {'isl':>9} {'est_isl':>9} "
@@ -190,12 +315,14 @@ def format_table(result: DryRunResult) -> str:
     )
     lines = [header]
     marks = [budget_mark(e) for e in result.explanations]
+    policy_marks = _policy_marks(result)
     for i in range(len(result.time)):
+        mark = (marks[i] + policy_marks[i]).strip()
         lines.append(
             f"{result.time[i]:>9.1f} {result.rr[i]:>7.0f} {result.est_rr[i]:>8.1f} "
             f"{result.isl[i]:>9.1f} {result.est_isl[i]:>9.1f} {result.osl[i]:>7.1f} "
             f"{result.est_osl[i]:>8.1f} {result.num_p[i]:>6d} {result.num_d[i]:>6d}"
-            + (f" {marks[i]}" if marks[i] else "")
+            + (f" {mark}" if mark else "")
         )
     replica_intervals = sum(p + d for p, d in zip(result.num_p, result.num_d, strict=True))
     lines.append(
@@ -205,6 +332,12 @@ def format_table(result: DryRunResult) -> str:
         lines.append("! over the GPU budget: Dynamo's own cut (its min_endpoint floor binds)")
     if "~" in marks:
         lines.append("~ Dynamo's cut exceeded the GPU budget; the guard removed replicas")
+    if any("S" in m for m in policy_marks):
+        lines.append("S scale-down held by the stabilisation window (the need was lower)")
+    if result.fast_path:
+        lines.append(
+            f"F the fast path scaled up during the interval ({len(result.fast_path)} times in all)"
+        )
     return "\n".join(lines)
 
 
@@ -235,8 +368,7 @@ def write_plot(result: DryRunResult, path: Path, title: str) -> None:
     )
     length_ax.set_ylabel("mean tokens per request")
     length_ax.legend(loc="upper right")
-    replica_ax.plot(result.time, result.num_p, label="prefill replicas", drawstyle="steps-post")
-    replica_ax.plot(result.time, result.num_d, label="decode replicas", drawstyle="steps-post")
+    _plot_replicas(replica_ax, result)
     replica_ax.set_ylabel("replicas")
     replica_ax.set_xlabel("time, seconds")
     replica_ax.legend(loc="upper right")
@@ -244,6 +376,42 @@ def write_plot(result: DryRunResult, path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _timeline(
+    result: DryRunResult, planned: list[int], role: int
+) -> tuple[list[float], list[int]]:
+    """Replicas over time: the planned count of each interval, raised by the fast path."""
+    events = sorted([(t, n, 0) for t, n in zip(result.time, planned, strict=True)]
+                    + [(t, (p, d)[role], 1) for t, p, d in result.fast_path])
+    return [t for t, _, _ in events], [n for _, n, _ in events]
+
+
+def _plot_replicas(axis: Any, result: DryRunResult) -> None:
+    for role, (name, planned, need, colour) in enumerate(
+        (("prefill", result.num_p, result.need_p, "tab:blue"),
+         ("decode", result.num_d, result.need_d, "tab:orange"))
+    ):
+        times, counts = _timeline(result, planned, role)
+        axis.plot(times, counts, label=f"{name} replicas", drawstyle="steps-post", color=colour)
+        if any(n is not None for n in need):
+            axis.plot(result.time, [math.nan if n is None else n for n in need],
+                      label=f"{name} needed (before stabilisation)", drawstyle="steps-post",
+                      linestyle=":", color=colour)
+    held = [
+        i for i in range(len(result.time))
+        if STABILISED in (result.prefill_bound_by[i], result.decode_bound_by[i])
+    ]
+    for n, i in enumerate(held):
+        end = result.time[i + 1] if i + 1 < len(result.time) else result.time[i] + 1.0
+        axis.axvspan(result.time[i], end, color="grey", alpha=0.15, linewidth=0,
+                     label="scale-down stabilised" if n == 0 else None)
+    if result.fast_path:
+        axis.scatter(
+            [t for t, _, _ in result.fast_path],
+            [max(p, d) for _, p, d in result.fast_path],
+            marker="^", color="tab:red", zorder=3, label="fast path scale-up",
+        )
 
 
 # Dry-run flag -> settings field, for error messages that name what the user typed.
@@ -281,7 +449,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=_default("profile_path"),
         help="profile directory or JSON file (default: the bundled H200 profile)",
     )
-    parser.add_argument("--policy", default=_default("policy"), choices=registry.policy_names())
+    parser.add_argument(
+        "--policy",
+        default=registry.DEFAULT_POLICY,
+        choices=registry.policy_names(),
+        help="sizing policy (default %(default)s, as the decider service)",
+    )
+    parser.add_argument(
+        "--fast-path-interval",
+        default="5s",
+        help="replay each interval as short snapshots of this length through the policy's fast "
+        "path ('5s'; it must divide the interval; '0s' turns it off; dynamo has none)",
+    )
     parser.add_argument(
         "--predictor",
         "--load-predictor",
@@ -392,12 +571,29 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{prog}: {args.trace}: the trace has no requests", file=sys.stderr)
         return 2
     try:
+        fast_s = parse_duration_s(args.fast_path_interval)
+    except ValueError as exc:
+        print(f"{prog}: --fast-path-interval: {exc}", file=sys.stderr)
+        return 2
+    fast_load = None
+    if fast_s > 0:
+        ratio = knobs.adjustment_interval_s / fast_s
+        if fast_s >= knobs.adjustment_interval_s or abs(ratio - round(ratio)) > 1e-9:
+            print(
+                f"{prog}: --fast-path-interval: {fast_s:g} s must divide the interval "
+                f"({knobs.adjustment_interval_s:g} s) into several windows",
+                file=sys.stderr,
+            )
+            return 2
+        fast_load = traces.bucket_by_interval(trace, fast_s)
+    try:
         result = run_dry_run(
             traces.bucket_by_interval(trace, knobs.adjustment_interval_s),
             knobs,
             predictor=args.predictor,
             start_prefill=args.start_prefill,
             start_decode=args.start_decode,
+            fast_load=fast_load,
         )
     except ProfileError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
@@ -421,6 +617,7 @@ def main(argv: list[str] | None = None) -> int:
             "start_num_p": args.start_prefill,
             "start_num_d": args.start_decode,
             "per_interval": result.per_interval(),
+            "fast_path_events": result.fast_path_events(),
         }
         Path(args.json_out).write_text(json.dumps(document) + "\n", encoding="utf-8")
     if args.plot_out:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
 
-from shared.messages import MAX_REPLICAS, MetricSnapshot
+from shared.messages import MAX_REPLICAS, LoadForecast, MetricSnapshot, ScaleEvent
 from shared.perf_model import Profile
 
 
@@ -31,6 +31,22 @@ class Reason(StrEnum):
     HELD_STALE_METRICS = "held_stale_metrics"
     HELD_MISSING_METRICS = "held_missing_metrics"
     HELD_NO_CAPACITY = "held_no_capacity"
+    # the slaplanner policy's rules
+    QUEUEING_MODEL = "queueing_model"  # prefill: fewest engines keeping TTFT under target (M/G/c)
+    ITL_CURVE = "itl_curve"  # decode: Little's law at the busiest point meeting the ITL target
+    KV_CAPACITY = "kv_capacity"  # decode: Little's law at the KV-cache headroom
+    SERVING_FLOOR = "serving_floor"  # a role that serves traffic keeps at least one replica
+    SCALE_TO_ZERO = "scale_to_zero"  # idle for the cooldown: both roles to 0
+    WAKE_FROM_ZERO = "wake_from_zero"  # a request seen at zero: back to the minimum at once
+    FAST_PATH = "fast_path"  # scaled up between planning intervals on observed queue/latency
+    CAPACITY_ON_THE_WAY = "capacity_on_the_way"  # replicas already starting cover the need
+    NO_SHRINK_MISSING_METRICS = "no_shrink_missing_metrics"  # may grow, not shrink, this window
+    SCALE_DOWN_STABILISED = "scale_down_stabilised"  # highest recommendation in the window
+    STEP_LIMIT_UP = "step_limit_up"
+    STEP_LIMIT_DOWN = "step_limit_down"
+    RATIO_MIN = "prefill_decode_ratio_min"
+    RATIO_MAX = "prefill_decode_ratio_max"
+    GPU_BUDGET_SLA_SPLIT = "gpu_budget_sla_split"  # budget binds: split for the fewest violations
 
 
 HOLD_REASONS = frozenset(
@@ -51,6 +67,46 @@ class PlannedLoad:
     isl_avg_tokens: float
     osl_avg_tokens: float
     window_s: float  # the window ``num_requests`` counts over (Dynamo: its adjustment interval)
+    # The forecast this load is the first step of, for policies that look further ahead and use
+    # its upper quantiles; ``dynamo`` ignores it.
+    forecast: LoadForecast | None = None
+
+
+@dataclass(frozen=True)
+class PlannerKnobs:
+    """Knobs of the ``slaplanner`` policy (``dynamo`` ignores them); SI units, in the names.
+
+    Each field is documented where operators set it, in ``services/decider/settings.py``.
+    """
+
+    worker_startup_s: float = 180.0
+    learn_startup: bool = True
+    load_confidence: float = 0.75
+    forecast_confidence: float = 0.9
+    ttft_quantile: float = 0.99
+    decode_concurrency_quantile: float = 0.9
+    arrival_cv2: float | None = None  # None: measured from short snapshots' counts
+    prefill_service_cv2: float | None = None  # None: measured from the ISL spread
+    kv_usage_max: float = 0.9
+    scale_down_window_s: float = 300.0
+    scale_up_step_replicas: int = 4
+    scale_up_step_percent: float = 100.0
+    scale_down_step_replicas: int = 1
+    scale_down_step_percent: float = 50.0
+    min_prefill_decode_ratio: float | None = None
+    max_prefill_decode_ratio: float | None = None
+    scale_to_zero: bool = False
+    scale_to_zero_idle_s: float = 600.0
+    correction_half_life_s: float = 120.0
+    correction_min_weight_requests: float = 50.0
+    correction_min: float = 0.5
+    correction_max: float = 3.0
+    fast_path: bool = True
+    fast_path_confidence: float = 0.9
+    fast_path_window_s: float = 30.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
 
 
 @dataclass(frozen=True)
@@ -69,6 +125,7 @@ class PolicyConfig:
     max_decode_replicas: int = MAX_REPLICAS
     correction_enabled: bool = True
     enforce_gpu_budget: bool = True
+    planner: PlannerKnobs = field(default_factory=PlannerKnobs)
 
     @property
     def prefill_floor(self) -> int:
@@ -80,7 +137,9 @@ class PolicyConfig:
         return max(self.min_endpoint, self.min_decode_replicas)
 
     def as_dict(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+        """The shared knobs (``planner.as_dict()`` gives the slaplanner policy's own)."""
+        fields = self.__dataclass_fields__
+        return {name: getattr(self, name) for name in fields if name != "planner"}
 
 
 @dataclass(frozen=True)
@@ -115,6 +174,35 @@ class Policy(Protocol):
         config: PolicyConfig,
         state: PolicyState,
     ) -> PolicyDecision: ...
+
+
+@dataclass(frozen=True)
+class FastPathResult:
+    """What a snapshot between planning intervals did: new memory, and a decision if the
+    policy scales now (``None``: nothing to publish)."""
+
+    state: PolicyState
+    decision: PolicyDecision | None
+
+
+class FastPath(Protocol):
+    """A policy's reaction to a snapshot between planning intervals (scales up only)."""
+
+    def __call__(
+        self,
+        snapshot: MetricSnapshot,
+        profile: Profile,
+        config: PolicyConfig,
+        state: PolicyState,
+    ) -> FastPathResult: ...
+
+
+class ScaleEventHook(Protocol):
+    """A policy learning from what the actuator did (e.g. how long workers take to start)."""
+
+    def __call__(
+        self, event: ScaleEvent, config: PolicyConfig, state: PolicyState
+    ) -> PolicyState: ...
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from typing import Annotated, Any, Self
 from pydantic import BeforeValidator, Field, ValidationError, model_validator
 
 from services.decider import registry
-from services.decider.policy import PolicyConfig
+from services.decider.policy import PlannerKnobs, PolicyConfig
 from shared.messages import DNS_LABEL, MAX_REPLICAS
 from shared.perf_model import default_profile_path
 from shared.service_settings import ServiceSettings
@@ -80,7 +80,9 @@ class DeploymentKnobs(Settings):
     )
     policy: str = Field(
         default="dynamo",
-        description="sizing policy: " + ", ".join(registry.policy_names()),
+        description="sizing policy: " + ", ".join(registry.policy_names())
+        + f" (the decider service defaults to {registry.DEFAULT_POLICY}; knobs built in code, "
+        "to dynamo)",
     )
     ttft_target_s: DurationS = Field(
         default=DEFAULT_TTFT_TARGET_S,
@@ -145,6 +147,150 @@ class DeploymentKnobs(Settings):
         description="true: remove replicas where Dynamo's budget cut still exceeds the budget "
         "(its min_endpoint floor can); false: keep Dynamo's numbers exactly",
     )
+    # --- the slaplanner policy's knobs (dynamo ignores them) -----------------------------------
+    worker_startup_s: DurationS = Field(
+        default=180.0,
+        le=86_400.0,
+        description="slaplanner: seconds from asking for a worker to its serving ('3m'); the "
+        "lookahead is now + this + one interval, until learnt from ScaleEvents (180 s: model "
+        "load and engine warm-up of a typical vLLM worker)",
+    )
+    learn_startup: bool = Field(
+        default=True,
+        description="slaplanner: true: plan with the slowest of the last 5 measured starts "
+        "(requested -> ready) once there is one, and with a start pending longer than that",
+    )
+    load_confidence: float = Field(
+        default=0.75,
+        ge=0.5,
+        lt=1.0,
+        description="slaplanner: probability that the load stays under what is planned for; the "
+        "forecast's upper quantile is rescaled to it (0.5: the point forecast). 0.75: on the "
+        "simulator's benchmark scenarios it kept the attainment of 0.9 with 10-25 % fewer "
+        "GPU-hours, while 0.5 lost the sine scenario's ramps",
+    )
+    forecast_confidence: float = Field(
+        default=0.9,
+        gt=0.5,
+        lt=1.0,
+        description="slaplanner: the confidence of the forecaster's upper quantile (its "
+        "'confidence' setting, 0.9 by default); used to rescale to load_confidence",
+    )
+    ttft_quantile: float = Field(
+        default=0.99,
+        gt=0.5,
+        lt=1.0,
+        description="slaplanner: share of requests whose queueing delay + prefill time the "
+        "prefill sizing keeps under the TTFT target (M/G/c wait tail)",
+    )
+    decode_concurrency_quantile: float = Field(
+        default=0.9,
+        ge=0.5,
+        lt=1.0,
+        description="slaplanner: quantile of requests in flight (Poisson, M/G/infinity) that "
+        "decode is sized to hold at the ITL target",
+    )
+    arrival_cv2: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=100.0,
+        description="slaplanner: squared coefficient of variation of inter-arrival times for the "
+        "Allen-Cunneen factor (1: Poisson; more: bursty); unset: measured as the index of "
+        "dispersion of the request counts of short (fast-path) snapshots, 1 until measured",
+    )
+    prefill_service_cv2: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=100.0,
+        description="slaplanner: squared coefficient of variation of prefill times for the "
+        "Allen-Cunneen factor (0: equal prompts; 1: as an exponential); unset: measured from each "
+        "window's ISL p90 / mean (lognormal fit), 1 until measured",
+    )
+    kv_usage_max: float = Field(
+        default=0.9,
+        gt=0.0,
+        le=1.0,
+        description="slaplanner: KV-cache share a decode engine is planned to use at most "
+        "(headroom for long requests)",
+    )
+    scale_down_window_s: DurationS = Field(
+        default=300.0,
+        le=86_400.0,
+        description="slaplanner: scale down only to the highest recommendation of this many "
+        "seconds (the Kubernetes HPA's default scale-down stabilisation, 300 s)",
+    )
+    scale_up_step_replicas: int = Field(
+        default=4, ge=1, le=MAX_REPLICAS,
+        description="slaplanner: a step up adds at most max(this, scale_up_step_percent) "
+        "replicas per role (the HPA's default: 4 pods or 100 %)",
+    )
+    scale_up_step_percent: float = Field(
+        default=100.0, ge=0.0, le=10_000.0,
+        description="slaplanner: a step up adds at most this % of the current replicas (or "
+        "scale_up_step_replicas, whichever is more)",
+    )
+    scale_down_step_replicas: int = Field(
+        default=1, ge=1, le=MAX_REPLICAS,
+        description="slaplanner: a step down removes at most max(this, scale_down_step_percent) "
+        "replicas per role",
+    )
+    scale_down_step_percent: float = Field(
+        default=50.0, ge=0.0, le=100.0,
+        description="slaplanner: a step down removes at most this % of the current replicas (or "
+        "scale_down_step_replicas, whichever is more)",
+    )
+    min_prefill_decode_ratio: float | None = Field(
+        default=None, gt=0.0, le=1000.0,
+        description="slaplanner: prefill replicas are at least this times the decode replicas "
+        "(unset: no bound); the short role is raised",
+    )
+    max_prefill_decode_ratio: float | None = Field(
+        default=None, gt=0.0, le=1000.0,
+        description="slaplanner: prefill replicas are at most this times the decode replicas "
+        "(unset: no bound); decode is raised to keep it",
+    )
+    scale_to_zero: bool = Field(
+        default=False,
+        description="slaplanner: true: both roles go to 0 after scale_to_zero_idle_s without a "
+        "request, and back to their minimum at the first request seen or queued (needs "
+        "min_endpoint and min_*_replicas 0)",
+    )
+    scale_to_zero_idle_s: DurationS = Field(
+        default=600.0, gt=0.0, le=7 * 86_400.0,
+        description="slaplanner: seconds without any request before scaling to zero (10 min)",
+    )
+    correction_half_life_s: DurationS = Field(
+        default=120.0, gt=0.0, le=86_400.0,
+        description="slaplanner: correction factors forget old evidence with this half-life, s",
+    )
+    correction_min_weight_requests: float = Field(
+        default=50.0, ge=0.0, le=1e9,
+        description="slaplanner: a correction factor always weighs at least this many requests, "
+        "so a window of a few requests moves it little",
+    )
+    correction_min: float = Field(
+        default=0.5, gt=0.0, le=1.0,
+        description="slaplanner: lowest correction factor (engines twice as fast as profiled)",
+    )
+    correction_max: float = Field(
+        default=3.0, ge=1.0, le=100.0,
+        description="slaplanner: highest correction factor (engines 3x slower than profiled)",
+    )
+    fast_path: bool = Field(
+        default=True,
+        description="slaplanner: true: scale up between planning intervals when snapshots show "
+        "a growing queue, latency p99 over target or more load than the replicas serve",
+    )
+    fast_path_window_s: DurationS = Field(
+        default=30.0, gt=0.0, le=3600.0,
+        description="slaplanner: the fast path reads the request rate over this many seconds of "
+        "recent snapshots (a load that lasts, not a burst over before a worker could start)",
+    )
+    fast_path_confidence: float = Field(
+        default=0.9, ge=0.5, lt=1.0,
+        description="slaplanner: the fast path sizes for the lower bound of the observed rate at "
+        "this confidence, so that a noisy 5 s window does not scale the fleet",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
@@ -161,6 +307,19 @@ class DeploymentKnobs(Settings):
                 raise ValueError(
                     f"min_endpoint ({self.min_endpoint}) is above max_{role}_replicas ({high})"
                 )
+        low, high = self.min_prefill_decode_ratio, self.max_prefill_decode_ratio
+        if low is not None and high is not None and low > high:
+            raise ValueError(
+                f"min_prefill_decode_ratio ({low}) is above max_prefill_decode_ratio ({high})"
+            )
+        if self.scale_to_zero and (
+            self.min_endpoint or self.min_prefill_replicas or self.min_decode_replicas
+        ):
+            raise ValueError(
+                "scale_to_zero needs min_endpoint, min_prefill_replicas and min_decode_replicas "
+                f"at 0 (they are {self.min_endpoint}, {self.min_prefill_replicas}, "
+                f"{self.min_decode_replicas})"
+            )
         config = self.policy_config()
         floor_gpus = (
             config.prefill_floor * self.prefill_engine_gpus
@@ -188,6 +347,9 @@ class DeploymentKnobs(Settings):
             max_decode_replicas=self.max_decode_replicas,
             correction_enabled=not self.no_correction,
             enforce_gpu_budget=self.enforce_gpu_budget,
+            planner=PlannerKnobs(
+                **{name: getattr(self, name) for name in PlannerKnobs.__dataclass_fields__}
+            ),
         )
 
     def knobs(self) -> DeploymentKnobs:
@@ -281,7 +443,9 @@ def load_deployment_config(path: str | Path, base: DeploymentKnobs) -> Deploymen
 
 
 class DeciderSettings(ServiceSettings, DeploymentKnobs):
-    """The decider service: where the bus is, and how deployments are sized."""
+    """The decider: where the bus is, and how deployments are sized (``policy`` defaults to
+    ``dynamo`` here, as in ``DeploymentKnobs``; the service's own default is in
+    ``DeciderServiceSettings``)."""
 
     deployment_config_file: str | None = Field(
         default=None,
@@ -302,3 +466,15 @@ class DeciderSettings(ServiceSettings, DeploymentKnobs):
             return load_deployment_config(self.deployment_config_file, base)
         except DeploymentConfigError as exc:
             raise ValueError(str(exc)) from None
+
+
+class DeciderServiceSettings(DeciderSettings):
+    """What ``python -m services.decider`` reads: ``DeciderSettings`` with the service's default
+    policy, ``slaplanner``. Code that builds settings by hand (tests, the reference dry run) keeps
+    ``dynamo`` unless it asks, so Dynamo's hand-computed numbers stay where they are checked."""
+
+    policy: str = Field(
+        default=registry.DEFAULT_POLICY,
+        description="sizing policy: " + ", ".join(registry.policy_names())
+        + f" (default {registry.DEFAULT_POLICY})",
+    )

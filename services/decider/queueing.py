@@ -1,0 +1,194 @@
+"""Queueing arithmetic for sizing: prefill as an M/G/c queue, decode as an M/G/infinity system.
+
+Pure functions of numbers; nothing here knows a profile, a message or a clock.
+
+Prefill. A prefill engine takes one request at a time (in the bundled profile, throughput x TTFT
+equals the ISL at every point: the engine is busy for the whole TTFT of a request), requests wait
+for a free engine, and TTFT = wait + prefill time. That is a multi-server queue. With Poisson
+arrivals and exponential service (M/M/c), Erlang's C formula gives the probability of waiting,
+and the wait beyond zero is exponential with rate ``c mu - lambda``:
+
+    P(W > t) = C(c, a) * exp(-(c - a) * t / S),        a = lambda * S (offered load, erlangs)
+
+(A. K. Erlang, 1917; e.g. L. Kleinrock, *Queueing Systems* vol. 1, 1975, section 3.5, or
+Gross, Shortle, Thompson and Harris, *Fundamentals of Queueing Theory*, 4th ed., section 2.3).
+Real prefill times are not exponential and real arrivals are not Poisson; the Allen-Cunneen
+approximation for GI/G/c scales the M/M/c waiting time by ``(ca^2 + cs^2) / 2``, the mean of the
+squared coefficients of variation of inter-arrival and service times (A. O. Allen, *Probability,
+Statistics and Queueing Theory*, 2nd ed., 1990; W. Whitt, "Approximations for the GI/G/m queue",
+Production and Operations Management 2(2), 1993). We keep the M/M/c probability of waiting and
+stretch the exponential tail by the same factor, which gives the Allen-Cunneen mean exactly. Why
+this and not M/D/c: prompt lengths vary widely (the Mooncake trace's p90 is several times its
+median), so prefill time is far from deterministic, and arrivals come in bursts; one variability
+factor covers both, has a closed form, and reduces to M/M/c (factor 1) and to the usual M/D/c
+approximation (factor 1/2) at its ends.
+
+Decode. With continuous batching every request in flight holds a decode slot from its first
+token to its last, and nobody waits for a slot as long as KV capacity lasts: an infinite-server
+system. By Little's law the mean number in flight is ``L = lambda * W`` (J. D. C. Little, "A proof
+for the queuing formula L = lambda W", Operations Research 9(3), 1961), with ``W = OSL * ITL``;
+for M/G/infinity the number in flight is exactly Poisson with that mean, whatever the
+distribution of the holding time (C. Palm, "Intensitatsschwankungen im Fernsprechverkehr",
+Ericsson Technics 44, 1943; L. Takacs, *Introduction to the Theory of Queues*, 1962), so a
+quantile of the concurrency is a Poisson quantile.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from scipy import stats
+
+
+def allen_cunneen_factor(arrival_cv2: float, service_cv2: float) -> float:
+    """``(ca^2 + cs^2) / 2``: 1 for M/M/c, 1/2 for M/D/c, more for bursty arrivals."""
+    return (arrival_cv2 + service_cv2) / 2.0
+
+
+def erlang_b(servers: int, offered_load: float) -> float:
+    """Erlang's loss formula by its stable recursion ``B(k) = a B(k-1) / (k + a B(k-1))``."""
+    blocking = 1.0
+    for k in range(1, servers + 1):
+        blocking = offered_load * blocking / (k + offered_load * blocking)
+    return blocking
+
+
+def erlang_c_from_b(servers: int, offered_load: float, blocking: float) -> float:
+    """Probability of waiting in M/M/c, from Erlang B: ``C = B / (1 - rho (1 - B))``."""
+    if offered_load <= 0.0:
+        return 0.0
+    if servers <= offered_load:
+        return 1.0
+    rho = offered_load / servers
+    return blocking / (1.0 - rho * (1.0 - blocking))
+
+
+def erlang_c(servers: int, offered_load: float) -> float:
+    """Probability that an arrival waits in M/M/c with ``offered_load`` erlangs (1 if unstable)."""
+    if offered_load <= 0.0:
+        return 0.0
+    if servers <= offered_load:
+        return 1.0
+    return erlang_c_from_b(servers, offered_load, erlang_b(servers, offered_load))
+
+
+def wait_tail(
+    servers: int, offered_load: float, service_s: float, wait_s: float, variability: float
+) -> float:
+    """``P(wait > wait_s)`` in the M/G/c approximation; 1 when the queue is unstable."""
+    if offered_load <= 0.0:
+        return 0.0
+    if servers <= offered_load:
+        return 1.0
+    return _tail(erlang_c(servers, offered_load), servers, offered_load, service_s, wait_s,
+                 variability)
+
+
+def _tail(
+    waiting: float, servers: int, offered_load: float, service_s: float, wait_s: float,
+    variability: float,
+) -> float:
+    if wait_s <= 0.0:
+        return waiting
+    if variability <= 0.0 or service_s <= 0.0:
+        return 0.0
+    return waiting * math.exp(-(servers - offered_load) * wait_s / (service_s * variability))
+
+
+def mean_wait_s(servers: int, offered_load: float, service_s: float, variability: float) -> float:
+    """Mean wait (Allen-Cunneen): ``C(c, a) * S / (c - a) * (ca^2 + cs^2) / 2``; inf if unstable."""
+    if offered_load <= 0.0:
+        return 0.0
+    if servers <= offered_load:
+        return math.inf
+    return erlang_c(servers, offered_load) * service_s / (servers - offered_load) * variability
+
+
+@dataclass(frozen=True)
+class ServerSizing:
+    """The fewest servers whose wait stays within a budget with the wanted probability."""
+
+    servers: int
+    offered_load: float  # erlangs
+    tail_probability: float  # P(wait > budget) with that many servers
+    waiting_probability: float  # Erlang C with that many servers
+    capped: bool  # the search stopped at its maximum without meeting the tail
+
+    def as_dict(self) -> dict[str, float | int | bool]:
+        return {
+            "servers": self.servers,
+            "offered_load_erlangs": self.offered_load,
+            "utilisation": self.offered_load / self.servers if self.servers else 0.0,
+            "tail_probability": self.tail_probability,
+            "waiting_probability": self.waiting_probability,
+            "capped": self.capped,
+        }
+
+
+def servers_for_wait(
+    offered_load: float,
+    service_s: float,
+    wait_budget_s: float,
+    tail: float,
+    variability: float,
+    max_servers: int,
+) -> ServerSizing:
+    """The smallest ``c`` with ``P(wait > wait_budget_s) <= tail`` (at most ``max_servers``).
+
+    No load needs no server. The search walks ``c`` upwards once, carrying Erlang B, so it costs
+    ``O(c)`` however large the load.
+    """
+    if not offered_load > 0.0:
+        return ServerSizing(0, 0.0, 0.0, 0.0, False)
+    blocking = 1.0
+    waiting = probability = 1.0
+    for servers in range(1, max_servers + 1):
+        blocking = offered_load * blocking / (servers + offered_load * blocking)
+        if servers <= offered_load:
+            continue
+        waiting = erlang_c_from_b(servers, offered_load, blocking)
+        probability = _tail(waiting, servers, offered_load, service_s, wait_budget_s, variability)
+        if probability <= tail:
+            return ServerSizing(servers, offered_load, probability, waiting, False)
+    return ServerSizing(max_servers, offered_load, probability, waiting, True)
+
+
+def wait_tails(
+    offered_load: float, service_s: float, wait_s: float, variability: float, up_to: int
+) -> list[float]:
+    """``P(wait > wait_s)`` for 0 .. ``up_to`` servers in one pass (1 where unstable)."""
+    tails = [0.0 if offered_load <= 0 else 1.0]
+    blocking = 1.0
+    for servers in range(1, up_to + 1):
+        blocking = offered_load * blocking / (servers + offered_load * blocking)
+        if offered_load <= 0.0:
+            tails.append(0.0)
+        elif servers <= offered_load:
+            tails.append(1.0)
+        else:
+            waiting = erlang_c_from_b(servers, offered_load, blocking)
+            tails.append(_tail(waiting, servers, offered_load, service_s, wait_s, variability))
+    return tails
+
+
+def poisson_quantile(mean: float, quantile: float) -> float:
+    """The ``quantile`` of a Poisson count with this mean (M/G/infinity occupancy)."""
+    if not mean > 0.0:
+        return 0.0
+    return float(stats.poisson.ppf(quantile, mean))
+
+
+def poisson_exceeds(mean: float, level: float) -> float:
+    """``P(N > level)`` for a Poisson count ``N`` with this mean."""
+    if not mean > 0.0:
+        return 0.0
+    return float(stats.poisson.sf(math.floor(level), mean))
+
+
+def poisson_rate_lower(count: float, window_s: float, confidence: float) -> float:
+    """A lower confidence bound of a Poisson rate seen as ``count`` events in ``window_s``
+    (the exact Garwood bound, ``chi2.ppf(1 - confidence, 2n) / 2``), per second."""
+    if not count > 0.0 or not window_s > 0.0:
+        return 0.0
+    return float(stats.chi2.ppf(1.0 - confidence, 2.0 * count)) / 2.0 / window_s
