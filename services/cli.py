@@ -19,6 +19,9 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "dry-run": ("services.decider.dryrun", "main", "replay a trace through a planning policy"),
     "profile": ("shared.profile_cli", "main", "convert, show or plot a performance profile"),
     "demo": ("sim.demo", "main", "the four services on an embedded NATS, replaying a trace"),
+    "simulate": ("sim.simulate_cli", "main", "closed-loop simulation of a policy on a trace"),
+    "replay": ("sim.replay", "main", "the four services driving the simulator in virtual time"),
+    "trace": ("services.cli", "trace_main", "trace tools: `slaplanner trace synth ...`"),
     "schema": ("services.cli", "schema_main", "print the JSON Schema of the bus messages"),
 }
 
@@ -39,6 +42,17 @@ def schema_main(argv: Sequence[str]) -> int:
         schema = {name: m.model_json_schema(by_alias=True) for name, m in BUS_MESSAGES.items()}
     sys.stdout.write(orjson.dumps(schema, option=orjson.OPT_INDENT_2).decode() + "\n")
     return 0
+
+
+def trace_main(argv: Sequence[str]) -> int:
+    """``slaplanner trace synth ...``: the one trace tool so far."""
+    if not argv or argv[0] != "synth":
+        print("usage: slaplanner trace synth --out FILE [options]  (synth --help)",
+              file=sys.stderr)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    from sim import synth_cli
+
+    return synth_cli.main(list(argv[1:]))
 
 
 def usage() -> str:

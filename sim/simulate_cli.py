@@ -1,0 +1,431 @@
+"""``slaplanner simulate``: a trace through the simulated cluster and the planning loop, in process.
+
+The options and defaults are the dry run's (``slaplanner dry-run``), plus what a simulated cluster
+needs (startup delay, engine speed, context limit). Unlike the dry run, latencies are simulated,
+so the decider's correction factors are on (as in the service) and the GPU budget guard is on (as
+in the service; the dry run turns it off only to reproduce Dynamo's reference numbers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from services.decider import registry
+from services.decider.settings import DeploymentKnobs
+from services.forecaster.settings import PREDICTOR_NAMES
+from shared import perf_model, traces
+from shared.settings import parse_duration_s
+from sim.cluster import ClusterConfig, DecodeModel
+from sim.loop import BASELINES, LoopResult, PlanningSetup, simulate
+
+_FLAG_OF_FIELD = {
+    "profile_path": "--profile",
+    "policy": "--policy",
+    "ttft_target_s": "--ttft",
+    "itl_target_s": "--itl",
+    "adjustment_interval_s": "--interval",
+    "max_gpu_budget": "--max-gpu-budget",
+    "min_endpoint": "--min-endpoint",
+    "prefill_engine_gpus": "--prefill-engine-gpus",
+    "decode_engine_gpus": "--decode-engine-gpus",
+}
+
+
+def _default(name: str) -> Any:
+    return DeploymentKnobs.model_fields[name].get_default(call_default_factory=True)
+
+
+def policy_names() -> list[str]:
+    return [*registry.policy_names(), *BASELINES]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options ``simulate`` and ``replay`` share."""
+    parser.add_argument("--trace", required=True, help="Mooncake .jsonl or Azure .csv trace")
+    parser.add_argument(
+        "--speedup", type=float, default=1.0, help="divide every arrival time by this (default 1)"
+    )
+    parser.add_argument(
+        "--start", default="0s",
+        help="replay from this time of the (sped-up) trace on: '20m' or seconds (default 0)",
+    )
+    parser.add_argument(
+        "--duration", default=None,
+        help="replay this much of the (sped-up) trace: '1h' or seconds (default: all)",
+    )
+    parser.add_argument(
+        "--profile",
+        "--profile-results-dir",
+        dest="profile",
+        default=_default("profile_path"),
+        help="profile directory or JSON file (default: the bundled H200 profile)",
+    )
+    parser.add_argument(
+        "--policy",
+        default=_default("policy"),
+        choices=policy_names(),
+        help="a decider policy, or a baseline: static (the trace's peak, all the time), "
+        "reactive (a plain HPA on queue length, prefill busy time and KV usage)",
+    )
+    parser.add_argument(
+        "--predictor",
+        "--load-predictor",
+        dest="predictor",
+        default="constant",
+        choices=list(PREDICTOR_NAMES),
+        help="the forecaster's load predictor (default constant, as the dry run)",
+    )
+    parser.add_argument(
+        "--interval",
+        "--adjustment-interval",
+        dest="interval",
+        default=f"{_default('adjustment_interval_s'):g}s",
+        help="adjustment interval: '30s', '1m' or bare seconds (default %(default)s)",
+    )
+    parser.add_argument(
+        "--ttft",
+        default=f"{_default('ttft_target_s') * 1000:g}ms",
+        help="TTFT target with a unit, e.g. 100ms (default %(default)s)",
+    )
+    parser.add_argument(
+        "--itl",
+        default=f"{_default('itl_target_s') * 1000:g}ms",
+        help="ITL target with a unit, e.g. 10ms (default %(default)s)",
+    )
+    parser.add_argument("--max-gpu-budget", type=int, default=_default("max_gpu_budget"))
+    parser.add_argument("--min-endpoint", type=int, default=_default("min_endpoint"))
+    parser.add_argument(
+        "--prefill-engine-gpus",
+        "--prefill-engine-num-gpu",
+        type=int,
+        dest="prefill_engine_gpus",
+        default=_default("prefill_engine_gpus"),
+    )
+    parser.add_argument(
+        "--decode-engine-gpus",
+        "--decode-engine-num-gpu",
+        type=int,
+        dest="decode_engine_gpus",
+        default=_default("decode_engine_gpus"),
+    )
+    parser.add_argument(
+        "--start-prefill", "--start-num-p", dest="start_prefill", type=int, default=1,
+        help="prefill workers serving at time 0 (default 1)",
+    )
+    parser.add_argument(
+        "--start-decode", "--start-num-d", dest="start_decode", type=int, default=1,
+        help="decode workers serving at time 0 (default 1)",
+    )
+    parser.add_argument(
+        "--warm-start", action="store_true",
+        help="start with what an oracle would run at time 0 (overrides --start-*)",
+    )
+    parser.add_argument(
+        "--enforce-gpu-budget", choices=["true", "false"], default="true",
+        help="the decider's budget guard (default true, as the service runs)",
+    )
+    parser.add_argument(
+        "--no-correction", action="store_true",
+        help="do not correct the profile with observed TTFT/ITL (Dynamo's flag)",
+    )
+    parser.add_argument(
+        "--startup-delay", default="180s",
+        help="a new worker serves this long after it is requested (and is billed meanwhile); "
+        "'90s', '3m' or bare seconds (default %(default)s)",
+    )
+    parser.add_argument(
+        "--worker-startup", default=None,
+        help="the startup time the policy is told (its worker_startup_s; learnt from the "
+        "ScaleEvents afterwards); default: the --startup-delay",
+    )
+    parser.add_argument(
+        "--decider-env", action="append", default=[], metavar="SLAPLANNER_KNOB=VALUE",
+        help="another decider knob as its environment variable (repeatable), e.g. "
+        "SLAPLANNER_LOAD_CONFIDENCE=0.95",
+    )
+    parser.add_argument(
+        "--perf-skew", type=float, default=1.0,
+        help="engines are this many times slower than profiled (1.2: 20%% slower; default 1)",
+    )
+    parser.add_argument(
+        "--noise", type=float, default=0.0,
+        help="coefficient of variation of random engine speed, per request and slice (default 0)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the noise (default 0)")
+    parser.add_argument(
+        "--max-context", type=int, default=None,
+        help="input + output limit; longer requests have their input cut (default: profile's)",
+    )
+    parser.add_argument(
+        "--decode-model", choices=[m.value for m in DecodeModel], default="sliced",
+        help="sliced (default, fast) or token (one event per engine iteration, slow)",
+    )
+    parser.add_argument(
+        "--decode-slice", default="0.25s",
+        help="longest decode time slice of the sliced model, at most 1 s (default %(default)s)",
+    )
+    parser.add_argument(
+        "--max-intervals", type=int, default=0, help="stop after N intervals (0: all)"
+    )
+    parser.add_argument("--json", dest="json_out", help="write the report (JSON) here")
+    parser.add_argument(
+        "--requests", dest="requests_out",
+        help="write one CSV row per request here: arrival, lengths (after clipping), TTFT, "
+        "mean ITL, finish (seconds; empty where not reached)",
+    )
+    parser.add_argument("--plot", dest="plot_out", help="write a PNG of the run here")
+    parser.add_argument("--quiet", action="store_true", help="do not print the interval table")
+
+
+@dataclass(frozen=True)
+class Parsed:
+    setup: PlanningSetup
+    config: ClusterConfig
+    trace: traces.Trace
+    profile: perf_model.Profile
+
+
+def _duration(value: str, flag: str) -> float:
+    """Seconds from '90s', '3m' or bare seconds (as the dry run's --interval takes them)."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            seconds = parse_duration_s(value)
+        except ValueError as exc:
+            raise ValueError(f"{flag}: {exc}") from None
+    if not seconds >= 0:
+        raise ValueError(f"{flag}: must be >= 0, got {value!r}")
+    return seconds
+
+
+def parse(args: argparse.Namespace) -> Parsed:
+    """Validate the options; raises ``ValueError`` naming the flag."""
+    if not args.speedup > 0:
+        raise ValueError(f"--speedup: must be positive, got {args.speedup}")
+    try:
+        knobs = DeploymentKnobs.model_validate(
+            {
+                "profile_path": args.profile,
+                "policy": "dynamo" if args.policy in BASELINES else args.policy,
+                "ttft_target_s": args.ttft,
+                "itl_target_s": args.itl,
+                "adjustment_interval_s": args.interval,
+                "max_gpu_budget": args.max_gpu_budget,
+                "min_endpoint": args.min_endpoint,
+                "prefill_engine_gpus": args.prefill_engine_gpus,
+                "decode_engine_gpus": args.decode_engine_gpus,
+                "no_correction": args.no_correction,
+                "enforce_gpu_budget": args.enforce_gpu_budget == "true",
+            }
+        )
+    except ValidationError as exc:
+        item = exc.errors()[0]
+        name = str(item["loc"][0]) if item["loc"] else ""
+        flag = _FLAG_OF_FIELD.get(name, name or "settings")
+        raise ValueError(f"{flag}: {item['msg'].removeprefix('Value error, ')}") from None
+    decider_env: dict[str, str] = {}
+    for item in args.decider_env:
+        name, sep, value = item.partition("=")
+        if not sep or not name.startswith("SLAPLANNER_"):
+            raise ValueError(f"--decider-env: expected SLAPLANNER_KNOB=VALUE, got {item!r}")
+        decider_env[name] = value
+    startup_delay_s = _duration(args.startup_delay, "--startup-delay")
+    worker_startup_s = (
+        startup_delay_s if args.worker_startup is None
+        else _duration(args.worker_startup, "--worker-startup")
+    )
+    setup = PlanningSetup(
+        policy=args.policy,
+        predictor=args.predictor,
+        profile_path=knobs.profile_path,
+        ttft_target_s=knobs.ttft_target_s,
+        itl_target_s=knobs.itl_target_s,
+        interval_s=knobs.adjustment_interval_s,
+        max_gpu_budget=knobs.max_gpu_budget,
+        min_endpoint=knobs.min_endpoint,
+        prefill_engine_gpus=knobs.prefill_engine_gpus,
+        decode_engine_gpus=knobs.decode_engine_gpus,
+        no_correction=knobs.no_correction,
+        enforce_gpu_budget=knobs.enforce_gpu_budget,
+        worker_startup_s=worker_startup_s,
+        decider_env=decider_env,
+    )
+    try:
+        config = ClusterConfig(
+            startup_delay_s=startup_delay_s,
+            perf_skew=args.perf_skew,
+            noise_cv=args.noise,
+            seed=args.seed,
+            max_context_tokens=args.max_context,
+            prefill_engine_gpus=knobs.prefill_engine_gpus,
+            decode_engine_gpus=knobs.decode_engine_gpus,
+            start_prefill=args.start_prefill,
+            start_decode=args.start_decode,
+            decode_model=DecodeModel(args.decode_model),
+            decode_slice_s=_duration(args.decode_slice, "--decode-slice"),
+        )
+    except ValueError as exc:
+        raise ValueError(str(exc)) from None
+    profile = perf_model.load_profile(knobs.profile_path)
+    trace = traces.load_trace(args.trace).sped_up(args.speedup)
+    start = _duration(args.start, "--start")
+    end = math.inf if args.duration is None else start + _duration(args.duration, "--duration")
+    if start > 0 or math.isfinite(end):
+        trace = trace.between(start, end, rebase=True)
+    if len(trace) == 0:
+        raise ValueError(f"{args.trace}: no requests in the part asked for")
+    return Parsed(setup, config, trace, profile)
+
+
+def _num(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def format_table(run: LoopResult) -> str:
+    lines = [
+        f"{'t_s':>8} {'req':>6} {'fc_req':>7} {'ISL':>6} {'OSL':>5} {'TTFT_p99':>9} "
+        f"{'ITL_p99':>8} {'wait':>5} {'P':>3} {'D':>3} {'P_up':>4} {'D_up':>4}"
+    ]
+    for r in run.records:
+        s = r.stats
+        lines.append(
+            f"{s.end_s:>8.0f} {s.num_requests:>6d} {_num(r.forecast_requests, '.0f'):>7} "
+            f"{_num(s.isl_avg, '.0f'):>6} {_num(s.osl_avg, '.0f'):>5} "
+            f"{_num(s.ttft_p99_s, '.3f'):>9} {_num(s.itl_p99_s, '.4f'):>8} "
+            f"{s.prefill_waiting + s.decode_waiting:>5d} {r.prefill:>3d} {r.decode:>3d} "
+            f"{s.prefill_serving:>4d} {s.decode_serving:>4d}"
+        )
+    return "\n".join(lines)
+
+
+def format_summary(report: dict[str, Any]) -> str:
+    def pct(value: float | None) -> str:
+        return "-" if value is None else f"{100 * value:.2f}%"
+
+    ratio = report["gpu_hours_over_lower_bound"]
+    return (
+        f"{report['planner']}: {report['requests']} requests "
+        f"({report['clipped_requests']} clipped to the context limit, "
+        f"{report['requests'] - report['finished_requests']} never finished)\n"
+        f"SLA attainment {pct(report['sla_attainment'])} "
+        f"(TTFT {pct(report['ttft_attainment'])}, ITL {pct(report['itl_attainment'])})\n"
+        f"TTFT p50/p90/p99 {_num(report['ttft_p50_s'], '.3f')} / "
+        f"{_num(report['ttft_p90_s'], '.3f')} / {_num(report['ttft_p99_s'], '.3f')} s; "
+        f"ITL p50/p90/p99 {_num(report['itl_p50_s'], '.4f')} / "
+        f"{_num(report['itl_p90_s'], '.4f')} / {_num(report['itl_p99_s'], '.4f')} s\n"
+        f"{report['gpu_hours']:.3f} GPU-hours, lower bound {report['lower_bound_gpu_hours']:.3f} "
+        f"({_num(ratio, '.2f')} x), {report['scaling_actions']} scaling actions"
+    )
+
+
+def document(args: argparse.Namespace, parsed: Parsed, run: LoopResult) -> dict[str, Any]:
+    setup, config = parsed.setup, parsed.config
+    return {
+        "trace": Path(args.trace).name,
+        "speedup": args.speedup,
+        "start_s": _duration(args.start, "--start"),
+        "duration_s": None if args.duration is None else _duration(args.duration, "--duration"),
+        "policy": setup.policy,
+        "predictor": setup.predictor,
+        "profile": setup.profile_path,
+        "adjustment_interval_s": setup.interval_s,
+        "ttft_target_s": setup.ttft_target_s,
+        "itl_target_s": setup.itl_target_s,
+        "max_gpu_budget": setup.max_gpu_budget,
+        "startup_delay_s": config.startup_delay_s,
+        "perf_skew": config.perf_skew,
+        "noise_cv": config.noise_cv,
+        "seed": config.seed,
+        "max_context_tokens": config.max_context_tokens or parsed.profile.max_context_tokens,
+        "decode_model": str(config.decode_model),
+        "decode_slice_s": config.decode_slice_s,
+        **run.report(),
+    }
+
+
+def title(args: argparse.Namespace, setup: PlanningSetup, config: ClusterConfig) -> str:
+    return (
+        f"{Path(args.trace).name} x{args.speedup:g}, policy {setup.policy}, predictor "
+        f"{setup.predictor}, interval {setup.interval_s:g} s, startup {config.startup_delay_s:g}"
+        f" s, skew {config.perf_skew:g}"
+    )
+
+
+def write_requests(run: LoopResult, path: Path) -> None:
+    """Per request: what it asked for and what it got."""
+    r = run.result
+    with path.open("w", encoding="utf-8") as out:
+        out.write("arrival_s,isl_tokens,osl_tokens,clipped,ttft_s,itl_s,finish_s\n")
+        for row in zip(
+            r.arrival_s.tolist(), r.isl_tokens.tolist(), r.osl_tokens.tolist(),
+            r.clipped.tolist(), r.ttft_s.tolist(), r.itl_s.tolist(), r.finish_s.tolist(),
+            strict=True,
+        ):
+            arrival, isl, osl, clipped, ttft, itl, finish = row
+            out.write(
+                f"{arrival:.6f},{isl},{osl},{int(clipped)},{_cell(ttft)},{_cell(itl)},"
+                f"{_cell(finish)}\n"
+            )
+
+
+def _cell(value: float) -> str:
+    return "" if value != value else f"{value:.6f}"  # NaN: not reached
+
+
+def write_outputs(args: argparse.Namespace, parsed: Parsed, run: LoopResult) -> None:
+    report = document(args, parsed, run)
+    if not args.quiet:
+        print(format_table(run))
+    print(format_summary(report))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(report) + "\n", encoding="utf-8")
+    if args.requests_out:
+        write_requests(run, Path(args.requests_out))
+    if args.plot_out:
+        from sim.plot import write_plot
+
+        write_plot(
+            run, args.plot_out, title(args, parsed.setup, parsed.config),
+            parsed.setup.ttft_target_s, parsed.setup.itl_target_s,
+        )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="slaplanner simulate",
+        description="Replay a request trace through a simulated prefill/decode cluster and the "
+        "planning loop (forecaster, decider, actuator cores), and score SLA attainment and "
+        "GPU-hours.",
+    )
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    prog = "slaplanner simulate"
+    try:
+        parsed = parse(args)
+    except (ValueError, OSError) as exc:  # TraceError and ProfileError are ValueErrors
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 2
+    run = simulate(
+        parsed.trace,
+        parsed.profile,
+        parsed.setup,
+        parsed.config,
+        warm_start=args.warm_start,
+        max_intervals=args.max_intervals or None,
+    )
+    write_outputs(args, parsed, run)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
