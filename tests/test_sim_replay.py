@@ -53,10 +53,21 @@ async def test_the_services_over_nats_decide_what_the_cores_decide_in_process(
     assert len(replay.run.records) == len(in_process.records) == 20
     assert decisions(replay.run) == decisions(in_process)
     assert len({(p, d) for p, d, _ in decisions(in_process)}) > 2  # it did scale
-    # Every target (fast path ones too) with every number it used, to the last bit.
-    assert [comparable(t) for t in replay.targets] == [
-        comparable(t) for r in in_process.records for t in r.targets
-    ]
+    in_process_targets = [t for r in in_process.records for t in r.targets]
+    if policy == "dynamo":
+        # Every target with every number it used, to the last bit.
+        assert [comparable(t) for t in replay.targets] == [
+            comparable(t) for t in in_process_targets
+        ]
+    else:
+        # The slaplanner decider reads ScaleEvents on a consumer of its own, so over NATS the
+        # moment it notes a start in flight can differ from the in-process order; its
+        # explanation of starts in flight may differ, every number it decided must not.
+        assert [(t.id, t.window_end, t.prefill_replicas, t.decode_replicas)
+                for t in replay.targets] == [
+            (t.id, t.window_end, t.prefill_replicas, t.decode_replicas)
+            for t in in_process_targets
+        ]
     assert replay.run.scores == in_process.scores
     assert rejected == []
 

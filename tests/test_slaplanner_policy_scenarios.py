@@ -285,3 +285,14 @@ def test_the_budget_is_never_exceeded_by_the_fast_path() -> None:
     assert burst is not None and burst.prefill_replicas + burst.decode_replicas <= 12
     assert burst.explanation["gpu_budget"]["binds"]
     assert config(max_gpu_budget=12).max_gpu_budget == 12
+
+
+def test_a_load_without_a_forecast_or_an_observation_is_sized_and_says_nothing_was_held() -> None:
+    from services.decider import slaplanner_policy
+    from services.decider.policy import PlannedLoad, PolicyState
+
+    decision = slaplanner_policy.decide(
+        PlannedLoad(1800, 3000, 300, 60), None, PROFILE, config(), PolicyState()
+    )
+    assert (decision.prefill_replicas, decision.decode_replicas) == (5, 3)
+    assert "nothing to hold" in decision.explanation["note"]

@@ -26,8 +26,10 @@ GAUGES: dict[str, str] = {
     "forecast_request_rate_per_second": "Forecast requests per second sized for",
     "forecast_isl_tokens": "Forecast mean input tokens per request sized for",
     "forecast_osl_tokens": "Forecast mean output tokens per request sized for",
-    "prefill_correction_factor": "Observed TTFT / profiled TTFT (Dynamo's prefill correction)",
-    "decode_correction_factor": "Observed ITL / profiled ITL (Dynamo's decode correction)",
+    "prefill_correction_factor": "How much slower than profiled prefill is (dynamo: observed / "
+    "profiled TTFT; slaplanner: the smoothed engine slowdown behind the observed TTFT)",
+    "decode_correction_factor": "Observed ITL / profiled ITL at the observed concurrency "
+    "(slaplanner: smoothed, weighted by requests)",
     "observed_prefill_workers": "Prefill workers the cluster reported",
     "observed_decode_workers": "Decode workers the cluster reported",
     "prefill_target_replicas": "Prefill replicas the decider asked for",

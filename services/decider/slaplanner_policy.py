@@ -98,6 +98,17 @@ _RULES = {
 
 
 @dataclass(frozen=True)
+class WindowCount:
+    """What one snapshot counted: the fast path's recent load and the arrivals' burstiness."""
+
+    window_end: float
+    count: float
+    window_s: float
+    isl_avg: float | None
+    osl_avg: float | None
+
+
+@dataclass(frozen=True)
 class PlannerMemory:
     """What the policy remembers of one deployment between decisions."""
 
@@ -114,7 +125,7 @@ class PlannerMemory:
     service_cv2: float | None = None
     service_cv2_detail: dict[str, Any] | None = None
     # arrival burstiness: request counts of recent short snapshots, and its smoothed measure
-    arrival_counts: tuple[tuple[float, float, float], ...] = ()  # (window_end, count, window_s)
+    arrival_counts: tuple[WindowCount, ...] = ()
     arrival_dispersion: Correction = field(default_factory=Correction)
 
 
@@ -304,20 +315,38 @@ DISPERSION_KNOBS = corrections.CorrectionKnobs(
 )
 
 
-def recent_requests(
-    memory: PlannerMemory, snapshot: MetricSnapshot, lookback_s: float
-) -> tuple[float, float]:
-    """Requests seen in the snapshots of the last ``lookback_s`` (at least this snapshot's
-    window), and the seconds they cover: the fast path acts on a load that lasts, not on a
-    burst that is over before any new worker could start."""
+@dataclass(frozen=True)
+class RecentLoad:
+    requests: float
+    span_s: float
+    isl_avg: float | None  # means weighted by each window's requests
+    osl_avg: float | None
+
+
+def recent_load(memory: PlannerMemory, snapshot: MetricSnapshot, lookback_s: float) -> RecentLoad:
+    """The load of the snapshots of the last ``lookback_s`` (at least this snapshot's window):
+    the fast path acts on a load that lasts, not on a burst of requests (or of long prompts)
+    that is over before any new worker could start."""
     now, window = snapshot.window_end, snapshot.window_s
     recent = [
         c for c in memory.arrival_counts
-        if c[2] == window and now - max(lookback_s, window) < c[0] <= now
+        if c.window_s == window and now - max(lookback_s, window) < c.window_end <= now
     ]
     if not recent:
-        return snapshot.num_requests or 0.0, window
-    return sum(c[1] for c in recent), len(recent) * window
+        return RecentLoad(snapshot.num_requests or 0.0, window, snapshot.isl_avg,
+                          snapshot.osl_avg)
+
+    def mean(values: list[tuple[float, float | None]]) -> float | None:
+        known = [(n, v) for n, v in values if v is not None and n > 0]
+        total = sum(n for n, _ in known)
+        return sum(n * v for n, v in known) / total if total > 0 else None
+
+    return RecentLoad(
+        requests=sum(c.count for c in recent),
+        span_s=len(recent) * window,
+        isl_avg=mean([(c.count, c.isl_avg) for c in recent]),
+        osl_avg=mean([(c.count, c.osl_avg) for c in recent]),
+    )
 
 
 def record_count(memory: PlannerMemory, snapshot: MetricSnapshot) -> PlannerMemory:
@@ -325,9 +354,12 @@ def record_count(memory: PlannerMemory, snapshot: MetricSnapshot) -> PlannerMemo
     if snapshot.num_requests is None or snapshot.stale:
         return memory
     now = snapshot.window_end
-    kept = tuple(c for c in memory.arrival_counts if now - ARRIVAL_COUNTS_KEPT_S < c[0] < now)
-    counts = (*kept, (now, snapshot.num_requests, snapshot.window_s))[-ARRIVAL_COUNTS_KEPT:]
-    return replace(memory, arrival_counts=counts)
+    kept = tuple(
+        c for c in memory.arrival_counts if now - ARRIVAL_COUNTS_KEPT_S < c.window_end < now
+    )
+    entry = WindowCount(now, snapshot.num_requests, snapshot.window_s, snapshot.isl_avg,
+                        snapshot.osl_avg)
+    return replace(memory, arrival_counts=(*kept, entry)[-ARRIVAL_COUNTS_KEPT:])
 
 
 def measure_dispersion(
@@ -336,12 +368,12 @@ def measure_dispersion(
     """Update the arrival burstiness from the short snapshots of the last two planning windows."""
     if not memory.arrival_counts:
         return memory, {"note": "no short snapshots (the fast path sees none)"}
-    short_s = memory.arrival_counts[-1][2]
+    short_s = memory.arrival_counts[-1].window_s
     if short_s >= window_s:
         return memory, {"note": "snapshots are not shorter than the planning window"}
     counts = [
-        c[1] for c in memory.arrival_counts
-        if c[2] == short_s and now_s - 2 * window_s < c[0] <= now_s
+        c.count for c in memory.arrival_counts
+        if c.window_s == short_s and now_s - 2 * window_s < c.window_end <= now_s
     ]
     dispersion, detail = sizing.arrival_cv2_from_counts(counts)
     if dispersion is None:
@@ -531,6 +563,10 @@ def split_gpu_budget(
             candidates.append((p, min(decode, left // gd)))
     if prefill_hurt is None or decode_hurt is None or not candidates:
         p, d, _, _ = policy.enforce_gpu_budget(prefill, decode, config)
+        if candidates and (p < low_p or d < low_d):
+            # The plain cut would break a role's floor while a split within the budget keeps
+            # both: take the one using the most GPUs (then more decode, whose floor bound).
+            p, d = max(candidates, key=lambda c: (c[0] * gp + c[1] * gd, c[1]))
         detail.update(
             binds=True,
             rule="removed from the role holding more GPUs"
@@ -1027,11 +1063,12 @@ def fast_path(
         clearing = math.inf if waiting > 0 and ready[0] == 0 else 0.0
         budget_s = config.ttft_target_s
     growing = clearing > budget_s and waiting > (previous.last_waiting or 0.0)
-    count, span_s = recent_requests(memory, snapshot, knobs.fast_path_window_s)
+    recent = recent_load(memory, snapshot, knobs.fast_path_window_s)
+    count, span_s = recent.requests, recent.span_s
     rate_low = queueing.poisson_rate_lower(count, span_s, knobs.fast_path_confidence)
     drain = waiting / max(start.startup_s, snapshot.window_s) if growing else 0.0
     d_factor = memory.decode_correction.factor
-    isl, osl = snapshot.isl_avg, snapshot.osl_avg
+    isl, osl = recent.isl_avg, recent.osl_avg
     p_size = (
         size_prefill(rate_low + drain, isl, profile, config, p_factor, cv2)
         if isl is not None
