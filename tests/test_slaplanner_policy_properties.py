@@ -230,3 +230,21 @@ def test_more_load_never_gives_fewer_gpus_when_the_budget_binds(
     assert most.prefill_replicas + most.decode_replicas >= \
         less.prefill_replicas + less.decode_replicas
     check(most.prefill_replicas, most.decode_replicas, cfg)
+
+
+def test_the_fast_path_lifts_a_role_found_below_its_minimum() -> None:
+    # A counterexample the bounds property found: one decode worker running, a floor of two,
+    # a budget that fits exactly the floors; the fast path used to hold the single worker.
+    base = DeciderSettings().knobs().policy_config()
+    cfg = replace(base, ttft_target_s=1.0, itl_target_s=1.0, min_endpoint=0, max_gpu_budget=2,
+                  min_prefill_replicas=0, max_prefill_replicas=1, min_decode_replicas=2,
+                  max_decode_replicas=2,
+                  planner=replace(base.planner, worker_startup_s=0.0, load_confidence=0.5,
+                                  scale_down_window_s=0.0, scale_to_zero_idle_s=1.0))
+    snapshot = MetricSnapshot(deployment=LLAMA, window_end=1_700_000_000.0, window_s=1.0,
+                              num_requests=1.0, isl_avg=0.0, prefill_workers=0,
+                              decode_workers=1)
+    result = slaplanner_policy.fast_path(snapshot, PROFILE, cfg, PolicyState())
+    assert result.decision is not None
+    check(result.decision.prefill_replicas, result.decision.decode_replicas, cfg)
+    assert result.decision.decode_replicas == 2

@@ -1203,6 +1203,9 @@ def normalise_fast(
                 knobs.scale_down_step_replicas, knobs.scale_down_step_percent,
             )
             value = trail.add("step_limit", value, step_reason)
+        floor = config.prefill_floor if role == "prefill" else config.decode_floor
+        if value < floor:  # a deployment found below its minimum is brought up to it
+            value = trail.add("role_bounds", floor, Reason.MIN_REPLICAS)
         highest = config.max_prefill_replicas if role == "prefill" else config.max_decode_replicas
         if value > highest:
             value = trail.add("role_bounds", max(highest, current[index]), Reason.MAX_REPLICAS)
