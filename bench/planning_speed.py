@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from bench import planning_docs
 from services.decider import registry
 from services.forecaster.settings import ForecasterSettings
+from shared import traces
 from shared.perf_model import default_profile_path, load_profile
 from shared.traces import Trace
 from sim.cluster import Cluster, ClusterConfig
@@ -33,6 +34,9 @@ from sim.loop import PlanningSetup, simulate
 from sim.synth import SineLoad, generate
 
 DAY = SineLoad(86_400.0, 12.0, 36.0, 3600.0, 3000, 300, seed=1)
+# A day at the bundled traces' own rates (2.6 and 3.4 requests/s on average), with the Mooncake
+# trace's input and output lengths.
+REAL_RATE_DAY = SineLoad(86_400.0, 2.0, 5.0, 3600.0, 3000, 300, seed=2)
 INTERVAL_S = 60.0
 
 
@@ -74,6 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     trace = generate(DAY, name="sine-24h")
+    mooncake = traces.load_trace(traces.bundled_trace_path("mooncake_conversation.jsonl"))
+    real_rate = generate(REAL_RATE_DAY, lengths_from=mooncake, name="mooncake-lengths-24h")
     default_policy = str(getattr(registry, "DEFAULT_POLICY", "dynamo"))
     default_predictor = str(ForecasterSettings.model_fields["predictor"].default)
     cases: list[tuple[str, Callable[[], Timing]]] = [
@@ -84,6 +90,9 @@ def main(argv: Sequence[str] | None = None) -> int:
          lambda: closed_loop(trace, 0.25, "dynamo", "constant")),
         (f"closed loop, {default_policy} policy, {default_predictor} predictor (the defaults)",
          lambda: closed_loop(trace, 0.25, default_policy, default_predictor)),
+        (f"the same, on a day at the real traces' rate ({len(real_rate):,} requests, 2 to 5 "
+         "requests/s, Mooncake lengths)",
+         lambda: closed_loop(real_rate, 0.25, default_policy, default_predictor)),
     ]
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else math.nan
     rows = []

@@ -122,6 +122,7 @@ class ServiceTimes:
         self._kv_step = float(decode.kv_axis[1] - decode.kv_axis[0])
         self._context_step = float(decode.context_axis[1] - decode.context_axis[0])
         self._last = decode.resolution - 1
+        self._grid_rows: list[list[float]] = self.itl_grid_s.tolist()
 
     def prefill_s(self, isl_tokens: FloatArray) -> FloatArray:
         clamped = np.clip(isl_tokens, self.min_isl_tokens, self.max_isl_tokens)
@@ -129,6 +130,15 @@ class ServiceTimes:
 
     def itl_s(self, kv_tokens: FloatArray, mean_context_tokens: FloatArray) -> FloatArray:
         """ITL of engines holding ``kv_tokens`` over requests of ``mean_context_tokens`` each."""
+        if kv_tokens.size <= 16:
+            # A few engines: plain floats are faster than a dozen numpy calls, and round() is
+            # numpy's rint (half to even), on the same operations in the same order.
+            grid, last = self._grid_rows, self._last
+            max_kv, kv_step, context_step = self.max_kv_tokens, self._kv_step, self._context_step
+            return np.asarray([
+                grid[min(round(c / context_step), last)][min(round(k / max_kv / kv_step), last)]
+                for k, c in zip(kv_tokens.tolist(), mean_context_tokens.tolist(), strict=True)
+            ])
         column = np.rint(kv_tokens / self.max_kv_tokens / self._kv_step)
         np.minimum(column, self._last, out=column)
         row = np.rint(mean_context_tokens / self._context_step)
@@ -590,7 +600,7 @@ class _SlicedDecode(_Decode):
             active[:, _JOIN] = t1
             self._last_slice = None
             return []
-        finish = start[done] + left[done] * per_request[done]
+        finish = (start + left * per_request)[done]
         ids = active[done, _ID].astype(np.int64)
         self.finish[ids] = finish
         done_slots = slot[done]
