@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The bundled trace slice through the services on an embedded NATS; writes demo.png here.
 demo: $(STAMP)
 	$(BIN)/slaplanner demo
 

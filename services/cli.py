@@ -18,9 +18,9 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "actuator": ("services.actuator.__main__", "main", "run the actuator service"),
     "dry-run": ("services.decider.dryrun", "main", "replay a trace through a planning policy"),
     "profile": ("shared.profile_cli", "main", "convert, show or plot a performance profile"),
-    "demo": ("sim.demo", "main", "the four services on an embedded NATS, replaying a trace"),
+    "demo": ("sim.demo", "main", "`replay` of a bundled real trace slice: table, SLA report, plot"),
     "simulate": ("sim.simulate_cli", "main", "closed-loop simulation of a policy on a trace"),
-    "replay": ("sim.replay", "main", "the four services driving the simulator in virtual time"),
+    "replay": ("sim.replay", "main", "the services on NATS driving the simulator in virtual time"),
     "trace": ("services.cli", "trace_main", "trace tools: `slaplanner trace synth ...`"),
     "schema": ("services.cli", "schema_main", "print the JSON Schema of the bus messages"),
 }

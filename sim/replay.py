@@ -251,7 +251,8 @@ def nats_url(given: str | None, tmp: Path) -> Iterator[str]:
 
 
 def print_row(record: IntervalRecord) -> None:
-    """One row of ``simulate``'s interval table, and what the actuator did."""
+    """One row of ``simulate``'s interval table, what the actuator did, and a line per fast-path
+    target the decider sent during the window (a target not made from a forecast)."""
     s = record.stats
 
     def num(value: float | None, fmt: str) -> str:
@@ -265,6 +266,10 @@ def print_row(record: IntervalRecord) -> None:
         f"{s.prefill_serving:>4d} {s.decode_serving:>4d}  {record.outcome or '-'}",
         flush=True,
     )
+    for target in record.targets:
+        if target.forecast_id is None:
+            print(f"{'':>8} fast path: P {target.prefill_replicas}, D {target.decode_replicas}",
+                  flush=True)
 
 
 HEADER = (
@@ -273,23 +278,32 @@ HEADER = (
 )
 
 
+def add_arguments(parser: argparse.ArgumentParser, trace_default: str | None = None) -> None:
+    """``simulate``'s options, and where the bus is."""
+    simulate_cli.add_arguments(parser, trace_default)
+    parser.add_argument(
+        "--nats-url", default=os.environ.get("SLAPLANNER_NATS_URL"),
+        help="NATS server with JetStream (default: $SLAPLANNER_NATS_URL, else an embedded "
+        "nats-server)",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=120.0,
+        help="seconds to wait for each interval's ScaleEvent (default %(default)s)",
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="slaplanner replay",
         description="Replay a request trace through the forecaster, decider and actuator "
         "services on NATS, with the simulator as the cluster, in virtual time.",
     )
-    simulate_cli.add_arguments(parser)
-    parser.add_argument(
-        "--nats-url", default=os.environ.get("SLAPLANNER_NATS_URL"),
-        help="NATS server with JetStream (default: an embedded nats-server)",
-    )
-    parser.add_argument(
-        "--timeout", type=float, default=120.0,
-        help="seconds to wait for each interval's ScaleEvent (default 120)",
-    )
-    args = parser.parse_args(argv)
-    prog = "slaplanner replay"
+    add_arguments(parser)
+    return run_command(parser.parse_args(argv), parser.prog)
+
+
+def run_command(args: argparse.Namespace, prog: str) -> int:
+    """Run the replay the options ask for: the table as it goes, then the report and outputs."""
     if args.policy in BASELINES:
         print(f"{prog}: --policy {args.policy} is a simulator baseline; replay drives the "
               "decider's policies (use slaplanner simulate for the baselines)", file=sys.stderr)
@@ -303,8 +317,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         log_dir = Path(tmp)
         with nats_url(args.nats_url, log_dir) as url:
             if not args.quiet:
-                print(f"replaying {Path(args.trace).name} x{args.speedup:g} through forecaster ->"
-                      f" decider -> actuator on {url}\n{HEADER}", flush=True)
+                print(f"replaying {simulate_cli.title(args, parsed.setup, parsed.config)}\n"
+                      f"through forecaster -> decider -> actuator on {url}\n{HEADER}", flush=True)
             try:
                 replay = asyncio.run(run_replay(
                     parsed.trace, parsed.profile, parsed.setup, parsed.config, url, log_dir,
@@ -318,9 +332,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                     text = log.read_text(errors="replace")[-3000:] if log.exists() else ""
                     print(f"--- {name}\n{text}", file=sys.stderr)
                 return 1
+        if not args.quiet:
+            print()
         args.quiet = True  # the table was printed as the run went
         simulate_cli.write_outputs(args, parsed, replay.run)
-        print(f"{len(replay.events)} decisions over the bus in {replay.wall_s:.1f} s")
+        fast_path = sum(target.forecast_id is None for target in replay.targets)
+        print(f"{len(replay.events)} decisions over the bus ({fast_path} from the fast path) in "
+              f"{replay.wall_s:.1f} s")
     return 0
 
 

@@ -17,42 +17,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-
-from services.decider import registry
-from services.decider.settings import DeploymentKnobs
+from services.decider import dryrun, registry
 from services.forecaster.settings import PREDICTOR_NAMES
 from shared import perf_model, traces
 from shared.settings import parse_duration_s
 from sim.cluster import ClusterConfig, DecodeModel
 from sim.loop import BASELINES, LoopResult, PlanningSetup, simulate
 
-_FLAG_OF_FIELD = {
-    "profile_path": "--profile",
-    "policy": "--policy",
-    "ttft_target_s": "--ttft",
-    "itl_target_s": "--itl",
-    "adjustment_interval_s": "--interval",
-    "max_gpu_budget": "--max-gpu-budget",
-    "min_endpoint": "--min-endpoint",
-    "prefill_engine_gpus": "--prefill-engine-gpus",
-    "decode_engine_gpus": "--decode-engine-gpus",
-}
-
-
-def _default(name: str) -> Any:
-    return DeploymentKnobs.model_fields[name].get_default(call_default_factory=True)
-
 
 def policy_names() -> list[str]:
     return [*registry.policy_names(), *BASELINES]
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options ``simulate`` and ``replay`` share."""
-    parser.add_argument("--trace", required=True, help="Mooncake .jsonl or Azure .csv trace")
-    parser.add_argument(
-        "--speedup", type=float, default=1.0, help="divide every arrival time by this (default 1)"
+def add_arguments(parser: argparse.ArgumentParser, trace_default: str | None = None) -> None:
+    """The options ``simulate``, ``replay`` and ``demo`` share: the dry run's, and the cluster's.
+
+    Unlike the dry run, the GPU budget guard is on by default, as the service runs."""
+    dryrun.add_planning_arguments(
+        parser, policies=policy_names(), default_policy=dryrun.knob_default("policy"),
+        predictors=PREDICTOR_NAMES, enforce_gpu_budget=True, trace_default=trace_default,
+        policy_help="a decider policy, or a baseline: static (the trace's peak, all the time), "
+        "reactive (a plain HPA on queue length, prefill busy time and KV usage); default "
+        "%(default)s",
     )
     parser.add_argument(
         "--start", default="0s",
@@ -63,75 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="replay this much of the (sped-up) trace: '1h' or seconds (default: all)",
     )
     parser.add_argument(
-        "--profile",
-        "--profile-results-dir",
-        dest="profile",
-        default=_default("profile_path"),
-        help="profile directory or JSON file (default: the bundled H200 profile)",
-    )
-    parser.add_argument(
-        "--policy",
-        default=_default("policy"),
-        choices=policy_names(),
-        help="a decider policy, or a baseline: static (the trace's peak, all the time), "
-        "reactive (a plain HPA on queue length, prefill busy time and KV usage)",
-    )
-    parser.add_argument(
-        "--predictor",
-        "--load-predictor",
-        dest="predictor",
-        default="constant",
-        choices=list(PREDICTOR_NAMES),
-        help="the forecaster's load predictor (default constant, as the dry run)",
-    )
-    parser.add_argument(
-        "--interval",
-        "--adjustment-interval",
-        dest="interval",
-        default=f"{_default('adjustment_interval_s'):g}s",
-        help="adjustment interval: '30s', '1m' or bare seconds (default %(default)s)",
-    )
-    parser.add_argument(
-        "--ttft",
-        default=f"{_default('ttft_target_s') * 1000:g}ms",
-        help="TTFT target with a unit, e.g. 100ms (default %(default)s)",
-    )
-    parser.add_argument(
-        "--itl",
-        default=f"{_default('itl_target_s') * 1000:g}ms",
-        help="ITL target with a unit, e.g. 10ms (default %(default)s)",
-    )
-    parser.add_argument("--max-gpu-budget", type=int, default=_default("max_gpu_budget"))
-    parser.add_argument("--min-endpoint", type=int, default=_default("min_endpoint"))
-    parser.add_argument(
-        "--prefill-engine-gpus",
-        "--prefill-engine-num-gpu",
-        type=int,
-        dest="prefill_engine_gpus",
-        default=_default("prefill_engine_gpus"),
-    )
-    parser.add_argument(
-        "--decode-engine-gpus",
-        "--decode-engine-num-gpu",
-        type=int,
-        dest="decode_engine_gpus",
-        default=_default("decode_engine_gpus"),
-    )
-    parser.add_argument(
-        "--start-prefill", "--start-num-p", dest="start_prefill", type=int, default=1,
-        help="prefill workers serving at time 0 (default 1)",
-    )
-    parser.add_argument(
-        "--start-decode", "--start-num-d", dest="start_decode", type=int, default=1,
-        help="decode workers serving at time 0 (default 1)",
-    )
-    parser.add_argument(
-        "--warm-start", action="store_true",
+        "--warm-start", action=argparse.BooleanOptionalAction, default=False,
         help="start with what an oracle would run at time 0 (overrides --start-*)",
-    )
-    parser.add_argument(
-        "--enforce-gpu-budget", choices=["true", "false"], default="true",
-        help="the decider's budget guard (default true, as the service runs)",
     )
     parser.add_argument(
         "--no-correction", action="store_true",
@@ -176,14 +95,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-intervals", type=int, default=0, help="stop after N intervals (0: all)"
     )
-    parser.add_argument("--json", dest="json_out", help="write the report (JSON) here")
     parser.add_argument(
         "--requests", dest="requests_out",
         help="write one CSV row per request here: arrival, lengths (after clipping), TTFT, "
         "mean ITL, finish (seconds; empty where not reached)",
     )
-    parser.add_argument("--plot", dest="plot_out", help="write a PNG of the run here")
-    parser.add_argument("--quiet", action="store_true", help="do not print the interval table")
 
 
 @dataclass(frozen=True)
@@ -212,27 +128,10 @@ def parse(args: argparse.Namespace) -> Parsed:
     """Validate the options; raises ``ValueError`` naming the flag."""
     if not args.speedup > 0:
         raise ValueError(f"--speedup: must be positive, got {args.speedup}")
-    try:
-        knobs = DeploymentKnobs.model_validate(
-            {
-                "profile_path": args.profile,
-                "policy": "dynamo" if args.policy in BASELINES else args.policy,
-                "ttft_target_s": args.ttft,
-                "itl_target_s": args.itl,
-                "adjustment_interval_s": args.interval,
-                "max_gpu_budget": args.max_gpu_budget,
-                "min_endpoint": args.min_endpoint,
-                "prefill_engine_gpus": args.prefill_engine_gpus,
-                "decode_engine_gpus": args.decode_engine_gpus,
-                "no_correction": args.no_correction,
-                "enforce_gpu_budget": args.enforce_gpu_budget == "true",
-            }
-        )
-    except ValidationError as exc:
-        item = exc.errors()[0]
-        name = str(item["loc"][0]) if item["loc"] else ""
-        flag = _FLAG_OF_FIELD.get(name, name or "settings")
-        raise ValueError(f"{flag}: {item['msg'].removeprefix('Value error, ')}") from None
+    knobs = dryrun.planning_knobs(
+        args, policy="dynamo" if args.policy in BASELINES else args.policy,
+        no_correction=args.no_correction,
+    )
     decider_env: dict[str, str] = {}
     for item in args.decider_env:
         name, sep, value = item.partition("=")
@@ -354,10 +253,12 @@ def document(args: argparse.Namespace, parsed: Parsed, run: LoopResult) -> dict[
 
 
 def title(args: argparse.Namespace, setup: PlanningSetup, config: ClusterConfig) -> str:
+    """Two lines: the trace and the planner, then the interval, the cluster and the targets."""
     return (
         f"{Path(args.trace).name} x{args.speedup:g}, policy {setup.policy}, predictor "
-        f"{setup.predictor}, interval {setup.interval_s:g} s, startup {config.startup_delay_s:g}"
-        f" s, skew {config.perf_skew:g}"
+        f"{setup.predictor}\ninterval {setup.interval_s:g} s, startup "
+        f"{config.startup_delay_s:g} s, skew {config.perf_skew:g}, targets TTFT "
+        f"{setup.ttft_target_s:g} s and ITL {setup.itl_target_s * 1000:g} ms"
     )
 
 
@@ -398,6 +299,7 @@ def write_outputs(args: argparse.Namespace, parsed: Parsed, run: LoopResult) -> 
             run, args.plot_out, title(args, parsed.setup, parsed.config),
             parsed.setup.ttft_target_s, parsed.setup.itl_target_s,
         )
+        print(f"plot of load, forecast, replicas and latencies: {Path(args.plot_out).resolve()}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,27 +1,73 @@
-"""The README's first command, as a person runs it (shortened to a few intervals)."""
+"""The README's first command, as a person runs it: ``slaplanner demo`` with its own defaults (the
+whole bundled slice), on the test's nats-server, from a fresh working directory."""
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
-from tests.conftest import REPO
+from shared import traces
+from shared.messages import Outcome
+from sim import demo
+from tests.conftest import NatsEndpoint
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+NUMBER = r"(\d+(?:\.\d+)?)"
 
 
-def test_the_demo_replays_a_trace_through_the_four_services_and_exits_0() -> None:
+def test_the_demo_replays_the_bundled_slice_and_prints_the_table_the_report_and_a_plot(
+    nats_server: NatsEndpoint, tmp_path: Path
+) -> None:
     env = {k: v for k, v in os.environ.items() if k != "SLAPLANNER_NATS_URL"}
     result = subprocess.run(
-        [sys.executable, "-m", "services.cli", "demo", "--max-intervals", "6"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+        [sys.executable, "-m", "services.cli", "demo", "--nats-url", nats_server.url],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=150,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    lines = result.stdout.splitlines()
-    header = next(i for i, line in enumerate(lines) if line.strip().startswith("t (s)"))
-    rows = [line.split() for line in lines[header + 1:]
-            if line.strip() and line.split()[0].isdigit()][:6]
-    assert [row[0] for row in rows] == ["15", "30", "45", "60", "75", "90"]
-    # the first window of the Azure code trace at x10: 63 requests (checked in the trace)
-    assert rows[0][1] == "63"
-    assert all(row[-1] in ("dry-run", "unchanged") for row in rows)
-    assert "6 intervals" in result.stdout
+    out = result.stdout
+
+    # One row per 15 s interval of the sped-up trace, every request counted exactly once.
+    trace = traces.load_trace(demo.DEMO_TRACE).sped_up(demo.DEMO_DEFAULTS["speedup"])
+    intervals = math.floor(float(trace.arrival_s[-1]) / 15.0) + 1  # 23
+    rows = [line.split() for line in out.splitlines() if re.match(r"^\s+\d+\s+\d+\s", line)]
+    assert [row[0] for row in rows] == [str(15 * (i + 1)) for i in range(intervals)]
+    assert sum(int(row[1]) for row in rows) == len(trace) == 8819
+    assert rows[0][1] == "63"  # the first 15 s of the code trace at x10 (checked in the trace)
+    outcomes = {str(outcome) for outcome in Outcome}
+    for row in rows[:-1]:  # no decision is taken after the last window
+        prefill, decode = int(row[8]), int(row[9])
+        assert prefill >= 1 and decode >= 1 and prefill + decode <= 32, row
+        assert row[-1] in outcomes, row
+    assert "applied" in {row[-1] for row in rows[:-1]}  # it did scale
+
+    # The SLA report.
+    requests, clipped = map(int, _match(r"(\d+) requests \((\d+) clipped to the context", out))
+    assert requests == len(trace) and 0 <= clipped <= requests
+    sla, ttft, itl = (float(v) / 100 for v in _match(
+        rf"SLA attainment {NUMBER}% \(TTFT {NUMBER}%, ITL {NUMBER}%\)", out))
+    assert 0.0 <= sla <= min(ttft, itl) <= 1.0 and 0.0 <= max(ttft, itl) <= 1.0
+    for name in ("TTFT", "ITL"):
+        p50, p90, p99 = map(float, _match(
+            rf"{name} p50/p90/p99 {NUMBER} / {NUMBER} / {NUMBER} s", out))
+        assert 0.0 < p50 <= p90 <= p99
+    gpu_hours, lower, ratio, actions = map(float, _match(
+        rf"{NUMBER} GPU-hours, lower bound {NUMBER} \({NUMBER} x\), (\d+) scaling actions", out))
+    assert 0.0 < lower <= gpu_hours and ratio >= 1.0 and actions >= 1
+    assert abs(ratio - gpu_hours / lower) < 0.05
+
+    # The plot, in the working directory by default.
+    (where,) = _match(r"plot of load, forecast, replicas and latencies: (\S+)", out)
+    plot = tmp_path / "demo.png"
+    assert Path(where) == plot.resolve()
+    assert plot.read_bytes()[:8] == PNG_SIGNATURE
+    assert plot.stat().st_size > 30_000  # four panels of lines, not an empty figure
+
+
+def _match(pattern: str, text: str) -> tuple[str, ...]:
+    found = re.search(pattern, text)
+    assert found is not None, f"{pattern!r} not in the demo's output:\n{text}"
+    return found.groups()

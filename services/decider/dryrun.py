@@ -22,7 +22,7 @@ import argparse
 import json
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -414,7 +414,7 @@ def _plot_replicas(axis: Any, result: DryRunResult) -> None:
         )
 
 
-# Dry-run flag -> settings field, for error messages that name what the user typed.
+# Planning flag -> settings field, for error messages that name what the user typed.
 _FLAG_OF_FIELD = {
     "profile_path": "--profile",
     "policy": "--policy",
@@ -428,8 +428,117 @@ _FLAG_OF_FIELD = {
 }
 
 
-def _default(name: str) -> Any:
+def knob_default(name: str) -> Any:
+    """The service's default of one ``DeploymentKnobs`` field."""
     return DeploymentKnobs.model_fields[name].get_default(call_default_factory=True)
+
+
+def add_planning_arguments(
+    parser: argparse.ArgumentParser,
+    *,
+    policies: Sequence[str],
+    default_policy: str,
+    predictors: Sequence[str],
+    enforce_gpu_budget: bool,
+    trace_default: str | None = None,
+    policy_help: str = "sizing policy (default %(default)s)",
+) -> None:
+    """The options every trace replay shares (``dry-run``, ``simulate``, ``replay``, ``demo``):
+    the trace, the deployment's knobs under the flags of Dynamo's dry run, the start counts and
+    the outputs. ``trace_default`` makes ``--trace`` optional."""
+    parser.add_argument(
+        "--trace", required=trace_default is None, default=trace_default,
+        help="Mooncake .jsonl or Azure .csv trace"
+        + ("" if trace_default is None else " (default: %(default)s)"),
+    )
+    parser.add_argument(
+        "--speedup", type=float, default=1.0,
+        help="divide every arrival time by this (default %(default)s)",
+    )
+    parser.add_argument(
+        "--profile", "--profile-results-dir", dest="profile", default=knob_default("profile_path"),
+        help="profile directory or JSON file (default: the bundled H200 profile)",
+    )
+    parser.add_argument(
+        "--policy", default=default_policy, choices=list(policies), help=policy_help,
+    )
+    parser.add_argument(
+        "--predictor", "--load-predictor", dest="predictor", default="constant",
+        choices=list(predictors), help="load predictor (default %(default)s)",
+    )
+    parser.add_argument(
+        "--interval", "--adjustment-interval", dest="interval",
+        default=f"{knob_default('adjustment_interval_s'):g}s",
+        help="adjustment interval: '30s', '1m' or bare seconds (default %(default)s)",
+    )
+    parser.add_argument(
+        "--ttft", default=f"{knob_default('ttft_target_s') * 1000:g}ms",
+        help="TTFT target with a unit, e.g. 100ms (default %(default)s)",
+    )
+    parser.add_argument(
+        "--itl", default=f"{knob_default('itl_target_s') * 1000:g}ms",
+        help="ITL target with a unit, e.g. 10ms (default %(default)s)",
+    )
+    parser.add_argument(
+        "--max-gpu-budget", type=int, default=knob_default("max_gpu_budget"),
+        help="GPUs at most, prefill and decode together (default %(default)s)",
+    )
+    parser.add_argument("--min-endpoint", type=int, default=knob_default("min_endpoint"))
+    parser.add_argument(
+        "--prefill-engine-gpus", "--prefill-engine-num-gpu", type=int,
+        dest="prefill_engine_gpus", default=knob_default("prefill_engine_gpus"),
+    )
+    parser.add_argument(
+        "--decode-engine-gpus", "--decode-engine-num-gpu", type=int,
+        dest="decode_engine_gpus", default=knob_default("decode_engine_gpus"),
+    )
+    parser.add_argument(
+        "--start-prefill", "--start-num-p", dest="start_prefill", type=int, default=1,
+        help="prefill replicas at the start (default 1)",
+    )
+    parser.add_argument(
+        "--start-decode", "--start-num-d", dest="start_decode", type=int, default=1,
+        help="decode replicas at the start (default 1)",
+    )
+    parser.add_argument(
+        "--enforce-gpu-budget", choices=["true", "false"],
+        default=str(enforce_gpu_budget).lower(),
+        help="the decider's guard where a policy's counts exceed the budget (default "
+        "%(default)s; false reproduces Dynamo's numbers exactly, over the budget if need be)",
+    )
+    parser.add_argument("--json", dest="json_out", help="write the result (JSON) here")
+    parser.add_argument("--plot", dest="plot_out", help="write a PNG of the run here")
+    parser.add_argument("--quiet", action="store_true", help="do not print the interval table")
+
+
+def planning_knobs(
+    args: argparse.Namespace, *, policy: str, no_correction: bool
+) -> DeploymentKnobs:
+    """The deployment's knobs from the options ``add_planning_arguments`` added; raises
+    ``ValueError`` naming each flag that is wrong."""
+    try:
+        return DeploymentKnobs.model_validate(
+            {
+                "profile_path": args.profile,
+                "policy": policy,
+                "ttft_target_s": args.ttft,
+                "itl_target_s": args.itl,
+                "adjustment_interval_s": args.interval,
+                "max_gpu_budget": args.max_gpu_budget,
+                "min_endpoint": args.min_endpoint,
+                "prefill_engine_gpus": args.prefill_engine_gpus,
+                "decode_engine_gpus": args.decode_engine_gpus,
+                "no_correction": no_correction,
+                "enforce_gpu_budget": args.enforce_gpu_budget == "true",
+            }
+        )
+    except ValidationError as exc:
+        problems = []
+        for item in exc.errors():
+            name = str(item["loc"][0]) if item["loc"] else ""
+            flag = _FLAG_OF_FIELD.get(name, name or "settings")
+            problems.append(f"{flag}: {item['msg'].removeprefix('Value error, ')}")
+        raise ValueError("; ".join(problems)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -438,22 +547,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Replay a request trace through a load predictor and a sizing policy, and "
         "report the replicas chosen per interval (as Dynamo's planner dry run does).",
     )
-    parser.add_argument("--trace", required=True, help="Mooncake .jsonl or Azure .csv trace")
-    parser.add_argument(
-        "--speedup", type=float, default=1.0, help="divide every arrival time by this (default 1)"
-    )
-    parser.add_argument(
-        "--profile",
-        "--profile-results-dir",
-        dest="profile",
-        default=_default("profile_path"),
-        help="profile directory or JSON file (default: the bundled H200 profile)",
-    )
-    parser.add_argument(
-        "--policy",
-        default=registry.DEFAULT_POLICY,
-        choices=registry.policy_names(),
-        help="sizing policy (default %(default)s, as the decider service)",
+    # The budget guard is off by default: the dry run reproduces Dynamo's reference numbers.
+    add_planning_arguments(
+        parser, policies=registry.policy_names(), default_policy=registry.DEFAULT_POLICY,
+        predictors=sorted(PREDICTORS), enforce_gpu_budget=False,
     )
     parser.add_argument(
         "--fast-path-interval",
@@ -461,73 +558,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="replay each interval as short snapshots of this length through the policy's fast "
         "path ('5s'; it must divide the interval; '0s' turns it off; dynamo has none)",
     )
-    parser.add_argument(
-        "--predictor",
-        "--load-predictor",
-        dest="predictor",
-        default="constant",
-        choices=sorted(PREDICTORS),
-        help="load predictor (default constant)",
-    )
-    parser.add_argument(
-        "--interval",
-        "--adjustment-interval",
-        dest="interval",
-        default=f"{_default('adjustment_interval_s'):g}s",
-        help="adjustment interval: '30s', '1m' or bare seconds (default %(default)s)",
-    )
-    parser.add_argument(
-        "--ttft",
-        default=f"{_default('ttft_target_s') * 1000:g}ms",
-        help="TTFT target with a unit, e.g. 100ms (default %(default)s)",
-    )
-    parser.add_argument(
-        "--itl",
-        default=f"{_default('itl_target_s') * 1000:g}ms",
-        help="ITL target with a unit, e.g. 10ms (default %(default)s)",
-    )
-    parser.add_argument("--max-gpu-budget", type=int, default=_default("max_gpu_budget"))
-    parser.add_argument("--min-endpoint", type=int, default=_default("min_endpoint"))
-    parser.add_argument(
-        "--prefill-engine-gpus",
-        "--prefill-engine-num-gpu",
-        type=int,
-        dest="prefill_engine_gpus",
-        default=_default("prefill_engine_gpus"),
-    )
-    parser.add_argument(
-        "--decode-engine-gpus",
-        "--decode-engine-num-gpu",
-        type=int,
-        dest="decode_engine_gpus",
-        default=_default("decode_engine_gpus"),
-    )
-    parser.add_argument(
-        "--start-prefill",
-        "--start-num-p",
-        dest="start_prefill",
-        type=int,
-        default=1,
-        help="prefill replicas in the first interval (default 1)",
-    )
-    parser.add_argument(
-        "--start-decode",
-        "--start-num-d",
-        dest="start_decode",
-        type=int,
-        default=1,
-        help="decode replicas in the first interval (default 1)",
-    )
-    parser.add_argument(
-        "--enforce-gpu-budget",
-        choices=["true", "false"],
-        default="false",
-        help="true: apply the service's guard where Dynamo's budget cut exceeds the budget; "
-        "false (default): reproduce Dynamo's numbers exactly and mark such intervals with '!'",
-    )
-    parser.add_argument("--json", dest="json_out", help="write the per-interval result here")
-    parser.add_argument("--plot", dest="plot_out", help="write a PNG of load and replicas here")
-    parser.add_argument("--quiet", action="store_true", help="do not print the table")
     return parser
 
 
@@ -541,26 +571,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{prog}: --start-prefill and --start-decode must be >= 0", file=sys.stderr)
         return 2
     try:
-        knobs = DeploymentKnobs.model_validate(
-            {
-                "profile_path": args.profile,
-                "policy": args.policy,
-                "ttft_target_s": args.ttft,
-                "itl_target_s": args.itl,
-                "adjustment_interval_s": args.interval,
-                "max_gpu_budget": args.max_gpu_budget,
-                "min_endpoint": args.min_endpoint,
-                "prefill_engine_gpus": args.prefill_engine_gpus,
-                "decode_engine_gpus": args.decode_engine_gpus,
-                "no_correction": True,
-                "enforce_gpu_budget": args.enforce_gpu_budget == "true",
-            }
-        )
-    except ValidationError as exc:
-        for item in exc.errors():
-            name = str(item["loc"][0]) if item["loc"] else ""
-            flag = _FLAG_OF_FIELD.get(name, name or "settings")
-            print(f"{prog}: {flag}: {item['msg'].removeprefix('Value error, ')}", file=sys.stderr)
+        knobs = planning_knobs(args, policy=args.policy, no_correction=True)
+    except ValueError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
         return 2
     try:
         trace = traces.load_trace(args.trace).sped_up(args.speedup)
