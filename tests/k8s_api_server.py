@@ -18,10 +18,11 @@ actuator relies on, exactly as a real API server answers them:
 - ``MicroTime`` fields (a Lease's ``acquireTime``/``renewTime``, an Event's ``eventTime``) must
   carry exactly six fractional digits, or the request answers 400 as a real server does.
 
-Tests can inject faults (the next N matching requests answer 500, 503, 409, 429, 403, 401, 404 or
-time out), plug in an authorizer (for instance one built from an RBAC Role), simulate controllers
-(status follows spec at once, or by hand), and read the log of every request (verb, path, content
-type, status) to assert on the exact calls a client made.
+Tests can inject faults (the next N matching requests, or every matching request for a period,
+answer 500, 503, 409, 429, 403, 401, 404 or time out, or are served and then never answered, as
+when a response is lost), plug in an authorizer (for instance one built from an RBAC Role),
+simulate controllers (status follows spec at once, or by hand), and read the log of every request
+(verb, path, content type, status) to assert on the exact calls a client made.
 """
 
 from __future__ import annotations
@@ -146,12 +147,23 @@ class RecordedRequest:
 
 @dataclass
 class Fault:
-    """Answer the next ``count`` matching requests with ``kind`` instead of serving them."""
+    """Answer the next ``count`` matching requests with ``kind`` instead of serving them; or, with
+    ``until`` (a ``time.monotonic()`` deadline), every matching request until then."""
 
-    kind: str  # "500", "503", "409", "429", "403", "401", "404" or "timeout"
+    # "500", "503", "409", "429", "403", "401", "404", "timeout" (no answer), or "lost-response"
+    # (the request is served, a write lands, and then no answer either)
+    kind: str
     count: int = 1
     method: str | None = None
     path_contains: str | None = None
+    until: float | None = None
+    served: int = 0  # requests answered with this fault so far
+    # Called (in the server's thread) each time the fault strikes; for "lost-response", once the
+    # request has been served: a test can kill the client between the write and its answer.
+    on_strike: Callable[[], None] | None = None
+
+    def active(self, now: float) -> bool:
+        return now < self.until if self.until is not None else self.count > 0
 
     def matches(self, method: str, path: str) -> bool:
         if self.method is not None and self.method != method:
@@ -532,10 +544,20 @@ class KubeApiServer:
         self.types[(rt.group, rt.version, rt.plural)] = rt
 
     def inject(self, kind: str, count: int = 1, method: str | None = None,
-               path_contains: str | None = None) -> None:
-        """The next ``count`` requests matching ``method``/``path_contains`` answer ``kind``."""
+               path_contains: str | None = None, for_s: float | None = None,
+               on_strike: Callable[[], None] | None = None) -> Fault:
+        """The next ``count`` requests matching ``method``/``path_contains`` answer ``kind``; with
+        ``for_s``, every matching request for that many seconds from now (``count`` unused)."""
+        until = None if for_s is None else time.monotonic() + for_s
+        fault = Fault(kind, count, method, path_contains, until, on_strike=on_strike)
         with self._lock:
-            self.faults.append(Fault(kind, count, method, path_contains))
+            self.faults.append(fault)
+        return fault
+
+    def clear_faults(self) -> None:
+        """Serve every request again from now on."""
+        with self._lock:
+            self.faults.clear()
 
     def add(self, rt: ResourceType, obj: JSON) -> JSON:
         """Store an object as if created by someone else (no request is logged)."""
@@ -607,8 +629,17 @@ class KubeApiServer:
             record.attributes = self._attributes(method, route, query)
             fault = self._take_fault(method, parts.path)
             if fault is not None:
-                if fault.kind == "timeout":
-                    record.status = -1
+                if fault.kind == "lost-response":
+                    try:
+                        with self._lock:
+                            record.status, _ = self._serve(method, route, query, content_type,
+                                                           body)
+                    except ApiError as error:
+                        record.status = error.code
+                if fault.on_strike is not None:
+                    fault.on_strike()
+                if fault.kind in ("timeout", "lost-response"):
+                    record.status = record.status or -1
                     return -1, None, {}
                 raise self._fault_error(fault, record.attributes, route)
             if self.authorizer is not None and not self.authorizer(record.attributes):
@@ -622,10 +653,13 @@ class KubeApiServer:
             return error.code, error.status(), error.headers
 
     def _take_fault(self, method: str, path: str) -> Fault | None:
+        now = time.monotonic()
         with self._lock:
             for fault in self.faults:
-                if fault.count > 0 and fault.matches(method, path):
-                    fault.count -= 1
+                if fault.active(now) and fault.matches(method, path):
+                    if fault.until is None:
+                        fault.count -= 1
+                    fault.served += 1
                     return fault
             return None
 

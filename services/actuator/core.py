@@ -511,6 +511,28 @@ class Actuator:
         self.memory[key] = memory
         self._remember(event.target_id, event.outcome)
 
+    def restore_unconfirmed(self, target: ReplicaTarget) -> None:
+        """Seed the memory from the last target in the stream when no ScaleEvent reports it
+        (call after ``restore``): the previous instance may have written it and died before
+        reporting. Replicas the cluster then shows at its numbers are this actuator's own
+        change, not someone else's to respect for ``external_change_hold_s``."""
+        key = target.deployment
+        memory = self.memory.get(key)
+        if memory is None or target.id in self._seen:
+            return  # nothing restored (first sight adopts anyway), or reported
+        if memory.last_window_end is not None and target.window_end < memory.last_window_end:
+            return
+        route = self.router.route(key)
+        if isinstance(route, str):
+            return
+        for role, asked in ((Role.PREFILL, target.prefill_replicas),
+                            (Role.DECODE, target.decode_replicas)):
+            replicas, _ = clamp(asked, *route.limits.bounds(role))
+            role_memory = memory.role(role)
+            memory = memory.with_role(role, replace(
+                role_memory, attempted=role_memory.attempted | {replicas}))
+        self.memory[key] = memory
+
     def _remember(self, target_id: str, outcome: Outcome) -> None:
         self._seen[target_id] = outcome
         self._seen.move_to_end(target_id)

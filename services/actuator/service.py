@@ -60,12 +60,16 @@ class NatsPublisher:
 
 
 async def restore(runtime: Runtime, actuator: Actuator) -> int:
-    """Feed the last ScaleEvent of every deployment to the actuator's memory."""
+    """Feed the last ScaleEvent of every deployment to the actuator's memory, then the last
+    target (one a previous instance may have written and died before reporting)."""
     count = 0
     async for msg in runtime.read_stream(SCALED, DeliverPolicy.LAST_PER_SUBJECT):
         with contextlib.suppress(ValueError, ValidationError):
             actuator.restore(ScaleEvent.from_json(msg.data))
             count += 1
+    async for msg in runtime.read_stream(CONSUMES, DeliverPolicy.LAST_PER_SUBJECT):
+        with contextlib.suppress(ValueError, ValidationError):
+            actuator.restore_unconfirmed(ReplicaTarget.from_json(msg.data))
     log.info("restored the last scale event of %d deployments from the stream", count)
     return count
 
