@@ -83,8 +83,31 @@ class Bench:
     skews: tuple[float, ...]
     max_gpu_budget: int
     decode_slice_s: float
-    warm_start: bool
+    warm_start: str  # "sla", "lower-bound" or "none" (see planning_config.toml)
     seed: int
+
+
+WARM_STARTS = ("sla", "lower-bound", "none")
+
+
+def _warm_start(value: object) -> str:
+    if value is True:
+        return "lower-bound"
+    if value is False:
+        return "none"
+    if value not in WARM_STARTS:
+        raise ValueError(f"warm_start must be one of {', '.join(WARM_STARTS)}, got {value!r}")
+    return str(value)
+
+
+@lru_cache(maxsize=32)
+def start_counts(bench: Bench, scenario: Scenario, skew: float) -> tuple[int, int] | None:
+    """The counts every policy but the static peak starts with (None: the loop's own rule)."""
+    if bench.warm_start != "sla":
+        return None
+    from bench import planning_feasibility  # it builds on this module
+
+    return planning_feasibility.sla_start_counts(bench, scenario, skew)
 
 
 def _duration(seconds: float) -> str:
@@ -126,7 +149,7 @@ def load_config(path: Path) -> Bench:
         skews=tuple(float(s) for s in defaults.get("perf_skews", [1.0, 1.2])),
         max_gpu_budget=int(defaults.get("max_gpu_budget", 32)),
         decode_slice_s=parse_duration_s(defaults.get("decode_slice", "250ms")),
-        warm_start=bool(defaults.get("warm_start", True)),
+        warm_start=_warm_start(defaults.get("warm_start", "sla")),
         seed=int(defaults.get("seed", 0)),
     )
 
@@ -176,11 +199,13 @@ def run_one(bench: Bench, scenario: Scenario, skew: float, policy: Policy) -> di
         seed=bench.seed,
         decode_slice_s=bench.decode_slice_s,
     )
+    start = start_counts(bench, scenario, skew)
     started = time.perf_counter()
     run = simulate(_trace(scenario), _profile(), setup, config, policy.planner,
-                   warm_start=bench.warm_start)
+                   warm_start=bench.warm_start != "none", start=start)
     row.update(run.scores)
     row["scaling_actions"] = run.scaling_actions
+    row["start_replicas"] = list(run.start)
     row["peak_lower_bound"] = list(run.needs.peak())
     row["wall_s"] = time.perf_counter() - started
     return row

@@ -657,17 +657,22 @@ def prepare(
     config: ClusterConfig,
     planner_name: str,
     warm_start: bool = False,
+    start: tuple[int, int] | None = None,
 ) -> tuple[ClusterConfig, metrics.IntervalNeeds]:
     """The cluster's start counts for a run, and the lower bound's needs.
 
     ``warm_start`` starts with what an oracle would have running at time 0 (the lower bound's
     most over the first startup delay), so that no policy pays for a cold start it could not
-    have avoided; the static planner always starts at its peak.
+    have avoided; ``start`` gives those counts instead (a caller's oracle that also keeps the
+    SLA, which the lower bound, without queueing, does not); the static planner always starts
+    at its peak.
     """
     needs = trace_needs(trace, profile, setup, config)
     if planner_name == "static":
         prefill, decode = needs.peak()
         config = replace(config, start_prefill=prefill, start_decode=decode)
+    elif start is not None:
+        config = replace(config, start_prefill=start[0], start_decode=start[1])
     elif warm_start:
         prefill, decode = needs.start_counts(config.startup_delay_s)
         config = replace(config, start_prefill=prefill, start_decode=decode)
@@ -683,11 +688,12 @@ def simulate(
     warm_start: bool = False,
     reactive: ReactiveSettings | None = None,
     max_intervals: int | None = None,
+    start: tuple[int, int] | None = None,
 ) -> LoopResult:
     """One run of ``planner_name`` (default: the setup's policy) on ``trace``."""
     name = planner_name or setup.policy
     trace = cut(trace, setup.interval_s, max_intervals)
-    config, needs = prepare(trace, profile, setup, config, name, warm_start)
+    config, needs = prepare(trace, profile, setup, config, name, warm_start, start)
     if name == "reactive":
         reactive = reactive_for(trace, profile, setup, reactive)
     planner = make_planner(name, setup, needs, reactive)

@@ -9,7 +9,8 @@ import pytest
 from services.decider import corrections, queueing, sizing, stabilise
 from services.decider.policy import Reason
 from services.decider.slaplanner_policy import at_confidence, ratio_bounds, split_gpu_budget
-from tests.test_slaplanner_policy_support import PROFILE, config
+from shared.messages import MetricSnapshot
+from tests.test_slaplanner_policy_support import PROFILE, config, snapshot
 
 
 def erlang_c_by_the_book(servers: int, load: float) -> float:
@@ -342,3 +343,45 @@ def test_arrival_burstiness_from_short_windows(
     # [0, 20, 0, ...]: 400 / 2 / 10 = 20
     dispersion, _ = sizing.arrival_cv2_from_counts(counts)
     assert dispersion == (None if expected is None else pytest.approx(expected))
+
+
+def _window(ttft_avg_s: float, ttft_p90_s: float | None, isl_p90: float | None) -> MetricSnapshot:
+    # 600 requests of ISL 3000 (about 60 ms of prefill each) in a minute on 4 engines: 15 %
+    # busy, so the M/M/c model sees almost no queueing and puts any excess on the engines.
+    return snapshot(60.0, requests=600.0, prefill=4, ttft_avg_s=ttft_avg_s,
+                    ttft_p90_s=ttft_p90_s, isl_p90=isl_p90)
+
+
+def test_the_ttft_p90_caps_the_prefill_slowdown_that_bunched_arrivals_would_inflate() -> None:
+    # Mean TTFT 0.12 s, twice the prefill time: the mean-TTFT model alone says 2x slower
+    # engines. But 90 % of the requests had their first token within 0.072 s, and none can be
+    # faster than its prefill (0.0605 s at ISL 3000, as profiled), so at most 0.072 / 0.0605:
+    # the excess of the mean is a few requests that queued behind a burst.
+    prefill_s = PROFILE.prefill.ttft_s(3000.0)
+    factor, detail = sizing.observed_prefill_factor(_window(0.12, 0.072, 3000.0), PROFILE,
+                                                    config())
+    assert detail["capped_from"] == pytest.approx(2.0, rel=0.05)
+    assert factor == pytest.approx(0.072 / prefill_s)
+
+
+@pytest.mark.parametrize(
+    ("ttft_p90_s", "isl_p90"),
+    [
+        pytest.param(0.5, 3000.0, id="a p90 that allows the model's slowdown does not bind"),
+        pytest.param(None, 3000.0, id="no TTFT p90: nothing to cap with"),
+        pytest.param(0.072, None, id="no ISL p90: nothing to cap with"),
+    ],
+)
+def test_the_mean_ttft_model_stands_when_the_p90_does_not_contradict_it(
+    ttft_p90_s: float | None, isl_p90: float | None
+) -> None:
+    factor, detail = sizing.observed_prefill_factor(_window(0.12, ttft_p90_s, isl_p90), PROFILE,
+                                                    config())
+    assert "capped_from" not in detail
+    assert factor == pytest.approx(2.0, rel=0.05)
+
+
+@pytest.mark.parametrize("mean", [1e300, math.inf])
+def test_a_runaway_mean_in_flight_is_covered_by_itself_not_a_crash(mean: float) -> None:
+    # scipy's Poisson inversion gives NaN this far out; the spread (sqrt(mean)) is nothing there.
+    assert queueing.poisson_quantile(mean, 0.9) == mean

@@ -296,3 +296,25 @@ def test_a_load_without_a_forecast_or_an_observation_is_sized_and_says_nothing_w
     )
     assert (decision.prefill_replicas, decision.decode_replicas) == (5, 3)
     assert "nothing to hold" in decision.explanation["note"]
+
+
+def test_bunched_arrivals_are_not_read_as_slow_engines_when_the_ttft_p90_says_otherwise() -> None:
+    # 1,800 requests in a minute on 5 engines (36 % busy): Poisson arrivals would hardly queue,
+    # yet the mean TTFT is twice the prefill time. Bunched arrivals or engines twice as slow? The
+    # p90 answers: 90 % of first tokens came within 1.15 x the prefill time, and no TTFT is
+    # shorter than its prefill, so the engines are at most 1.15 x slower.
+    prefill_s = PROFILE.prefill.ttft_s(3000.0)
+    window = {"ttft_avg_s": 2 * prefill_s, "itl_avg_s": 0.0056, "isl_p90": 3000.0}
+    seen_p90 = make_decider(ttft_target_s=0.5)
+    no_p90 = make_decider(ttft_target_s=0.5)
+    capped = seen_p90.decide(forecast(0, 1800.0, observed=snapshot(
+        0, 1800.0, 5, 3, ttft_p90_s=1.15 * prefill_s, **window)))
+    uncapped = no_p90.decide(forecast(0, 1800.0, observed=snapshot(0, 1800.0, 5, 3, **window)))
+    observed = capped.explanation["correction"]["prefill"]
+    assert observed["slowdown_cap"] == pytest.approx(1.15)
+    assert observed["capped_from"] > 1.6  # the mean-TTFT model alone: some wait, the rest slow
+    assert 1.0 < capped.explanation["correction"]["prefill_factor"] <= 1.15
+    assert uncapped.explanation["correction"]["prefill_factor"] > 1.4
+    # the need (before stabilisation holds the 5 running): fewer engines for the same load
+    need = [t.explanation["load"]["steps"][0]["prefill_replicas"] for t in (capped, uncapped)]
+    assert need[0] < need[1]

@@ -336,7 +336,33 @@ def observed_prefill_factor(
             "not slow engines"
         )
         return None, detail
+    cap = _slowdown_cap(observed, profile)
+    if cap is not None:
+        detail["slowdown_cap"] = cap
+        if factor > cap:
+            detail["capped_from"] = factor
+            factor = max(cap, knobs.correction_min)
     return factor, detail
+
+
+def _slowdown_cap(observed: MetricSnapshot, profile: Profile) -> float | None:
+    """The most the engines can be slowed down given the window's TTFT p90, whatever the queueing.
+
+    A request's TTFT is never shorter than its prefill time, and prefill time grows with the
+    prompt, so the window's TTFT p90 is at least ``k x`` the profiled prefill time at its ISL p90.
+    The mean-TTFT model cannot tell arrivals bunched within the window (which it does not see)
+    from slow engines; this bound holds either way.
+    """
+    ttft_p90, isl_p90 = observed.ttft_p90_s, observed.isl_p90
+    if (
+        ttft_p90 is None
+        or isl_p90 is None
+        or not observed.num_requests
+        or observed.num_requests < MIN_REQUESTS_FOR_SPREAD
+    ):
+        return None
+    prefill_p90 = profile.prefill.ttft_s(isl_p90)
+    return ttft_p90 / prefill_p90 if prefill_p90 > 0 else None
 
 
 def observed_decode_factor(
