@@ -204,6 +204,9 @@ class DecodeOperatingPoint:
         }
 
 
+_PREFILL_CACHE_SIZE = 4096
+
+
 class PrefillModel:
     """TTFT and throughput per GPU against ISL: Dynamo's cubic 1-D interpolation."""
 
@@ -215,6 +218,18 @@ class PrefillModel:
         self._thpt = interpolate.interp1d(
             points.isl_tokens, points.thpt_tokens_per_s_per_gpu, kind="cubic"
         )
+        # A planner asks for the same few ISLs many times per decision; an interp1d call costs
+        # tens of microseconds, a dict hit well under one, with the very same floats.
+        self._cache: dict[float, tuple[float, float]] = {}
+
+    def _at(self, isl_tokens: float) -> tuple[float, float]:
+        hit = self._cache.get(isl_tokens)
+        if hit is None:
+            if len(self._cache) >= _PREFILL_CACHE_SIZE:
+                self._cache.clear()
+            hit = float(self._ttft(isl_tokens)), float(self._thpt(isl_tokens))
+            self._cache[isl_tokens] = hit
+        return hit
 
     def clamp_isl(self, isl_tokens: float) -> tuple[float, IslClamp]:
         """Outside the profiled range a cubic spline extrapolates wildly; Dynamo clamps."""
@@ -226,12 +241,13 @@ class PrefillModel:
 
     def estimate(self, isl_tokens: float) -> PrefillEstimate:
         used, clamp = self.clamp_isl(isl_tokens)
+        ttft_s, thpt = self._at(used)
         return PrefillEstimate(
             isl_tokens=float(isl_tokens),
             isl_used_tokens=used,
             clamp=clamp,
-            ttft_s=float(self._ttft(used)),
-            thpt_tokens_per_s_per_gpu=float(self._thpt(used)),
+            ttft_s=ttft_s,
+            thpt_tokens_per_s_per_gpu=thpt,
         )
 
     def ttft_s(self, isl_tokens: float) -> float:
