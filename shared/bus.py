@@ -97,16 +97,34 @@ def stream_config(settings: ServiceSettings) -> StreamConfig:
     )
 
 
+# What stream_config sets, and what it never wants: a subject transform, a republish, a source or
+# a mirror would route messages somewhere a reader does not expect (a forecast stored as a target).
+_PINNED_FIELDS = ("subjects", "retention", "storage", "discard", "max_age", "max_bytes",
+                  "duplicate_window")
+_UNWANTED_FIELDS = ("subject_transform", "republish", "sources", "mirror")
+
+
+def stream_matches(current: StreamConfig, wanted: StreamConfig) -> bool:
+    return (all(getattr(current, f) == getattr(wanted, f) for f in _PINNED_FIELDS)
+            and not any(getattr(current, f) for f in _UNWANTED_FIELDS))
+
+
 async def ensure_stream(js: JetStreamContext, settings: ServiceSettings) -> None:
-    """Create the stream, or bring an existing one to the configured limits."""
+    """Create the stream, or bring an existing one back to the configured limits.
+
+    A stream that already matches is left alone, so that the services' NATS users need no right
+    to update streams (a right that would let one of them re-route the others' subjects).
+    """
     config = stream_config(settings)
     try:
-        await js.stream_info(settings.stream_name)
+        info = await js.stream_info(settings.stream_name)
     except NotFoundError:
         await js.add_stream(config)
         log.info("created stream %s for %s", settings.stream_name, STREAM_SUBJECTS)
         return
-    await js.update_stream(config)
+    if not stream_matches(info.config, config):
+        await js.update_stream(config)
+        log.info("updated stream %s to the configured limits", settings.stream_name)
 
 
 async def publish(js: JetStreamContext, message: Envelope) -> None:

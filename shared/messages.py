@@ -30,7 +30,17 @@ MAX_REPLICAS = 10_000
 # single NATS subject token (no dots, spaces or wildcards).
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
 
+# What one window can hold at most: a trillion requests, tokens or seconds is beyond any
+# deployment and far below where the forecasters' arithmetic overflows (squares of 1e308 are
+# infinite, and one such snapshot would spoil every later forecast of its deployment).
+MAX_OBSERVED = 1e12
+# The shortest window: the forecast has one step per window up to the horizon, so a window of
+# microseconds would ask for millions of steps (minutes of CPU, gigabytes); at 0.1 s the default
+# 300 s horizon is 3,000 steps, a forecast of about 0.6 MB.
+MIN_WINDOW_S = 0.1
+
 NonNegative = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
+Observed = Annotated[float, Field(ge=0.0, le=MAX_OBSERVED, allow_inf_nan=False)]
 Positive = Annotated[float, Field(gt=0.0, allow_inf_nan=False)]
 EpochSeconds = Annotated[float, Field(ge=0.0, le=1.0e11, allow_inf_nan=False)]
 ReplicaCount = Annotated[int, Field(ge=0, le=MAX_REPLICAS)]
@@ -67,6 +77,13 @@ class Envelope(_Frozen):
     deployment: DeploymentKey
     window_end: EpochSeconds = Field(description="end of the interval described, epoch seconds UTC")
     window_s: Positive = Field(default=60.0, le=86_400.0, description="interval length, seconds")
+
+    @field_validator("window_s")
+    @classmethod
+    def _window_long_enough(cls, value: float) -> float:
+        if value < MIN_WINDOW_S:
+            raise ValueError(f"window_s {value:g} is shorter than {MIN_WINDOW_S:g} s")
+        return value
 
     @field_validator("schema_version", mode="before")
     @classmethod
@@ -109,22 +126,22 @@ class MetricSnapshot(Envelope):
     subject_pattern: ClassVar[str] = METRICS_SUBJECT
     source: str = Field(default="nats", max_length=64, description="prometheus, scrape, trace, ...")
     stale: bool = Field(default=False, description="true when the source could not be read")
-    num_requests: NonNegative | None = Field(
+    num_requests: Observed | None = Field(
         default=None, description="requests in the window (increase of the counter), not a rate"
     )
-    isl_avg: NonNegative | None = Field(default=None, description="mean input tokens per request")
-    osl_avg: NonNegative | None = Field(default=None, description="mean output tokens per request")
-    isl_p90: NonNegative | None = Field(default=None, description="90th pct input tokens")
-    osl_p90: NonNegative | None = Field(default=None, description="90th pct output tokens")
-    ttft_avg_s: NonNegative | None = None
-    itl_avg_s: NonNegative | None = None
-    request_duration_avg_s: NonNegative | None = None
-    ttft_p90_s: NonNegative | None = None
-    itl_p90_s: NonNegative | None = None
-    ttft_p99_s: NonNegative | None = None
-    itl_p99_s: NonNegative | None = None
-    requests_running: NonNegative | None = Field(default=None, description="requests in flight")
-    requests_waiting: NonNegative | None = Field(default=None, description="requests queued")
+    isl_avg: Observed | None = Field(default=None, description="mean input tokens per request")
+    osl_avg: Observed | None = Field(default=None, description="mean output tokens per request")
+    isl_p90: Observed | None = Field(default=None, description="90th pct input tokens")
+    osl_p90: Observed | None = Field(default=None, description="90th pct output tokens")
+    ttft_avg_s: Observed | None = None
+    itl_avg_s: Observed | None = None
+    request_duration_avg_s: Observed | None = None
+    ttft_p90_s: Observed | None = None
+    itl_p90_s: Observed | None = None
+    ttft_p99_s: Observed | None = None
+    itl_p99_s: Observed | None = None
+    requests_running: Observed | None = Field(default=None, description="requests in flight")
+    requests_waiting: Observed | None = Field(default=None, description="requests queued")
     kv_cache_usage: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] | None = None
     prefill_workers: ReplicaCount | None = None
     decode_workers: ReplicaCount | None = None

@@ -1,0 +1,518 @@
+"""Who may do what, on real servers: deploy/'s NATS users, TLS with a generated CA, and forged
+targets at an actuator that may touch only what its allowlist names.
+
+The NATS server runs deploy/base/nats/auth.conf as shipped, with fresh passwords in its
+environment as the StatefulSet gives them; the services run as real processes under their own
+users, and the actuator scales DynamoGraphDeployments on the Kubernetes API test server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import ssl
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nats
+import nats.errors
+import nats.js.errors
+import pytest
+import trustme
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js.api import ConsumerConfig, DeliverPolicy, SubjectTransform
+
+from shared import bus, embedded_nats
+from shared.messages import (
+    DeploymentKey,
+    LoadForecast,
+    MetricSnapshot,
+    Outcome,
+    ReplicaTarget,
+    ScaleEvent,
+    derived_id,
+)
+from shared.service_settings import ServiceSettings
+from tests import k8s_api_server as srv
+from tests.conftest import REPO, ServiceProcess
+from tests.conftest_k8s import dgd
+
+AUTH_CONF = REPO / "deploy" / "base" / "nats" / "auth.conf"
+SERVICES = ("collector", "forecaster", "decider", "actuator")
+USERS = (*SERVICES, "admin")
+STREAM = ServiceSettings().stream_name
+TARGETS = "slaplanner.target.>"
+LLAMA = DeploymentKey(namespace="prod", name="llama")
+T0 = 1_732_345_200.0
+
+
+@dataclass
+class Bus:
+    url: str
+    passwords: dict[str, str]
+    ca_file: Path | None = None
+
+    def settings(self, user: str) -> ServiceSettings:
+        return ServiceSettings(nats_url=[self.url], nats_user=user,
+                               nats_password=self.passwords[user],
+                               nats_tls_ca_file=str(self.ca_file) if self.ca_file else None)
+
+
+def start_deploy_nats(store: Path, auth_conf: str) -> tuple[embedded_nats.NatsServer, Bus]:
+    """nats-server with this authorization block, its passwords in the environment as in the
+    pod (the file names them as $NATS_<USER>_PASSWORD)."""
+    passwords = {user: secrets.token_hex(16) for user in USERS}
+    with pytest.MonkeyPatch.context() as env:
+        for user, password in passwords.items():
+            env.setenv(f"NATS_{user.upper()}_PASSWORD", password)
+        server = embedded_nats.start(store, extra_config=auth_conf)
+    return server, Bus(server.url, passwords)
+
+
+@pytest.fixture
+def deploy_bus(tmp_path: Path) -> Iterator[Bus]:
+    server, running = start_deploy_nats(tmp_path / "nats", AUTH_CONF.read_text())
+    try:
+        yield running
+    finally:
+        server.stop()
+
+
+@dataclass
+class Client:
+    nc: NATS
+    errors: list[str] = field(default_factory=list)
+
+    async def refused(self) -> bool:
+        """Whether the server answered what was sent so far with a permissions violation."""
+        await self.nc.flush(timeout=5)
+        await asyncio.sleep(0.05)  # the error callback runs as its own task
+        found = any("permissions violation" in e.lower() for e in self.errors)
+        self.errors.clear()
+        return found
+
+
+@contextlib.asynccontextmanager
+async def connected(settings: ServiceSettings, name: str = "test") -> AsyncIterator[Client]:
+    """A client made from a service's settings by shared.bus, failing at once if refused."""
+    client = Client(nc=NATS())
+
+    async def on_error(exc: Exception) -> None:
+        client.errors.append(str(exc))
+
+    options = bus.connect_options(settings, name)
+    options.update(allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=3)
+    await client.nc.connect(**options, error_cb=on_error)
+    try:
+        yield client
+    finally:
+        with contextlib.suppress(Exception):
+            await client.nc.close()
+
+
+async def stored_on(nc: NATS, subject: str) -> list[bytes]:
+    """What the stream holds on a subject, read by an ephemeral pull consumer."""
+    js = nc.jetstream()
+    sub = await js.pull_subscribe(subject, stream=STREAM, config=ConsumerConfig(
+        deliver_policy=DeliverPolicy.ALL, inactive_threshold=30.0))
+    bodies: list[bytes] = []
+    pending = (await sub.consumer_info()).num_pending or 0
+    while len(bodies) < pending:
+        bodies.extend(m.data for m in await sub.fetch(batch=pending - len(bodies), timeout=5))
+    await sub.unsubscribe()
+    return bodies
+
+
+def forged_target(key: DeploymentKey, replicas: int = 40, window_end: float = T0) -> ReplicaTarget:
+    return ReplicaTarget(deployment=key, window_end=window_end, policy="forged",
+                         prefill_replicas=replicas, decode_replicas=replicas)
+
+
+# --------------------------------------------------------------------------- NATS users
+
+
+@pytest.mark.parametrize("user", ["collector", "forecaster", "actuator"])
+async def test_another_services_user_cannot_put_a_replica_target_in_the_stream(
+    deploy_bus: Bus, user: str
+) -> None:
+    async with connected(deploy_bus.settings("admin")) as admin:
+        await bus.ensure_stream(admin.nc.jetstream(), ServiceSettings())
+    target = forged_target(LLAMA)
+    async with connected(deploy_bus.settings(user), user) as client:
+        await client.nc.publish(target.subject(), target.to_json())
+        assert await client.refused(), f"{user} may publish {target.subject()}"
+        # Through JetStream the publication is dropped the same way; no ack ever comes.
+        with pytest.raises((nats.errors.TimeoutError, nats.errors.NoRespondersError)):
+            await client.nc.jetstream(timeout=1.0).publish(
+                target.subject(), target.to_json(), headers={"Nats-Msg-Id": target.id})
+        assert await client.refused()
+        # Nor may it read the targets as they pass.
+        await client.nc.subscribe(TARGETS)
+        assert await client.refused() == (user != "actuator")
+    async with connected(deploy_bus.settings("decider"), "decider") as decider:
+        await bus.publish(decider.nc.jetstream(), forged_target(LLAMA, 2, T0 + 60))
+        assert not await decider.refused(), "the decider publishes targets"
+    async with connected(deploy_bus.settings("admin")) as admin:
+        stored = [ReplicaTarget.from_json(b) for b in await stored_on(admin.nc, TARGETS)]
+    assert [t.window_end for t in stored] == [T0 + 60], "only the decider's target is stored"
+
+
+async def reroute_forecasts_into_targets(client: Client) -> None:
+    """What a service's user could try with JetStream's API: store forecasts as targets."""
+    js = client.nc.jetstream(timeout=1.0)
+    config = (await js.stream_info(STREAM)).config
+    config.subject_transform = SubjectTransform(src="slaplanner.forecast.>",
+                                                dest="slaplanner.target.>")
+    with contextlib.suppress(nats.errors.TimeoutError, nats.js.errors.Error):
+        await js.update_stream(config)
+    target = forged_target(LLAMA)
+    with contextlib.suppress(nats.errors.TimeoutError, nats.js.errors.Error):
+        await js.publish("slaplanner.forecast.prod.llama", target.to_json())
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "deploy/base/nats/auth.conf allows $JS.API.STREAM.UPDATE to every service user, so the "
+    "forecaster can add a subject transform that stores its forecasts as targets; denying "
+    "$JS.API.STREAM.UPDATE.> closes it (see the next test)"))
+async def test_the_forecasters_user_cannot_reroute_its_subject_into_the_targets(
+    deploy_bus: Bus,
+) -> None:
+    async with connected(deploy_bus.settings("admin")) as admin:
+        await bus.ensure_stream(admin.nc.jetstream(), ServiceSettings())
+    async with connected(deploy_bus.settings("forecaster"), "forecaster") as forecaster:
+        await reroute_forecasts_into_targets(forecaster)
+    async with connected(deploy_bus.settings("admin")) as admin:
+        assert await stored_on(admin.nc, TARGETS) == []
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "deploy/base/nats/auth.conf gives every service user all of $JS.API.>: subscribe permissions "
+    "do not apply to a JetStream consumer, whose messages come back on the user's _INBOX"))
+async def test_the_collectors_user_cannot_read_the_targets_through_a_consumer(
+    deploy_bus: Bus,
+) -> None:
+    async with connected(deploy_bus.settings("decider"), "decider") as decider:
+        await bus.ensure_stream(decider.nc.jetstream(), ServiceSettings())
+        await bus.publish(decider.nc.jetstream(), forged_target(LLAMA))
+    async with connected(deploy_bus.settings("collector"), "collector") as collector:
+        try:
+            read = await stored_on(collector.nc, TARGETS)
+        except (nats.errors.TimeoutError, nats.js.errors.Error):
+            read = []  # refused, or never answered
+    assert read == []
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "deploy/base/nats/auth.conf lets every service user delete any consumer "
+    "($JS.API.CONSUMER.DELETE.>), e.g. the actuator's durable one"))
+async def test_the_collectors_user_cannot_delete_the_actuators_consumer(deploy_bus: Bus) -> None:
+    async with connected(deploy_bus.settings("actuator"), "actuator") as actuator:
+        js = actuator.nc.jetstream()
+        await bus.ensure_stream(js, ServiceSettings())
+        await js.pull_subscribe(TARGETS, durable="actuator", stream=STREAM)
+    async with connected(deploy_bus.settings("collector"), "collector") as collector:
+        with contextlib.suppress(nats.errors.TimeoutError, nats.js.errors.Error):
+            await collector.nc.jetstream(timeout=1.0).delete_consumer(STREAM, "actuator")
+    async with connected(deploy_bus.settings("admin")) as admin:
+        info = await admin.nc.jetstream().consumer_info(STREAM, "actuator")
+        assert info.name == "actuator"
+
+
+def auth_conf_without_stream_updates() -> str:
+    """deploy's auth.conf with one more deny for every service: updating a stream."""
+    text = AUTH_CONF.read_text()
+    denied = '"$JS.API.STREAM.DELETE.>"'
+    assert text.count(denied) == len(SERVICES)
+    return text.replace(denied, f'"$JS.API.STREAM.UPDATE.>", {denied}')
+
+
+async def test_with_stream_updates_denied_the_reroute_fails_and_services_still_start(
+    tmp_path: Path,
+) -> None:
+    server, running = start_deploy_nats(tmp_path / "nats", auth_conf_without_stream_updates())
+    try:
+        async with connected(running.settings("forecaster"), "forecaster") as forecaster:
+            # The first service to start creates the stream; the others find it as configured
+            # and, with bus.ensure_stream, need no right to update it.
+            await bus.ensure_stream(forecaster.nc.jetstream(), ServiceSettings())
+            for user in SERVICES:
+                async with connected(running.settings(user), user) as client:
+                    await bus.ensure_stream(client.nc.jetstream(), ServiceSettings())
+                    assert not await client.refused(), user
+            await reroute_forecasts_into_targets(forecaster)
+            assert await forecaster.refused()
+        async with connected(running.settings("admin")) as admin:
+            assert await stored_on(admin.nc, TARGETS) == []
+            info = await admin.nc.jetstream().stream_info(STREAM)
+            assert info.config.subject_transform is None
+    finally:
+        server.stop()
+
+
+async def test_a_rerouted_stream_is_put_back_by_the_next_service_that_may_update_it(
+    deploy_bus: Bus,
+) -> None:
+    async with connected(deploy_bus.settings("admin")) as admin:
+        js = admin.nc.jetstream()
+        await bus.ensure_stream(js, ServiceSettings())
+        config = (await js.stream_info(STREAM)).config
+        config.subject_transform = SubjectTransform(src="slaplanner.forecast.>",
+                                                    dest="slaplanner.target.>")
+        await js.update_stream(config)
+        assert not bus.stream_matches((await js.stream_info(STREAM)).config,
+                                      bus.stream_config(ServiceSettings()))
+        await bus.ensure_stream(js, ServiceSettings())
+        assert (await js.stream_info(STREAM)).config.subject_transform is None
+
+
+async def test_a_client_without_valid_credentials_can_do_nothing(deploy_bus: Bus) -> None:
+    for user, password in ((None, None), ("forecaster", "guess"),
+                           ("nobody", deploy_bus.passwords["admin"])):
+        settings = ServiceSettings(nats_url=[deploy_bus.url], nats_user=user,
+                                   nats_password=password)
+        with pytest.raises((nats.errors.Error, OSError)) as refused:
+            async with connected(settings):
+                pass
+        assert "authorization violation" in str(refused.value).lower() or isinstance(
+            refused.value, nats.errors.NoServersError), refused.value
+    # A service started without credentials keeps trying (it never gives up on the bus) but is
+    # never let in.
+    settings = ServiceSettings(nats_url=[deploy_bus.url], nats_reconnect_wait_s=0.1)
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(bus.connect(settings, "anonymous"), timeout=2.0)
+
+
+# ------------------------------------------------- the services under their users, over TLS
+
+
+@dataclass
+class Certificates:
+    ca_file: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+
+@pytest.fixture(scope="module")
+def certificates(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
+    """A throwaway CA, a server certificate for 127.0.0.1 and a client certificate."""
+    folder = tmp_path_factory.mktemp("tls")
+    ca = trustme.CA()
+    server = ca.issue_cert("127.0.0.1", "localhost")
+    client = ca.issue_cert("slaplanner-forecaster")
+    found = Certificates(*(folder / n for n in ("ca.pem", "server.pem", "server.key",
+                                                 "client.pem", "client.key")))
+    ca.cert_pem.write_to_path(str(found.ca_file))
+    server.private_key_pem.write_to_path(str(found.server_key))
+    client.private_key_pem.write_to_path(str(found.client_key))
+    for leaf, path in ((server, found.server_cert), (client, found.client_cert)):
+        path.write_bytes(b"".join(pem.bytes() for pem in leaf.cert_chain_pems))
+    return found
+
+
+def tls_block(certs: Certificates, verify_clients: bool) -> str:
+    verify = f'  ca_file: "{certs.ca_file}"\n  verify: true\n' if verify_clients else ""
+    return (f'tls {{\n  cert_file: "{certs.server_cert}"\n  key_file: "{certs.server_key}"\n'
+            f"{verify}  timeout: 5\n}}\n")
+
+
+
+
+@dataclass
+class Seen:
+    """Messages on slaplanner.> as the admin sees them."""
+
+    bodies: dict[str, list[bytes]] = field(default_factory=dict)
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def on_message(self, msg: Msg) -> None:
+        self.bodies.setdefault(msg.subject, []).append(msg.data)
+        self.arrived.set()
+
+    def events(self) -> list[ScaleEvent]:
+        return [ScaleEvent.from_json(b) for s, bodies in self.bodies.items()
+                if s.startswith("slaplanner.scaled.") for b in bodies]
+
+    async def event_for(self, target_id: str, timeout_s: float = 60.0) -> ScaleEvent:
+        async def found() -> ScaleEvent:
+            while True:
+                for event in self.events():
+                    if event.target_id == target_id:
+                        return event
+                self.arrived.clear()
+                await self.arrived.wait()
+
+        return await asyncio.wait_for(found(), timeout_s)
+
+
+ALLOWLIST_MAPPING = {
+    "allow": [{"namespace": "prod", "kind": "DynamoGraphDeployment", "name": "llama"}],
+    "deployment": [
+        {"namespace": "prod", "name": "llama", "backend": "dynamo"},
+        # The allowed name, but as a Deployment: another kind than the allowlist names.
+        {"namespace": "prod", "name": "llama-as-deployment", "backend": "scale",
+         "scale": {"prefill": {"kind": "Deployment", "name": "llama"},
+                   "decode": {"kind": "Deployment", "name": "llama-decode"}}},
+    ],
+}
+
+
+async def test_services_work_under_their_own_users_over_tls_and_forged_targets_patch_nothing(
+    certificates: Certificates, tmp_path: Path
+) -> None:
+    # deploy's users and permissions, and TLS with the generated CA on the same server
+    server, deploy_bus = start_deploy_nats(
+        tmp_path / "nats", AUTH_CONF.read_text() + tls_block(certificates, verify_clients=False))
+    deploy_bus.ca_file = certificates.ca_file
+    try:
+        await run_services_and_forge_targets(deploy_bus, tmp_path)
+    finally:
+        server.stop()
+
+
+async def run_services_and_forge_targets(deploy_bus: Bus, tmp_path: Path) -> None:
+    mapping = tmp_path / "actuator.json"
+    mapping.write_text(json.dumps(ALLOWLIST_MAPPING))
+    with srv.KubeApiServer() as k8s:
+        k8s.add(srv.DGDS, dgd("llama", 1, 1))
+        k8s.add(srv.DGDS, dgd("evil", 1, 1))
+        k8s.add(srv.DGDS, dgd("llama", 1, 1, namespace="staging"))
+        k8s.add(srv.DEPLOYMENTS, {"metadata": {"name": "llama", "namespace": "prod"},
+                                  "spec": {"replicas": 1}})
+        base_env = {
+            **os.environ, "SLAPLANNER_NATS_URL": deploy_bus.url,
+            "SLAPLANNER_HTTP_HOST": "127.0.0.1", "SLAPLANNER_HTTP_PORT": "0",
+            "SLAPLANNER_NATS_RECONNECT_WAIT_S": "200ms", "PYTHONUNBUFFERED": "1",
+            "SLAPLANNER_NATS_TLS_CA_FILE": str(deploy_bus.ca_file),
+        }
+        actuator_env = {
+            "SLAPLANNER_BACKEND": "dynamo", "SLAPLANNER_CONFIG_FILE": str(mapping),
+            "SLAPLANNER_KUBE_API_URL": k8s.url, "SLAPLANNER_LEADER_ELECTION": "off",
+            "SLAPLANNER_KUBE_RETRY_ATTEMPTS": "1",
+        }
+        procs = [
+            ServiceProcess(name, {**base_env, "SLAPLANNER_NATS_USER": name,
+                                  "SLAPLANNER_NATS_PASSWORD": deploy_bus.passwords[name],
+                                  **(actuator_env if name == "actuator" else {})}, tmp_path)
+            for name in ("forecaster", "decider", "actuator")
+        ]
+
+        def logs() -> str:
+            return "\n".join(f"--- {p.name}\n{p.log()[-3000:]}" for p in procs)
+
+        seen = Seen()
+        try:
+            for proc in procs:
+                proc.start()
+            async with connected(deploy_bus.settings("admin")) as admin, \
+                    connected(deploy_bus.settings("collector"), "collector") as collector, \
+                    connected(deploy_bus.settings("decider"), "decider") as decider:
+                await admin.nc.subscribe("slaplanner.>", cb=seen.on_message)
+                js = admin.nc.jetstream()
+                for _ in range(600):
+                    with contextlib.suppress(nats.errors.Error, nats.js.errors.Error):
+                        names = {c.name for c in await js.consumers_info(STREAM)}
+                        if {"forecaster", "decider", "actuator"} <= names:
+                            break
+                    await asyncio.sleep(0.05)
+                else:
+                    raise AssertionError(f"services not ready:\n{logs()}")
+
+                # Each service under its own user: a snapshot from the collector's user becomes
+                # a forecast, a target and a PATCH of the allowed DGD.
+                snapshot = MetricSnapshot(deployment=LLAMA, window_end=T0, num_requests=12_000.0,
+                                          isl_avg=3000.0, osl_avg=300.0)
+                await bus.publish(collector.nc.jetstream(), snapshot)
+                target_id = derived_id("target", derived_id("forecast", snapshot.id))
+                try:
+                    applied = await seen.event_for(target_id)
+                except TimeoutError:
+                    raise AssertionError(f"no ScaleEvent:\n{logs()}") from None
+                assert applied.outcome is Outcome.APPLIED, applied
+                patched = {r.path for r in k8s.requests if r.method == "PATCH"}
+                assert patched == {
+                    "/apis/nvidia.com/v1alpha1/namespaces/prod/dynamographdeployments/llama"}
+                assert LoadForecast.from_json(seen.bodies["slaplanner.forecast.prod.llama"][0])
+
+                # Forged targets, with the credentials that may publish targets.
+                forged = {
+                    "a deployment outside the allowlist": forged_target(
+                        DeploymentKey(namespace="prod", name="evil")),
+                    "the allowed name in another namespace": forged_target(
+                        DeploymentKey(namespace="staging", name="llama")),
+                    "the allowed name as another kind": forged_target(
+                        DeploymentKey(namespace="prod", name="llama-as-deployment")),
+                }
+                for target in forged.values():
+                    await bus.publish(decider.nc.jetstream(), target)
+                for case, target in forged.items():
+                    event = await seen.event_for(target.id)
+                    assert event.outcome is Outcome.REFUSED, (case, event)
+                    assert event.reason is not None and "not in the allowlist" in event.reason, (
+                        case, event.reason)
+                assert {r.path for r in k8s.requests if r.method == "PATCH"} == patched
+                assert not await collector.refused() and not await decider.refused()
+            for proc in procs:
+                assert proc.stop() == 0, logs()
+            assert "permissions violation" not in logs().lower(), logs()
+        finally:
+            for proc in procs:
+                if proc.process is not None and proc.process.poll() is None:
+                    proc.process.kill()
+                    proc.process.wait()
+
+
+# --------------------------------------------------------------------------- TLS refusals
+
+
+@contextlib.contextmanager
+def tls_nats(tmp_path: Path, certs: Certificates,
+             verify_clients: bool = False) -> Iterator[embedded_nats.NatsServer]:
+    server = embedded_nats.start(tmp_path / "tls-nats",
+                                 extra_config=tls_block(certs, verify_clients))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+async def test_a_client_that_does_not_trust_the_ca_is_refused(
+    certificates: Certificates, tmp_path: Path
+) -> None:
+    with tls_nats(tmp_path, certificates) as server:
+        # No CA given: shared.bus leaves verification to the system's CAs, which do not know ours.
+        with pytest.raises((ssl.SSLError, nats.errors.Error, OSError)):
+            async with connected(ServiceSettings(nats_url=[server.url])):
+                pass
+        other_ca = tmp_path / "other-ca.pem"
+        trustme.CA().cert_pem.write_to_path(str(other_ca))
+        with pytest.raises((ssl.SSLError, nats.errors.Error, OSError)):
+            async with connected(ServiceSettings(nats_url=[server.url],
+                                                 nats_tls_ca_file=str(other_ca))):
+                pass
+
+
+async def test_mutual_tls_lets_in_a_client_certificate_of_the_ca_and_no_other_client(
+    certificates: Certificates, tmp_path: Path
+) -> None:
+    with tls_nats(tmp_path, certificates, verify_clients=True) as server:
+        with_certificate = ServiceSettings(
+            nats_url=[server.url], nats_tls_ca_file=str(certificates.ca_file),
+            nats_tls_cert_file=str(certificates.client_cert),
+            nats_tls_key_file=str(certificates.client_key))
+        async with connected(with_certificate) as client:
+            sub = await client.nc.subscribe("mtls.check")
+            await client.nc.publish("mtls.check", b"ok")
+            assert (await sub.next_msg(timeout=5)).data == b"ok"
+        without = ServiceSettings(nats_url=[server.url],
+                                  nats_tls_ca_file=str(certificates.ca_file))
+        with pytest.raises((ssl.SSLError, nats.errors.Error, OSError)):
+            async with connected(without) as client:
+                # Some TLS stacks report a missing client certificate only on the first read.
+                await client.nc.flush(timeout=3)
