@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 import threading
@@ -43,12 +44,25 @@ Handler = Callable[[E], Awaitable[Iterable[Envelope] | None]]
 # A gate says whether this instance should take work now (a follower of a leader election
 # should not); it is asked before every fetch.
 Gate = Callable[[], Awaitable[bool]]
+# Messages with the same ordering key are handled one at a time in delivery order; messages with
+# different keys are handled side by side (e.g. the key is the deployment of the subject).
+OrderingKey = Callable[[Msg], str]
+# Whether this instance owns a subject; a message it does not own is acked unread, because
+# another instance (with its own durable consumer) handles it.
+Owns = Callable[[str], bool]
+
+# How long the server waits for an ack before it redelivers, seconds.
+ACK_WAIT_S = 60.0
 
 MESSAGES_RECEIVED = prometheus_client.Counter(
     "slaplanner_messages_received", "Bodies received from the bus", ["service", "subject_family"]
 )
 MESSAGES_PUBLISHED = prometheus_client.Counter(
     "slaplanner_messages_published", "Messages published to the bus", ["service", "subject_family"]
+)
+MESSAGES_SKIPPED = prometheus_client.Counter(
+    "slaplanner_messages_skipped", "Bodies acked unread because another replica owns them",
+    ["service", "subject_family"],
 )
 MESSAGES_REJECTED = prometheus_client.Counter(
     "slaplanner_messages_rejected", "Bodies refused, by kind of fault", ["service", "kind"]
@@ -165,19 +179,31 @@ class Runtime:
         durable: str | None = None,
         batch: int = 32,
         gate: Gate | None = None,
+        ordered_by: OrderingKey | None = None,
+        max_in_flight: int = 1,
+        owns: Owns | None = None,
     ) -> None:
-        """Feed each valid body on ``subject_filter`` to ``handler`` until stopped."""
+        """Feed each valid body on ``subject_filter`` to ``handler`` until stopped.
+
+        By default one message at a time. With ``ordered_by``, up to ``max_in_flight`` messages
+        are handled at once: those of one key strictly in delivery order, those of different keys
+        side by side, each acked only after its outputs are published. With ``owns``, a message
+        on a subject this instance does not own is acked unread.
+        """
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
         durable = durable or self.name
         config = ConsumerConfig(
             durable_name=durable,
             ack_policy=AckPolicy.EXPLICIT,
             deliver_policy=DeliverPolicy.NEW,
-            ack_wait=60.0,
+            ack_wait=ACK_WAIT_S,
             max_ack_pending=1000,
         )
         sub = await self.js.pull_subscribe(
             subject_filter, durable=durable, stream=self.settings.stream_name, config=config
         )
+        in_flight = _PerKeyOrder(max_in_flight, keep_alive_s=ACK_WAIT_S / 3)
         self.consuming += 1
         log.info("consuming %s as durable %s", subject_filter, durable)
         try:
@@ -198,11 +224,29 @@ class Runtime:
                     await asyncio.sleep(1.0)
                     continue
                 for msg in msgs:
-                    await self._handle_one(msg, model, handler)
+                    if owns is not None and not owns(msg.subject):
+                        await self._skip(msg)
+                    elif ordered_by is None:
+                        await self._handle_one(msg, model, handler)
+                    else:
+                        await in_flight.submit(
+                            ordered_by(msg), msg, functools.partial(
+                                self._handle_one, model=model, handler=handler)
+                        )
+            # Stopped: finish (publish and ack) what was taken rather than leave it to redelivery.
+            await in_flight.drain()
         finally:
+            in_flight.cancel()  # only when cancelled: their messages are redelivered, unacked
             self.consuming -= 1
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+
+    async def _skip(self, msg: Msg) -> None:
+        MESSAGES_SKIPPED.labels(self.name, _family(msg.subject)).inc()
+        try:
+            await msg.ack()
+        except (TimeoutError, nats.errors.Error) as exc:
+            log.warning("could not ack a message owned elsewhere (%s)", exc)
 
     async def _handle_one(self, msg: Msg, model: type[E], handler: Handler[E]) -> None:
         MESSAGES_RECEIVED.labels(self.name, _family(msg.subject)).inc()
@@ -233,6 +277,57 @@ class Runtime:
             log.warning("could not publish or ack (%s); the message will be redelivered", exc)
             with contextlib.suppress(Exception):
                 await msg.nak(delay=1.0)
+
+
+class _PerKeyOrder:
+    """Handles messages side by side across keys and one at a time, in order, within a key.
+
+    At most ``limit`` messages are taken and not yet done: ``submit`` waits for a free slot,
+    which holds the fetch loop back (and with it the consumer) instead of queueing without end.
+    A message waiting for an earlier one of its key tells the server it is in progress, so its
+    ack deadline does not pass while a slow predecessor runs.
+    """
+
+    def __init__(self, limit: int, keep_alive_s: float) -> None:
+        self._slots = asyncio.Semaphore(limit)
+        self._keep_alive_s = keep_alive_s
+        self._last_of_key: dict[str, asyncio.Task[None]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def submit(self, key: str, msg: Msg, handle: Callable[[Msg], Awaitable[None]]) -> None:
+        await self._slots.acquire()
+        previous = self._last_of_key.get(key)
+        task = asyncio.create_task(self._run(key, msg, previous, handle))
+        self._last_of_key[key] = task
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    async def drain(self) -> None:
+        while pending := {task for task in self._tasks if not task.done()}:
+            await asyncio.wait(pending)
+
+    def cancel(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+
+    async def _run(self, key: str, msg: Msg, previous: asyncio.Task[None] | None,
+                   handle: Callable[[Msg], Awaitable[None]]) -> None:
+        try:
+            while previous is not None and not previous.done():
+                await asyncio.wait({previous}, timeout=self._keep_alive_s)
+                if not previous.done():
+                    with contextlib.suppress(TimeoutError, nats.errors.Error):
+                        await msg.in_progress()
+            await handle(msg)
+        finally:
+            self._slots.release()
+            if self._last_of_key.get(key) is asyncio.current_task():
+                del self._last_of_key[key]
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("message handling failed", exc_info=task.exception())
 
 
 def _http_app(runtime_ref: list[Runtime]) -> Callable[..., Iterable[bytes]]:

@@ -30,6 +30,7 @@ from statistics import NormalDist
 from typing import Any, Protocol
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 from scipy.signal import lfilter
 from statsmodels.tools import sm_exceptions
 from statsmodels.tsa.holtwinters import ExponentialSmoothing
@@ -256,7 +257,7 @@ class KalmanPredictor(_StateSpacePredictor):
 class _SmoothingFit:
     alpha: float
     level: float
-    # Upper quantile of the in-sample errors 1..steps ahead, added to the level.
+    # Conformal quantile of the in-sample errors 1..steps ahead, added to the level.
     upper_offsets: FloatArray
 
 
@@ -268,9 +269,11 @@ class HorizonSmoothingPredictor:
     that its forecast several minutes ahead is no better than the last value. Here the constant
     is the one, on a grid from 0.05 to 1 (1 is the last value), with the smallest in-sample
     squared error ``steps`` ahead ("direct multi-step estimation", Chevillon, Journal of Economic
-    Surveys 21(4), 2007). The upper quantile of step h is the level plus the ``confidence``
-    quantile of the in-sample errors h steps ahead, so it follows the real shape of bursts rather
-    than a Gaussian's. Refitted on the schedule; between refits the level absorbs each new point.
+    Surveys 21(4), 2007). The upper quantile of step h is the level plus the conformal
+    ``confidence`` quantile of the in-sample errors h steps ahead, so it follows the real shape of
+    bursts rather than a Gaussian's. The constant is refitted on the schedule; between refits the
+    level absorbs each new point and the errors are measured again on the latest points, so a
+    trend that sets in after a refit widens the quantile at once (a level lags a trend).
     """
 
     name = "horizon-smoothing"
@@ -297,7 +300,11 @@ class HorizonSmoothingPredictor:
             level = fit.level
             for value in series.values[-new_points:]:
                 level += fit.alpha * (float(value) - level)
-            fit = replace(fit, level=level)
+            # The constant stays until the next refit, but the spread is measured again on the
+            # latest points: a spread learnt before a trend set in would under-cover it.
+            values = series.values[-self._fit_points :]
+            offsets = self._error_quantiles(values, _smoothed_levels(values, fit.alpha), steps)
+            fit = replace(fit, level=level, upper_offsets=offsets)
         assert fit is not None
         self._fit = fit
         self._books.caught_up(series, now, refit)
@@ -310,13 +317,30 @@ class HorizonSmoothingPredictor:
         errors = values[None, tuning_steps:] - levels[:, :-tuning_steps]
         best = int(np.argmin(np.mean(errors**2, axis=1)))
         chosen = levels[best]
-        offsets = np.empty(steps)
-        for ahead in range(1, steps + 1):
-            # Beyond what the history can show, the farthest measured spread is held.
-            measured = min(ahead, values.size - 1)
-            ahead_errors = values[measured:] - chosen[:-measured]
-            offsets[ahead - 1] = np.quantile(ahead_errors, self._confidence)
+        offsets = self._error_quantiles(values, chosen, steps)
         return _SmoothingFit(float(self.ALPHAS[best]), float(chosen[-1]), offsets)
+
+    def _error_quantiles(self, values: FloatArray, levels: FloatArray, steps: int) -> FloatArray:
+        """The conformal ``confidence`` quantile of the in-sample errors 1..steps ahead, all
+        steps in one pass (it runs at every forecast)."""
+        # Beyond what the history can show with MIN_ERRORS errors, the farthest spread is held.
+        measured = max(1, min(steps, values.size - self.MIN_ERRORS))
+        ahead = sliding_window_view(values[1:], measured)  # row j: values j+1 .. j+measured
+        errors = ahead - levels[: ahead.shape[0], None]
+        offsets = conformal_quantiles(errors, self._confidence)
+        return np.concatenate([offsets, np.full(steps - measured, offsets[-1])])
+
+
+def conformal_quantiles(errors: FloatArray, confidence: float) -> FloatArray:
+    """The split-conformal quantile of each column of ``errors`` (n rows): its
+    ceil((n + 1) confidence)-th smallest (the largest if that is beyond n), so that a new error
+    exchangeable with these stays under it with probability at least ``confidence`` (Lei et al.,
+    "Distribution-free predictive inference for regression", JASA 113, 2018). The plain sample
+    quantile covers less than ``confidence`` on the few dozen errors a young history has."""
+    rows = errors.shape[0]
+    rank = min(rows, math.ceil((rows + 1) * confidence))
+    quantiles: FloatArray = np.partition(errors, rank - 1, axis=0)[rank - 1]
+    return quantiles
 
 
 def _smoothed_levels(values: FloatArray, alpha: float) -> FloatArray:

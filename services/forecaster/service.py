@@ -1,6 +1,11 @@
-"""Forecaster shell: snapshots in, forecasts out; fits run in a thread so the loop stays free.
+"""Forecaster shell: snapshots in, forecasts out; fits run in a thread pool so the loop stays free.
 
-On start it rebuilds every deployment's history from the stream, so a restarted pod forecasts
+Snapshots of different deployments are forecast side by side (``fit_threads`` at a time, at most
+``max_in_flight`` taken from the bus), those of one deployment strictly in order, each acked only
+once its forecast is published. With ``replica_count`` > 1 this replica handles only the
+deployments that ``partition`` gives its ``replica_index`` and acks the others unread.
+
+On start it rebuilds its deployments' histories from the stream, so a restarted pod forecasts
 as well as before, and optionally arms a warm start from a recorded trace for deployments it has
 never seen.
 """
@@ -10,12 +15,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 
 import prometheus_client
+from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
 
+from services.forecaster import partition
 from services.forecaster.core import Forecaster
 from services.forecaster.settings import ForecasterSettings
 from shared import traces
@@ -37,13 +45,31 @@ REFITS = prometheus_client.Gauge(
 )
 
 
-async def rebuild_from_stream(runtime: Runtime, forecaster: Forecaster, max_age_s: float) -> int:
-    """Replay the snapshots the stream still holds (up to ``max_age_s`` old) into the history."""
+def owned_by(settings: ForecasterSettings) -> Callable[[str], bool]:
+    """Whether a subject's deployment belongs to this replica."""
+    def owns(subject: str) -> bool:
+        return partition.owner_of_subject(subject, settings.replica_count) == settings.replica_index
+
+    return owns
+
+
+def deployment_of(msg: Msg) -> str:
+    # The subject names the deployment; snapshots of one deployment must be forecast in order.
+    return msg.subject
+
+
+async def rebuild_from_stream(
+    runtime: Runtime, forecaster: Forecaster, max_age_s: float,
+    owns: Callable[[str], bool] = lambda subject: True,
+) -> int:
+    """Replay the snapshots the stream still holds (up to ``max_age_s`` old) of the deployments
+    this replica owns into the history."""
     since = datetime.now(UTC) - timedelta(seconds=max_age_s)
     snapshots = []
     async for msg in runtime.read_stream(CONSUMES, DeliverPolicy.BY_START_TIME, since):
-        with contextlib.suppress(ValueError):
-            snapshots.append(MetricSnapshot.from_json(msg.data))
+        if owns(msg.subject):
+            with contextlib.suppress(ValueError):
+                snapshots.append(MetricSnapshot.from_json(msg.data))
     recorded = await asyncio.to_thread(forecaster.rebuild, snapshots)
     log.info("rebuilt history from %d snapshots in the stream (%d recorded)", len(snapshots),
              recorded)
@@ -52,19 +78,33 @@ async def rebuild_from_stream(runtime: Runtime, forecaster: Forecaster, max_age_
 
 async def run(runtime: Runtime, forecaster: Forecaster, settings: ForecasterSettings) -> None:
     loop = asyncio.get_running_loop()
+    owns = owned_by(settings)
     REFITS.set_function(lambda: float(forecaster.refits_total()))
     if settings.warm_start_trace:
         trace = await asyncio.to_thread(traces.load_trace, settings.warm_start_trace)
         forecaster.warm_start_new_deployments(trace.arrival_s, trace.isl_tokens, trace.osl_tokens)
         log.info("new deployments start from %s (%d requests)", settings.warm_start_trace,
                  len(trace))
-    await rebuild_from_stream(runtime, forecaster, settings.rebuild_max_age_s)
+    if settings.replica_count > 1:
+        log.info("replica %d of %d: forecasting only the deployments it owns",
+                 settings.replica_index, settings.replica_count)
+    await rebuild_from_stream(runtime, forecaster, settings.rebuild_max_age_s, owns)
+
+    fits = ThreadPoolExecutor(settings.fit_threads, thread_name_prefix="fit")
 
     async def on_snapshot(snapshot: MetricSnapshot) -> Iterable[Envelope]:
-        forecast = await loop.run_in_executor(None, forecaster.forecast, snapshot)
+        forecast = await loop.run_in_executor(fits, forecaster.forecast, snapshot)
         FIT_SECONDS.labels(forecast.model).observe(forecast.fit_s)
         if forecast.fallback is not None:
             FALLBACKS.inc()
         return [forecast]
 
-    await runtime.consume(CONSUMES, MetricSnapshot, on_snapshot)
+    try:
+        await runtime.consume(
+            CONSUMES, MetricSnapshot, on_snapshot, durable=settings.durable_name(),
+            ordered_by=deployment_of, max_in_flight=settings.max_in_flight,
+            owns=owns if settings.replica_count > 1 else None,
+        )
+    finally:
+        # Not waiting: a fit still running must not block the loop while the service drains.
+        fits.shutdown(wait=False, cancel_futures=True)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
-from typing import Literal, get_args
+import re
+from typing import Annotated, Any, Literal, Self, get_args
 
-from pydantic import Field, field_validator
+from pydantic import BeforeValidator, Field, field_validator, model_validator
 
 from shared.service_settings import ServiceSettings
 from shared.settings import CommaList, DurationS
@@ -14,6 +15,18 @@ PredictorName = Literal[
     "constant", "arima", "kalman", "holt-winters", "horizon-smoothing", "prophet"
 ]
 PREDICTOR_NAMES: tuple[str, ...] = get_args(PredictorName)
+
+_TRAILING_ORDINAL = re.compile(r"^.*-([0-9]+)$")
+
+
+def _ordinal(value: Any) -> Any:
+    """A StatefulSet pod name (``slaplanner-forecaster-2``) stands for its ordinal (2)."""
+    if isinstance(value, str) and (match := _TRAILING_ORDINAL.match(value.strip())):
+        return match.group(1)
+    return value
+
+
+ReplicaIndex = Annotated[int, BeforeValidator(_ordinal), Field(ge=0)]
 
 
 class ForecasterSettings(ServiceSettings):
@@ -87,6 +100,56 @@ class ForecasterSettings(ServiceSettings):
         default=86_400.0,
         description="on start, rebuild histories from the stream's snapshots up to this old",
     )
+
+    replica_count: int = Field(
+        default=1,
+        ge=1,
+        le=1024,
+        description=(
+            "forecaster replicas that share the deployments; each deployment (its history and "
+            "its forecasts) belongs to exactly one, chosen by a stable hash of namespace/name. "
+            "Every replica must be given the same count (docs/forecaster.md, Replicas)"
+        ),
+    )
+    replica_index: ReplicaIndex = Field(
+        default=0,
+        description=(
+            "this replica's index, 0 to replica_count - 1; a StatefulSet pod name such as "
+            "slaplanner-forecaster-2 is read as its ordinal, so the pod's own name can be passed"
+        ),
+    )
+    fit_threads: int = Field(
+        default=4,
+        ge=1,
+        le=256,
+        description=(
+            "threads that fit and forecast side by side, each on a different deployment, so a "
+            "slow refit of one deployment does not hold up the others"
+        ),
+    )
+    max_in_flight: int = Field(
+        default=64,
+        ge=1,
+        le=10_000,
+        description=(
+            "snapshots taken from the bus and not yet forecast and acked, at most; bounds the "
+            "memory and the redelivery after a crash (one deployment's are forecast in order)"
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _index_within_count(self) -> Self:
+        if self.replica_index >= self.replica_count:
+            raise ValueError(
+                f"replica_index {self.replica_index} is not below replica_count "
+                f"{self.replica_count}"
+            )
+        return self
+
+    def durable_name(self) -> str:
+        """This replica's durable consumer: one per index, so a restarted replica resumes
+        where it stopped; a single forecaster keeps the historic name."""
+        return "forecaster" if self.replica_count == 1 else f"forecaster-{self.replica_index}"
 
     @field_validator("predictor_overrides")
     @classmethod
