@@ -38,7 +38,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from scipy import stats
+from scipy import special, stats
 
 
 def allen_cunneen_factor(arrival_cv2: float, service_cv2: float) -> float:
@@ -176,7 +176,18 @@ def poisson_quantile(mean: float, quantile: float) -> float:
     """The ``quantile`` of a Poisson count with this mean (M/G/infinity occupancy)."""
     if not mean > 0.0:
         return 0.0
-    return float(stats.poisson.ppf(quantile, mean))
+    if not 0.0 < quantile < 1.0:
+        return float(stats.poisson.ppf(quantile, mean))
+    # scipy's own poisson._ppf, without stats.poisson.ppf's generic argument handling, which
+    # costs ten times the arithmetic and is called for every lookahead step of every forecast.
+    inverse = float(special.pdtrik(quantile, mean))
+    if not math.isfinite(inverse):
+        # A mean beyond the inversion's range (~1e300, or infinite, from a runaway forecast):
+        # its spread, sqrt(mean), is nothing beside it.
+        return mean
+    count = math.ceil(inverse)
+    below = max(count - 1, 0)
+    return float(below if special.pdtr(below, mean) >= quantile else count)
 
 
 def poisson_exceeds(mean: float, level: float) -> float:
