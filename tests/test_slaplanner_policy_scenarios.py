@@ -318,3 +318,42 @@ def test_bunched_arrivals_are_not_read_as_slow_engines_when_the_ttft_p90_says_ot
     # the need (before stabilisation holds the 5 running): fewer engines for the same load
     need = [t.explanation["load"]["steps"][0]["prefill_replicas"] for t in (capped, uncapped)]
     assert need[0] < need[1]
+
+
+def _steady_then_drop(miss_at: float | None) -> list[tuple[int, int, str, bool]]:
+    """60 requests/s for 300 s, forecast with an upper quantile 10 % above (exceeded at
+    ``miss_at``), then 10/s with its upper quantile at 11.7/s."""
+    decider = make_decider(no_correction=True)  # lookahead: 180 s startup + 60 s = 4 steps
+    answers = []
+    current = (8, 4)
+    for t in range(0, 540, 60):
+        seen = 600.0 if t >= 360 else 3600.0
+        if t == miss_at:
+            seen = 4200.0  # above every upper quantile forecast for this window
+        point = 600.0 if t >= 360 else 3600.0
+        target = decider.decide(forecast(
+            t, point, upper=point * (1.17 if t >= 360 else 1.1),
+            observed=snapshot(t, seen, prefill=current[0], decode=current[1]),
+        ))
+        current = counts(target) or current
+        why = target.explanation
+        answers.append((*current, why["prefill_bound_by"], why["load"]["forecast_band_trusted"]))
+    return answers
+
+
+def test_a_drop_goes_through_the_window_when_the_forecast_band_has_held() -> None:
+    held = _steady_then_drop(miss_at=None)
+    # t=0-300: the band (upper 3960 a window) is never exceeded; t=360: the load drops to 10/s
+    # and its upper quantile over the whole lookahead needs 3 prefill + 1 decode: the window's
+    # 8 + 5 are not held, only the step limit (50 % a step) slows the way down
+    # (trusted from t=240 on: four windows checked, a lookahead's worth)
+    assert held[:6] == [(8, 5, "queueing_model", t >= 240) for t in range(0, 360, 60)]
+    assert held[6:] == [(4, 3, "step_limit_down", True), (3, 2, "queueing_model", True),
+                        (3, 1, "queueing_model", True)]
+
+
+def test_a_drop_is_held_by_the_window_when_the_forecast_band_was_exceeded() -> None:
+    answers = _steady_then_drop(miss_at=240)
+    # t=240's 4200 requests exceeded the band forecast for it: the upper quantile is not
+    # trusted to release capacity for the next 300 s, and the HPA's window holds the 8 + 5
+    assert answers[6:] == [(8, 5, "scale_down_stabilised", False)] * 3

@@ -21,7 +21,9 @@ the snapshot's ``window_end``), no bus, no cluster. What it does that Dynamo's p
   mistaken for slow engines, and a TTFT worse than profiled *does* add engines); decode's is
   observed / profiled ITL at the observed concurrency; both clamped and averaged with weights
   equal to their request counts.
-- **Stabilisation and step limits** as the HPA (``stabilise.py``); **ratio bounds**; **scale to
+- **Stabilisation and step limits** as the HPA (``stabilise.py``), except that the window holds
+  no more than the forecast's own upper quantile needs over the whole lookahead once that upper
+  quantile has held for every window checked lately; **ratio bounds**; **scale to
   zero** (opt-in); **a GPU budget split** that gives the GPUs to the role whose shortfall costs
   the SLA more, by the same queueing models.
 - **A fast path** between planning intervals (``fast_path``): on a growing queue, latency p99
@@ -127,6 +129,11 @@ class PlannerMemory:
     # arrival burstiness: request counts of recent short snapshots, and its smoothed measure
     arrival_counts: tuple[WindowCount, ...] = ()
     arrival_dispersion: Correction = field(default_factory=Correction)
+    # The forecast's upper request counts still to be checked against the windows they cover
+    # (window end, the lowest upper any forecast gave it), and when one was last exceeded.
+    band_pending: tuple[tuple[float, float], ...] = ()
+    band_checked: int = 0
+    band_missed_at_s: float | None = None
 
 
 def memory_of(state: PolicyState) -> PlannerMemory:
@@ -452,6 +459,38 @@ def update_corrections(
     }
 
 
+def check_band(memory: PlannerMemory, observed: MetricSnapshot) -> PlannerMemory:
+    """Compare the window just observed with the upper request counts forecast for it."""
+    if observed.num_requests is None:
+        return memory
+    end = observed.window_end
+    due = [upper for at, upper in memory.band_pending if abs(at - end) < 1e-6]
+    left = tuple((at, upper) for at, upper in memory.band_pending if at > end + 1e-6)
+    missed = memory.band_missed_at_s
+    if due and observed.num_requests > min(due):
+        missed = end
+    return replace(memory, band_pending=left, band_checked=memory.band_checked + len(due),
+                   band_missed_at_s=missed)
+
+
+def remember_band(memory: PlannerMemory, forecast: LoadForecast, steps: int) -> PlannerMemory:
+    """Keep the lookahead's upper request counts, to check them when their windows are seen."""
+    pending = dict(memory.band_pending)
+    for step in forecast.steps[:steps]:
+        at = step.window_end
+        pending[at] = min(pending.get(at, math.inf), step.num_requests_upper)
+    return replace(memory, band_pending=tuple(sorted(pending.items())))
+
+
+def band_trusted(memory: PlannerMemory, now_s: float, steps: int, window_s: float) -> bool:
+    """The forecast's upper counts have held for every window checked within ``window_s``, and
+    at least a lookahead's worth of them have been checked."""
+    recent_miss = memory.band_missed_at_s is not None and now_s - memory.band_missed_at_s <= (
+        window_s
+    )
+    return memory.band_checked >= steps and not recent_miss
+
+
 # ---------------------------------------------------------------------------------------------
 # Normalisation: named steps, each with its reason
 
@@ -684,6 +723,10 @@ class Sized:
     decode_step: int
     load: dict[str, Any]
     quantile_used: bool
+    # The most each role needs over the whole lookahead at the forecaster's own upper quantile
+    # (None: the forecast does not reach the end of the lookahead): a scale-down to at least
+    # this needs no stabilisation, the lookahead already covers the rebound it guards against.
+    covered: tuple[int, int] | None = None
 
 
 def size_lookahead(
@@ -737,7 +780,21 @@ def size_lookahead(
         or st.osl_avg_upper > st.osl_avg
         for st in forecast.steps[: len(steps)]
     )
-    return Sized(prefills[p_at], decodes[d_at], p_at, d_at, load, quantile_used)
+    covered = None
+    trusted = band_trusted(memory, forecast.window_end, len(steps), knobs.scale_down_window_s)
+    load["forecast_band_trusted"] = trusted
+    if not lookahead["horizon_short"] and trusted:
+        sure = replace(knobs, load_confidence=max(knobs.load_confidence,
+                                                  knobs.forecast_confidence))
+        sure_steps, _ = planned_steps(forecast, sure, startup_s)
+        covered = (
+            max(size_prefill(s.rate_per_s, s.isl_tokens, profile, config, p_factor,
+                             spread).replicas for s in sure_steps),
+            max(size_decode(s.rate_per_s, s.isl_tokens, s.osl_tokens, profile, config,
+                            d_factor).replicas for s in sure_steps),
+        )
+        load["covered_over_lookahead"] = {"prefill": covered[0], "decode": covered[1]}
+    return Sized(prefills[p_at], decodes[d_at], p_at, d_at, load, quantile_used, covered)
 
 
 @dataclass
@@ -813,6 +870,10 @@ def normalise(
             now_at = current[index] if current is not None else None
             highest = stabilise.window_max(memory.recommendations, role)
             stabilisation[f"{role}_highest_in_window"] = highest
+            if sized.covered is not None and highest is not None:
+                # hold no more than the forecast's upper quantile needs over the lookahead
+                highest = min(highest, sized.covered[index])
+                stabilisation[f"{role}_held_at_most"] = highest
             value, reason = stabilise.scale_down_stabilised(
                 trail.steps[-1]["replicas"], now_at, highest
             )
@@ -897,6 +958,7 @@ def decide(
     if observed is not None and cause is None:
         memory, correction = update_corrections(memory, observed, profile, config, now)
         memory = observe_spread(memory, observed, profile, config)
+        memory = check_band(memory, observed)
     else:
         correction = {
             "enabled": config.correction_enabled,
@@ -907,6 +969,7 @@ def decide(
     memory, dispersion = measure_dispersion(memory, now, forecast.window_s)
     start = startup.estimate(memory.startup, knobs.worker_startup_s, now, knobs.learn_startup)
     sized = size_lookahead(forecast, profile, config, memory, start.startup_s)
+    memory = remember_band(memory, forecast, sized.load["forecast_steps_used"])
     result = normalise(sized, current, now, observed, config, memory)
     prefill, decode, memory = result.prefill, result.decode, result.memory
 
