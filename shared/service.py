@@ -1,7 +1,9 @@
 """The thin shell every service shares: connect, consume durably, validate, publish, drain.
 
 A service is a coroutine ``main(runtime)``; it calls ``runtime.consume(...)`` with a handler that
-turns one valid input message into the messages to publish. Everything about a bad body (too big,
+turns one valid input message into the messages to publish (or ``runtime.consume_routes(...)``
+to read several subject families, each with its own model and handler, through one durable
+consumer, in the order the stream holds them). Everything about a bad body (too big,
 not JSON, failing validation, a subject that disagrees with its deployment key) is handled here:
 the body is acked, published on ``slaplanner.rejected.<service>`` with its reason, counted, and the
 loop goes on.
@@ -16,10 +18,10 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import nats.errors
@@ -53,6 +55,36 @@ Owns = Callable[[str], bool]
 
 # How long the server waits for an ack before it redelivers, seconds.
 ACK_WAIT_S = 60.0
+# How long to wait for the server when retiring an old durable consumer: a user whose permissions
+# do not cover the old name gets no answer at all, only a timeout.
+RETIRE_TIMEOUT_S = 2.0
+
+
+@dataclass(frozen=True)
+class Route(Generic[E]):
+    """One subject family of a consumer: the bodies on ``subject_filter`` are ``model``s, handled
+    by ``handler``."""
+
+    subject_filter: str
+    model: type[E]
+    handler: Handler[E]
+
+
+def subject_matches(subject_filter: str, subject: str) -> bool:
+    """NATS subject matching: ``*`` is one token, a final ``>`` one or more."""
+    wanted, tokens = subject_filter.split("."), subject.split(".")
+    for index, token in enumerate(wanted):
+        if token == ">":
+            return len(tokens) > index
+        if index >= len(tokens) or (token != "*" and token != tokens[index]):
+            return False
+    return len(tokens) == len(wanted)
+
+
+def route_of(routes: Sequence[Route[Any]], subject: str) -> Route[Any] | None:
+    """The first route whose filter matches ``subject``."""
+    return next((r for r in routes if subject_matches(r.subject_filter, subject)), None)
+
 
 MESSAGES_RECEIVED = prometheus_client.Counter(
     "slaplanner_messages_received", "Bodies received from the bus", ["service", "subject_family"]
@@ -190,22 +222,34 @@ class Runtime:
         side by side, each acked only after its outputs are published. With ``owns``, a message
         on a subject this instance does not own is acked unread.
         """
+        await self.consume_routes(
+            [Route(subject_filter, model, handler)], durable=durable, batch=batch, gate=gate,
+            ordered_by=ordered_by, max_in_flight=max_in_flight, owns=owns,
+        )
+
+    async def consume_routes(
+        self,
+        routes: Sequence[Route[Any]],
+        durable: str | None = None,
+        batch: int = 32,
+        gate: Gate | None = None,
+        ordered_by: OrderingKey | None = None,
+        max_in_flight: int = 1,
+        owns: Owns | None = None,
+    ) -> None:
+        """``consume`` for several subject families through one durable consumer: each body goes
+        to the handler of the first route its subject matches, and, with ``ordered_by``, the
+        messages of one key are handled in stream order whatever their family."""
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
+        if not routes:
+            raise ValueError("consume_routes needs at least one route")
         durable = durable or self.name
-        config = ConsumerConfig(
-            durable_name=durable,
-            ack_policy=AckPolicy.EXPLICIT,
-            deliver_policy=DeliverPolicy.NEW,
-            ack_wait=ACK_WAIT_S,
-            max_ack_pending=1000,
-        )
-        sub = await self.js.pull_subscribe(
-            subject_filter, durable=durable, stream=self.settings.stream_name, config=config
-        )
+        filters = [route.subject_filter for route in routes]
+        sub = await self._durable_subscription(durable, filters)
         in_flight = _PerKeyOrder(max_in_flight, keep_alive_s=ACK_WAIT_S / 3)
         self.consuming += 1
-        log.info("consuming %s as durable %s", subject_filter, durable)
+        log.info("consuming %s as durable %s", ", ".join(filters), durable)
         try:
             while not self.stop.is_set():
                 if gate is not None and not await gate():
@@ -224,14 +268,16 @@ class Runtime:
                     await asyncio.sleep(1.0)
                     continue
                 for msg in msgs:
-                    if owns is not None and not owns(msg.subject):
+                    route = route_of(routes, msg.subject)
+                    if route is None or (owns is not None and not owns(msg.subject)):
+                        # no route: the durable was widened by hand; not this service's to read
                         await self._skip(msg)
                     elif ordered_by is None:
-                        await self._handle_one(msg, model, handler)
+                        await self._handle_one(msg, route.model, route.handler)
                     else:
                         await in_flight.submit(
                             ordered_by(msg), msg, functools.partial(
-                                self._handle_one, model=model, handler=handler)
+                                self._handle_one, model=route.model, handler=route.handler)
                         )
             # Stopped: finish (publish and ack) what was taken rather than leave it to redelivery.
             await in_flight.drain()
@@ -240,6 +286,62 @@ class Runtime:
             self.consuming -= 1
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+
+    async def _durable_subscription(
+        self, durable: str, filters: Sequence[str]
+    ) -> JetStreamContext.PullSubscription:
+        """A pull subscription on ``durable``, created if missing; a durable left by an earlier
+        version with other filter subjects is updated to ``filters`` (NATS >= 2.10 edits a
+        consumer's filters in place; what it had not delivered yet on the new subjects since its
+        position is delivered now)."""
+        stream = self.settings.stream_name
+        single = len(filters) == 1
+        config = ConsumerConfig(
+            name=durable,
+            durable_name=durable,
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.NEW,
+            ack_wait=ACK_WAIT_S,
+            max_ack_pending=1000,
+            filter_subject=filters[0] if single else None,
+            filter_subjects=None if single else list(filters),
+        )
+        try:
+            info = await self.js.consumer_info(stream, durable)
+        except nats.js.errors.NotFoundError:
+            await self.js.add_consumer(stream, config=config)
+        else:
+            had = info.config.filter_subjects or (
+                [info.config.filter_subject] if info.config.filter_subject else []
+            )
+            if sorted(had) != sorted(filters):
+                log.info("durable %s read %s; now %s", durable, ", ".join(had) or "everything",
+                         ", ".join(filters))
+                await self.js.add_consumer(stream, config=config)
+        return await self.js.pull_subscribe_bind(durable=durable, stream=stream)
+
+    async def retire_durables(self, names: Iterable[str]) -> list[str]:
+        """Delete durable consumers an earlier version of this service used, if they exist;
+        the names deleted. Best effort: a server that does not answer (or a user not allowed to
+        touch those names) leaves them, with a warning saying how to remove them by hand."""
+        stream = self.settings.stream_name
+
+        async def retire(name: str) -> str | None:
+            try:
+                await self.js.consumer_info(stream, name, timeout=RETIRE_TIMEOUT_S)
+                await asyncio.wait_for(self.js.delete_consumer(stream, name), RETIRE_TIMEOUT_S)
+            except nats.js.errors.NotFoundError:
+                return None
+            except (TimeoutError, nats.errors.Error) as exc:
+                log.warning("could not remove the old durable %s (%s); remove it with "
+                            "`nats consumer rm %s %s`", name, str(exc) or type(exc).__name__,
+                            stream, name)
+                return None
+            log.info("removed the old durable %s", name)
+            return name
+
+        retired = await asyncio.gather(*(retire(name) for name in names))
+        return [name for name in retired if name is not None]
 
     async def _skip(self, msg: Msg) -> None:
         MESSAGES_SKIPPED.labels(self.name, _family(msg.subject)).inc()

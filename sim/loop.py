@@ -224,9 +224,9 @@ class ServicePlanner:
     Per snapshot, in the order the services handle the messages: the decider's fast path (if the
     policy has one) and the actuator on its target; the forecast, the planning decision and the
     actuator on its target; then the decider learns from the window's ScaleEvents (if the policy
-    learns from them). Over the bus, the fast path's ScaleEvent and the forecast race to the
-    decider; the forecast wins in practice (the actuator's round trip is the longer one). Either
-    way the numbers decided are the same: a start asked for in this window has waited 0 s.
+    learns from them). This is the reference order: over the bus the decider reads all three in
+    stream order through one consumer, and a fast-path ScaleEvent that overtakes the window's
+    forecast waits for its planning decision (``services/decider/core.py``).
     """
 
     def __init__(self, setup: PlanningSetup) -> None:

@@ -73,7 +73,7 @@ READERS: dict[str, tuple[str, ...]] = {
     "metrics": ("forecaster", "decider"), "forecast": ("decider",), "target": ("actuator",),
     "scaled": ("decider",),
 }
-CONSUMERS = {"forecaster", "decider", "decider-fast-path", "decider-scaled", "actuator"}
+CONSUMERS = {"forecaster", "decider", "actuator"}
 
 
 def subject_of(family: str, namespace: str = NAMESPACE, name: str = NAME) -> str:

@@ -96,7 +96,7 @@ async def test_the_default_service_plans_with_slaplanner_and_scales_up_on_a_burs
     # Nothing but the bus (and a free port) for the decider: its defaults are the product's.
     assert "SLAPLANNER_POLICY" not in decider.env
     decider.start()
-    wanted = {"decider", "decider-fast-path", "decider-scaled"}
+    wanted = {"decider"}
     for _ in range(400):
         if wanted <= await consumers(nc):
             break

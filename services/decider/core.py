@@ -11,6 +11,17 @@ Three entry points, one per input the shell (or the simulator, in process) feeds
 - ``on_snapshot(snapshot)`` -> ``ReplicaTarget | None``: the fast path between planning
   intervals, for policies that have one (a target only when it scales up);
 - ``on_scale_event(event)``: what the actuator did, for policies that learn from it.
+
+The order in which one deployment's inputs reach the core is part of its result. The reference
+is the order of the simulator in process (``sim/loop.py``), which is also the stream's: snapshot
+k (fast path), forecast k (planning), then the ScaleEvents of interval k. Over the bus, two of
+these are made by different services in parallel: the ScaleEvent of a fast-path target of
+interval k (by the actuator) and forecast k (by the forecaster) may reach the decider either way
+round. So a ScaleEvent is learnt only once the planning decision of its interval has been made:
+one that arrives earlier waits in the deployment's memory until forecast k is decided (or, if no
+forecast comes, until a later snapshot or forecast). Nothing is lost by waiting: the fast path's
+target already counts its replicas as requested, and a start asked for in this interval has
+waited 0 s, so it cannot have told anything yet about how long a start takes.
 """
 
 from __future__ import annotations
@@ -42,6 +53,17 @@ class _Memory:
     snapshot_id: str | None = None  # the last snapshot seen by the fast path, and its answer
     snapshot_target: ReplicaTarget | None = None
     event_id: str | None = None  # the last ScaleEvent learnt from
+    # ScaleEvents that arrived before the planning decision of their interval, in arrival order
+    deferred_events: tuple[ScaleEvent, ...] = ()
+
+    def decided_through(self) -> float | None:
+        """The ``window_end`` of the last planning decision, ``None`` before the first."""
+        return None if self.target is None else self.target.window_end
+
+
+# A deployment whose forecasts stop (and snapshots too) keeps at most this many ScaleEvents
+# waiting; older ones are learnt at once rather than dropped.
+MAX_DEFERRED_EVENTS = 64
 
 
 class Decider:
@@ -81,6 +103,8 @@ class Decider:
         memory = self._memory.get(key)
         if memory is not None and memory.forecast_id == forecast.id and memory.target is not None:
             return memory.target
+        self._learn_deferred(key, before=forecast.window_end)
+        memory = self._memory.get(key)
         knobs = self.config.for_deployment(key)
         profile = self.profile_for(knobs)
         step = forecast.steps[0]
@@ -134,6 +158,7 @@ class Decider:
             forecast_id=forecast.id,
             target=target,
         )
+        self._learn_deferred(key, through=forecast.window_end)
         return target
 
     def on_snapshot(self, snapshot: MetricSnapshot) -> ReplicaTarget | None:
@@ -148,6 +173,8 @@ class Decider:
         memory = self._memory.get(key)
         if memory is not None and memory.snapshot_id == snapshot.id:
             return memory.snapshot_target
+        self._learn_deferred(key, before=snapshot.window_end)
+        memory = self._memory.get(key)
         state = memory.state if memory is not None else PolicyState()
         result = fast_path(snapshot, self.profile_for(knobs), knobs.policy_config(), state)
         target = (
@@ -166,13 +193,58 @@ class Decider:
         return target
 
     def on_scale_event(self, event: ScaleEvent) -> None:
-        """Let the deployment's policy learn from what the actuator did (idempotent per id)."""
+        """Let the deployment's policy learn from what the actuator did (idempotent per id),
+        after the planning decision of the event's interval (see the module's docstring)."""
         key = str(event.deployment)
         knobs = self.config.for_deployment(key)
-        hook = registry.SCALE_EVENT_HOOKS.get(knobs.policy)
-        memory = self._memory.get(key)
-        if hook is None or (memory is not None and memory.event_id == event.id):
+        if knobs.policy not in registry.SCALE_EVENT_HOOKS:
             return
+        memory = self._memory.get(key)
+        if memory is not None and (
+            memory.event_id == event.id or any(e.id == event.id for e in memory.deferred_events)
+        ):
+            return
+        decided = None if memory is None else memory.decided_through()
+        if decided is not None and event.window_end <= decided:
+            self._learn(key, event)
+            return
+        waiting = (*(memory.deferred_events if memory is not None else ()), event)
+        self._memory[key] = replace(
+            memory or _Memory(PolicyState()), deferred_events=waiting[-MAX_DEFERRED_EVENTS:]
+        )
+        for overflow in waiting[:-MAX_DEFERRED_EVENTS]:
+            self._learn(key, overflow)
+
+    def deferred_events(self, deployment: DeploymentKey) -> tuple[ScaleEvent, ...]:
+        """The deployment's ScaleEvents waiting for the planning decision of their interval."""
+        memory = self._memory.get(str(deployment))
+        return () if memory is None else memory.deferred_events
+
+    def _learn_deferred(
+        self, key: str, before: float | None = None, through: float | None = None
+    ) -> None:
+        """Learn, in arrival order, the waiting events of intervals before ``before`` or up to
+        and including ``through``; the others keep waiting."""
+        memory = self._memory.get(key)
+        if memory is None or not memory.deferred_events:
+            return
+
+        def due(event: ScaleEvent) -> bool:
+            return (before is not None and event.window_end < before) or (
+                through is not None and event.window_end <= through
+            )
+
+        self._memory[key] = replace(
+            memory, deferred_events=tuple(e for e in memory.deferred_events if not due(e))
+        )
+        for event in memory.deferred_events:
+            if due(event):
+                self._learn(key, event)
+
+    def _learn(self, key: str, event: ScaleEvent) -> None:
+        knobs = self.config.for_deployment(key)
+        hook = registry.SCALE_EVENT_HOOKS[knobs.policy]
+        memory = self._memory.get(key)
         state = memory.state if memory is not None else PolicyState()
         new_state = hook(event, knobs.policy_config(), state)
         self._memory[key] = replace(
