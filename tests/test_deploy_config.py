@@ -171,7 +171,7 @@ def test_the_urls_name_the_services_of_the_kustomization(target: str) -> None:
 
 def test_the_files_are_mounted_where_the_settings_look() -> None:
     for service in deploy.SERVICES:
-        pod = deploy.deployment(service)["spec"]["template"]["spec"]
+        pod = deploy.workload(service)["spec"]["template"]["spec"]
         container = deploy.main_container(service)
         mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
         volumes = {v["name"]: v for v in pod["volumes"]}

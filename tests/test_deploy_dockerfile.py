@@ -121,7 +121,7 @@ def test_the_image_runs_as_a_numeric_non_root_user_the_pods_agree_with() -> None
     assert uid.isdigit() and int(uid) > 0, user
     assert gid.isdigit() and int(gid) > 0, user
     for service in deploy.SERVICES:
-        pod = deploy.deployment(service)["spec"]["template"]["spec"]
+        pod = deploy.workload(service)["spec"]["template"]["spec"]
         assert pod["securityContext"]["runAsUser"] == int(uid)
         assert pod["securityContext"]["runAsGroup"] == int(gid)
     # the user is the last word: nothing runs after it

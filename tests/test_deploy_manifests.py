@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
@@ -24,6 +25,7 @@ import kubernetes_validate
 import pytest
 import yaml  # type: ignore[import-untyped]
 
+from services.forecaster.settings import ForecasterSettings
 from shared import embedded_nats
 
 REPO = Path(__file__).resolve().parent.parent
@@ -31,7 +33,12 @@ DEPLOY = REPO / "deploy"
 BASE = DEPLOY / "base"
 OVERLAYS = {"dynamo": DEPLOY / "overlays" / "dynamo", "scale": DEPLOY / "overlays" / "scale"}
 TARGETS = {"base": BASE, **OVERLAYS}
+# Components an overlay may add; what they name and render is checked on the base.
+FORECASTER_REPLICAS = DEPLOY / "components" / "forecaster-replicas"
 SERVICES = ("collector", "forecaster", "decider", "actuator")
+# The forecaster is a StatefulSet (its replicas need stable ordinals), the others Deployments.
+WORKLOAD_KINDS = {service: "StatefulSet" if service == "forecaster" else "Deployment"
+                  for service in SERVICES}
 K8S_VERSIONS = ["1.31.0", kubernetes_validate.utils.latest_version()]
 GENERATORS = ("configMapGenerator", "secretGenerator")
 # Where the Deployments mount the ConfigMap slaplanner-files and the optional profile.
@@ -196,12 +203,14 @@ def containers(pod: Doc) -> list[Doc]:
     return [*pod.get("initContainers", []), *pod["containers"]]
 
 
-def deployment(service: str) -> Doc:
-    return find(resources(BASE), "Deployment", f"slaplanner-{service}")
+def workload(service: str, docs: list[Doc] | None = None) -> Doc:
+    """The service's Deployment (the forecaster's StatefulSet), in the base unless ``docs``."""
+    return find(resources(BASE) if docs is None else docs, WORKLOAD_KINDS[service],
+                f"slaplanner-{service}")
 
 
-def main_container(service: str) -> Doc:
-    [container] = deployment(service)["spec"]["template"]["spec"]["containers"]
+def main_container(service: str, docs: list[Doc] | None = None) -> Doc:
+    [container] = workload(service, docs)["spec"]["template"]["spec"]["containers"]
     return container
 
 
@@ -311,7 +320,7 @@ def test_the_image_tag_is_the_project_version() -> None:
 def test_the_actuator_runs_as_its_account_with_its_pod_name_and_one_leader() -> None:
     [account] = [d for d in documents(BASE / "actuator-rbac.yaml")
                  if d["kind"] == "ServiceAccount"]
-    actuator = deployment("actuator")
+    actuator = workload("actuator")
     pod = actuator["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == account["metadata"]["name"] == "slaplanner-actuator"
     assert env_of(main_container("actuator"))["POD_NAME"]["valueFrom"] == {
@@ -320,15 +329,56 @@ def test_the_actuator_runs_as_its_account_with_its_pod_name_and_one_leader() -> 
     assert planner_env("base")["SLAPLANNER_LEADER_ELECTION"] == "on"
     # the other services need no Kubernetes credentials at all
     for service in ("collector", "forecaster", "decider"):
-        assert deployment(service)["spec"]["template"]["spec"][
+        assert workload(service)["spec"]["template"]["spec"][
             "automountServiceAccountToken"] is False
 
 
-@pytest.mark.parametrize("service", ("collector", "forecaster", "decider"))
+@pytest.mark.parametrize("service", ("collector", "decider"))
 def test_stateful_services_never_run_twice(service: str) -> None:
-    spec = deployment(service)["spec"]
+    spec = workload(service)["spec"]
     assert spec["replicas"] == 1
     assert spec["strategy"] == {"type": "Recreate"}
+
+
+def forecaster_durables_the_nats_user_may_ack() -> set[str]:
+    auth = (BASE / "nats" / "auth.conf").read_text()
+    return set(re.findall(r'"\$JS\.ACK\.SLAPLANNER\.(forecaster(?:-\d+)?)\.>"', auth))
+
+
+def check_forecaster_replicas(statefulset: Doc) -> int:
+    """The replicas agree on their count, each reads its index from its pod name, and each
+    replica's durable is one the NATS user may use; the count."""
+    spec = statefulset["spec"]
+    # a StatefulSet runs one pod per ordinal at most: never two with one durable
+    assert statefulset["kind"] == "StatefulSet"
+    assert spec["podManagementPolicy"] == "Parallel"
+    assert spec["updateStrategy"] == {"type": "RollingUpdate"}
+    [container] = spec["template"]["spec"]["containers"]
+    env = env_of(container)
+    count = spec["replicas"]
+    assert env["SLAPLANNER_REPLICA_COUNT"]["value"] == str(count)
+    assert env["SLAPLANNER_REPLICA_INDEX"]["valueFrom"] == {
+        "fieldRef": {"fieldPath": "metadata.name"}}
+    durables = {
+        ForecasterSettings(replica_count=count,
+                           replica_index=f"{statefulset['metadata']['name']}-{i}").durable_name()
+        for i in range(count)
+    }
+    assert len(durables) == count
+    assert durables <= forecaster_durables_the_nats_user_may_ack(), durables
+    return int(count)
+
+
+def test_the_forecaster_is_one_replica_that_can_be_scaled_with_its_count() -> None:
+    assert check_forecaster_replicas(workload("forecaster")) == 1
+    # auth.conf names a durable for each of up to 8 replicas, and the historic lone one
+    assert forecaster_durables_the_nats_user_may_ack() == {
+        "forecaster", *(f"forecaster-{i}" for i in range(8))}
+    [statefulset] = [d for d in documents(BASE / "forecaster.yaml") if d["kind"] == "StatefulSet"]
+    [service] = [d for d in documents(BASE / "forecaster.yaml") if d["kind"] == "Service"]
+    assert statefulset["spec"]["serviceName"] == service["metadata"]["name"]
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["selector"] == statefulset["spec"]["selector"]["matchLabels"]
 
 
 def test_the_nats_server_gets_every_password_the_config_names() -> None:
@@ -390,15 +440,43 @@ def test_an_overlay_grants_the_actuator_only_what_the_base_role_grants(overlay: 
 
 # --- rendered with kustomize -------------------------------------------------------------------
 
-@cache
-def rendered(target: str) -> tuple[Doc, ...]:
+def kustomize(directory: Path) -> tuple[Doc, ...]:
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         pytest.skip("kubectl is not installed: the kustomizations are checked file by file only")
-    out = subprocess.run([kubectl, "kustomize", str(TARGETS[target])], capture_output=True,
+    out = subprocess.run([kubectl, "kustomize", str(directory)], capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     return tuple(load_yaml_documents(out.stdout))
+
+
+@cache
+def rendered(target: str) -> tuple[Doc, ...]:
+    return kustomize(TARGETS[target])
+
+
+def test_the_forecaster_replicas_component_scales_the_base_with_its_count() -> None:
+    """What an operator's overlay renders with the component: valid, and n replicas told n."""
+    with tempfile.TemporaryDirectory() as tmp:
+        overlay = Path(tmp)
+
+        def relative(path: Path) -> str:
+            return str(Path(*[".."] * len(overlay.resolve().parts[1:])) / path.relative_to("/"))
+
+        (overlay / "kustomization.yaml").write_text(yaml.safe_dump({
+            "resources": [relative(BASE)], "components": [relative(FORECASTER_REPLICAS)]}))
+        docs = list(kustomize(overlay))
+    for doc in docs:
+        kubernetes_validate.validate(doc, K8S_VERSIONS[-1], strict=True)
+    count = check_forecaster_replicas(workload("forecaster", docs))
+    assert 1 < count <= len(forecaster_durables_the_nats_user_may_ack()) - 1
+    # what the base holds besides is left as it was
+    assert main_container("forecaster", docs)["resources"] == main_container("forecaster")[
+        "resources"]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert main_container("forecaster", docs)[probe] == main_container("forecaster")[probe]
+    assert env_of(main_container("forecaster", docs))["SLAPLANNER_NATS_USER"]["value"] == (
+        "forecaster")
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -408,7 +486,7 @@ def test_the_rendered_kustomization_is_valid_for_kubernetes(target: str) -> None
         kubernetes_validate.validate(doc, K8S_VERSIONS[-1], strict=True)
     for kind, name in (("Namespace", "slaplanner"), ("StatefulSet", "slaplanner-nats"),
                        ("Role", "slaplanner-actuator"), ("ServiceAccount", "slaplanner-actuator"),
-                       *(("Deployment", f"slaplanner-{s}") for s in SERVICES)):
+                       *((WORKLOAD_KINDS[s], f"slaplanner-{s}") for s in SERVICES)):
         assert [d for d in docs if (d["kind"], d["metadata"]["name"]) == (kind, name)], name
 
 

@@ -5,7 +5,8 @@ the StatefulSet gives them. What each service publishes and reads is taken from 
 message models' subjects and the services' consumer filters), so a service that starts to read
 or write a new subject fails here until auth.conf allows it. Then three services run as real
 processes with their own users and the ConfigMap's settings, and a snapshot typed as the
-collector becomes a ScaleEvent.
+collector becomes a ScaleEvent; and two forecaster replicas run as the StatefulSet runs them,
+each on its own durable under the one user.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from services.actuator import service as actuator_service
 from services.actuator.settings import ActuatorSettings
 from services.decider import service as decider_service
 from services.forecaster import service as forecaster_service
+from services.forecaster.partition import owner_of_subject
 from shared import bus, embedded_nats
 from shared.messages import (
     FORECAST_SUBJECT,
@@ -40,6 +42,7 @@ from shared.messages import (
     REJECTED_SUBJECT,
     SCALED_SUBJECT,
     TARGET_SUBJECT,
+    DeploymentKey,
     MetricSnapshot,
     Rejected,
     ScaleEvent,
@@ -304,3 +307,86 @@ async def test_the_services_run_under_their_users_and_the_configmap(
             if proc.process is not None and proc.process.poll() is None:
                 proc.process.kill()
                 proc.process.wait()
+
+
+def metrics_subject_of(key: DeploymentKey) -> str:
+    return METRICS_SUBJECT.format(namespace=key.namespace, name=key.name)
+
+
+async def test_forecaster_replicas_run_under_the_forecaster_user(
+    server: Bus, tmp_path: Path
+) -> None:
+    """Two replicas as the StatefulSet runs them (the count, and the index from the pod name):
+    each keeps its own durable, forecaster-<i>, under the one user, and acks what it reads."""
+    count = 2
+    env = {
+        **os.environ,
+        **deploy.local_env("base"),
+        "SLAPLANNER_NATS_URL": server.url,
+        "SLAPLANNER_HTTP_HOST": "127.0.0.1",
+        "SLAPLANNER_HTTP_PORT": "0",
+        "SLAPLANNER_NATS_RECONNECT_WAIT_S": "200ms",
+        "PYTHONUNBUFFERED": "1",
+        "SLAPLANNER_NATS_USER": "forecaster",
+        "SLAPLANNER_NATS_PASSWORD": server.passwords["forecaster"],
+        "SLAPLANNER_REPLICA_COUNT": str(count),
+    }
+    procs = []
+    for index in range(count):
+        log_dir = tmp_path / f"replica-{index}"
+        log_dir.mkdir()
+        procs.append(ServiceProcess("forecaster", {
+            **env, "SLAPLANNER_REPLICA_INDEX": f"slaplanner-forecaster-{index}"}, log_dir))
+    durables = {f"forecaster-{index}" for index in range(count)}
+    # deployments so that each replica owns at least one
+    keys = [DeploymentKey(namespace="replicas", name=f"model-{n}") for n in range(8)]
+    owners = {owner_of_subject(metrics_subject_of(key), count) for key in keys}
+    assert owners == set(range(count))
+    forecast: set[str] = set()
+    arrived = asyncio.Event()
+
+    async def on_forecast(msg: Msg) -> None:
+        forecast.add(msg.subject)
+        arrived.set()
+
+    def logs() -> str:
+        return "\n".join(f"--- replica {i}\n{p.log()[-3000:]}" for i, p in enumerate(procs))
+
+    try:
+        for proc in procs:
+            proc.start()
+        async with connect(server, "admin") as admin, connect(server, "collector") as collector:
+            await admin.nc.subscribe("slaplanner.forecast.replicas.>", cb=on_forecast)
+            js = admin.nc.jetstream()
+            for _ in range(600):
+                with contextlib.suppress(nats.errors.Error, nats.js.errors.Error):
+                    if durables <= {c.name for c in await js.consumers_info("SLAPLANNER")}:
+                        break
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError(f"replicas not ready:\n{logs()}")
+            for key in keys:
+                await bus.publish(collector.nc.jetstream(), MetricSnapshot(
+                    deployment=key, window_end=1_732_345_200.0, num_requests=600.0,
+                    isl_avg=3000.0, osl_avg=300.0))
+            wanted = {FORECAST_SUBJECT.format(namespace=k.namespace, name=k.name) for k in keys}
+            try:
+                while not wanted <= forecast:
+                    arrived.clear()
+                    await asyncio.wait_for(arrived.wait(), 60)
+            except TimeoutError:
+                raise AssertionError(f"forecasts of {wanted - forecast} missing:\n{logs()}") \
+                    from None
+            for proc in procs:
+                assert proc.stop() == 0, logs()
+            for durable in durables:
+                info = await js.consumer_info("SLAPLANNER", durable)
+                # every replica saw every snapshot, and acked it: its own forecast, others unread
+                assert info.delivered.stream_seq > 0 and info.num_ack_pending == 0, (durable, info)
+        assert "permissions violation" not in logs().lower(), logs()
+    finally:
+        for proc in procs:
+            if proc.process is not None and proc.process.poll() is None:
+                proc.process.kill()
+                proc.process.wait()
+
