@@ -2,13 +2,17 @@
 
 The queries and the meaning of their answers are in ``promql`` (pure); this module asks them
 (prometheus-api-client, through the small ``Reader`` protocol), remembers what it must between
-windows (the dialect, the deployments seen, whether Prometheus is failing) and publishes.
+windows (the dialect, the deployments seen, whether Prometheus is failing) and publishes. On
+start it reads from the stream the last window it published for each deployment and reads the
+windows missed since then first (``ticks.resume``): Prometheus still holds their samples.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import math
 import re
 import time
 from collections.abc import Iterable, Sequence
@@ -18,6 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
 
+from nats.js.api import DeliverPolicy
 from prometheus_api_client.exceptions import PrometheusApiClientException
 from prometheus_api_client.prometheus_connect import PrometheusConnect
 from urllib3.util.retry import Retry
@@ -25,11 +30,12 @@ from urllib3.util.retry import Retry
 from services.collector import promql, snapshot, ticks, window
 from services.collector.query_config import QueryConfig, StaticDeployment
 from services.collector.settings import CollectorSettings
-from shared.messages import DeploymentKey, MetricSnapshot
+from shared.messages import METRICS_SUBJECT, DeploymentKey, MetricSnapshot
 from shared.service import Runtime
 
 log = logging.getLogger("slaplanner.collector")
 SOURCE = "prometheus"
+METRICS = METRICS_SUBJECT.format(namespace="*", name="*")
 Group = tuple[str, ...]
 
 
@@ -379,6 +385,25 @@ def _utc(epoch_s: float) -> str:
     return datetime.fromtimestamp(epoch_s, UTC).isoformat(timespec="seconds")
 
 
+async def last_published(runtime: Runtime, collector: Collector) -> dict[DeploymentKey, float]:
+    """The end of the last window of each deployment this collector publishes that the stream
+    holds (same source, same window length); empty if the stream cannot be read."""
+    interval = collector.settings.interval_s
+    known = None if collector.discover else set(collector.known())
+    ends: dict[DeploymentKey, float] = {}
+    try:
+        async for msg in runtime.read_stream(METRICS, DeliverPolicy.LAST_PER_SUBJECT):
+            with contextlib.suppress(ValueError):
+                last = MetricSnapshot.from_json(msg.data)
+                if (last.source == SOURCE and math.isclose(last.window_s, interval)
+                        and (known is None or last.deployment in known)):
+                    ends[last.deployment] = last.window_end
+    except Exception as exc:  # NATS errors and timeouts alike: start afresh rather than not at all
+        log.warning("cannot read the last published windows from the stream (%s); starting "
+                    "with the first window not yet due", exc)
+    return ends
+
+
 async def run(runtime: Runtime, settings: CollectorSettings, config: QueryConfig) -> None:
     collector = Collector(settings, config, HttpReader(settings))
     interval, delay = settings.interval_s, settings.prometheus_query_delay_s
@@ -386,8 +411,28 @@ async def run(runtime: Runtime, settings: CollectorSettings, config: QueryConfig
              promql.duration(interval),
              ", ".join(str(k) for k in collector.known()) or
              f"deployments discovered by ({', '.join(collector.discover)})")
+    published = await last_published(runtime, collector)
+
+    async def publish(messages: Iterable[MetricSnapshot]) -> None:
+        # A window a deployment already has in the stream is not published again: after a
+        # restart, the windows read again for the deployments behind are new only to them.
+        for message in messages:
+            if message.window_end > published.get(message.deployment, -math.inf):
+                await runtime.publish(message.model_copy(update={"id": snapshot.window_id(
+                    SOURCE, message.deployment, message.window_end)}))
+                published[message.deployment] = message.window_end
+
     await asyncio.to_thread(collector.start, time.time())
-    index = ticks.first_index(time.time(), interval, delay)
+    start = ticks.resume(min(published.values(), default=None), time.time(), interval, delay,
+                         settings.max_backlog_windows)
+    if start.given_up:
+        log.warning("%d windows came due since the last one published (%s); the oldest %d are "
+                    "beyond --max-backlog-windows and not published", start.missed +
+                    start.given_up, _utc(min(published.values())), start.given_up)
+    if start.missed:
+        log.info("back-filling %d windows missed since the last one published, from %s",
+                 start.missed, _utc(ticks.end_of(start.index, interval)))
+    index = start.index
     try:
         while not runtime.stop.is_set():
             wait = ticks.due_at(index, interval, delay) - time.time()
@@ -402,12 +447,10 @@ async def run(runtime: Runtime, settings: CollectorSettings, config: QueryConfig
             if step.skipped:
                 log.warning("fell %d windows behind; publishing them stale", len(step.skipped))
                 for skipped in step.skipped:
-                    for stale in collector.stale(ticks.end_of(skipped, interval),
-                                                 "the collector fell behind; window not read"):
-                        await runtime.publish(stale)
+                    await publish(collector.stale(ticks.end_of(skipped, interval),
+                                                  "the collector fell behind; window not read"))
             end = ticks.end_of(step.index, interval)
-            for message in await asyncio.to_thread(collector.window, end):
-                await runtime.publish(message)
+            await publish(await asyncio.to_thread(collector.window, end))
             index = step.index + 1
     finally:
         collector.close()

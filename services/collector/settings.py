@@ -113,7 +113,8 @@ class CollectorSettings(ServiceSettings):
     max_backlog_windows: int = Field(
         default=10, ge=1,
         description="if the collector falls further behind than this many windows, the oldest "
-        "are published stale instead of read",
+        "are published stale instead of read; after a restart, at most this many windows missed "
+        "while it was down are read (back-filled), older ones are given up",
     )
 
     @field_validator("selector", "prefill_selector", "decode_selector")

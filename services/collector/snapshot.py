@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from services.collector.window import WindowValues
-from shared.messages import DeploymentKey, MetricSnapshot
+from shared.messages import DeploymentKey, MetricSnapshot, derived_id
 
 # MetricSnapshot allows at most 64 gaps of at most 512 characters each.
 MAX_REASON_CHARS = 512
@@ -13,6 +13,12 @@ MAX_REASON_CHARS = 512
 
 def _reason(text: str) -> str:
     return text if len(text) <= MAX_REASON_CHARS else text[: MAX_REASON_CHARS - 3] + "..."
+
+
+def window_id(source: str, key: DeploymentKey, window_end: float) -> str:
+    """One id per source, deployment and window of real time, so that the stream drops a window
+    published twice (a new process started before the old one is gone, two collectors)."""
+    return derived_id(f"snapshot:{source}", f"{key}@{window_end:.3f}")
 
 
 def stale(key: DeploymentKey, window_end: float, window_s: float, source: str,

@@ -46,3 +46,26 @@ def catch_up(index: int, now: float, interval_s: float, delay_s: float,
         return CatchUp(index, ())
     start = latest_due - max_backlog + 1
     return CatchUp(start, tuple(range(index, start)))
+
+
+@dataclass(frozen=True)
+class Resume:
+    index: int  # the first window to read
+    missed: int  # windows that came due since the last one published: read now, at their ends
+    given_up: int  # older missed windows, beyond the backlog: neither read nor published
+
+
+def resume(last_published_end: float | None, now: float, interval_s: float, delay_s: float,
+           max_backlog: int) -> Resume:
+    """Where a (re)started collector begins: the window after the last one it published, so the
+    windows that came due while it was down are read now, each at its own end (Prometheus keeps
+    their samples), up to ``max_backlog`` of them. Nothing published yet: the first window not
+    yet due."""
+    first = first_index(now, interval_s, delay_s)
+    if last_published_end is None:
+        return Resume(first, 0, 0)
+    # The first window ending after the last one published (the epsilon absorbs a quotient
+    # k * interval / interval landing just under k), but never one not yet due (clock stepped back).
+    after_last = min(math.floor(last_published_end / interval_s + 1e-9) + 1, first)
+    start = max(after_last, first - max_backlog)
+    return Resume(start, first - start, start - after_last)
