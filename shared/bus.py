@@ -48,6 +48,9 @@ def connect_options(settings: ServiceSettings, name: str) -> dict[str, Any]:
         "reconnect_time_wait": settings.nats_reconnect_wait_s,
         "allow_reconnect": True,
         "connect_timeout": 5,
+        # A reply prefix per user, which auth.conf lets that user alone subscribe to: on the
+        # shared _INBOX every user could read what JetStream delivers to the others' fetches.
+        "inbox_prefix": settings.inbox_prefix(),
     }
     if settings.nats_user is not None:
         options["user"] = settings.nats_user

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+import re
+from typing import Self
+
+from pydantic import Field, model_validator
 
 from shared.settings import CommaList, DurationS, Settings
+
+# nats-py's own reply prefix, for a connection without a user name to derive one from.
+DEFAULT_INBOX_PREFIX = "_INBOX"
+# A literal subject: dot-separated tokens, none empty, no wildcard and no whitespace.
+_LITERAL_SUBJECT = re.compile(r"[^\s.*>]+(\.[^\s.*>]+)*")
 
 
 class ServiceSettings(Settings):
@@ -17,6 +25,14 @@ class ServiceSettings(Settings):
     nats_token: str | None = Field(default=None, description="NATS token")
     nats_nkey_seed_file: str | None = Field(default=None, description="file with an NKey seed")
     nats_creds_file: str | None = Field(default=None, description="NATS credentials (JWT) file")
+    nats_inbox_prefix: str | None = Field(
+        default=None,
+        description=(
+            "subject prefix of this connection's replies (JetStream deliveries and API answers); "
+            "default _INBOX_<nats user> with a user, else _INBOX. The NATS user may subscribe "
+            "to <prefix>.> and no other user to it (deploy/base/nats/auth.conf)"
+        ),
+    )
     nats_tls_ca_file: str | None = Field(default=None, description="CA bundle to verify NATS TLS")
     nats_tls_cert_file: str | None = Field(default=None, description="client certificate (mTLS)")
     nats_tls_key_file: str | None = Field(default=None, description="client key (mTLS)")
@@ -41,3 +57,22 @@ class ServiceSettings(Settings):
         default=8080, ge=0, le=65535, description="port of /metrics and /healthz (0: pick one)"
     )
     log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING or ERROR")
+
+    @model_validator(mode="after")
+    def _inbox_prefix_is_a_literal_subject(self) -> Self:
+        prefix = self.inbox_prefix()
+        if not _LITERAL_SUBJECT.fullmatch(prefix):
+            raise ValueError(
+                f"NATS reply prefix {prefix!r} is not a literal subject (tokens separated by "
+                "'.', without '*', '>' or whitespace); set SLAPLANNER_NATS_INBOX_PREFIX"
+            )
+        return self
+
+    def inbox_prefix(self) -> str:
+        """Where this connection's replies come back: a prefix per user, so that no service's
+        user may subscribe to the replies of another (JetStream delivers a fetch there)."""
+        if self.nats_inbox_prefix is not None:
+            return self.nats_inbox_prefix
+        if self.nats_user is not None:
+            return f"{DEFAULT_INBOX_PREFIX}_{self.nats_user}"
+        return DEFAULT_INBOX_PREFIX

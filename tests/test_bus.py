@@ -10,6 +10,7 @@ import nats
 import nats.errors
 import pytest
 from nats.aio.client import Client as NATS
+from pydantic import ValidationError
 
 from shared import bus, embedded_nats
 from shared.messages import DeploymentKey, MetricSnapshot
@@ -33,6 +34,7 @@ async def test_user_and_password_connect_and_a_wrong_password_is_refused(
                            nats_password="s3cret")
     client = await bus.connect(good, "test")
     assert client.is_connected
+    assert client.new_inbox().startswith("_INBOX_planner."), "replies on the user's own prefix"
     await client.close()
 
     bad = bus.connect_options(
@@ -62,6 +64,38 @@ def test_each_auth_form_reaches_the_client(settings: dict[str, str],
     for key, value in expected.items():
         assert options[key] == value
     assert options["max_reconnect_attempts"] == -1, "a service never stops reconnecting"
+
+
+@pytest.mark.parametrize(
+    ("settings", "prefix"),
+    [
+        pytest.param({}, "_INBOX", id="without a user, nats-py's own"),
+        pytest.param({"nats_user": "actuator"}, "_INBOX_actuator", id="a user's own"),
+        pytest.param({"nats_user": "actuator", "nats_inbox_prefix": "_R.actuator"}, "_R.actuator",
+                     id="one set explicitly"),
+        pytest.param({"nats_creds_file": "/run/svc.creds", "nats_inbox_prefix": "_INBOX_svc"},
+                     "_INBOX_svc", id="one set for a credentials file, which names no user"),
+    ],
+)
+def test_each_connection_gets_the_reply_prefix_its_user_may_read(
+    settings: dict[str, str], prefix: str
+) -> None:
+    options = bus.connect_options(ServiceSettings.model_validate(settings), "test")
+    assert options["inbox_prefix"] == prefix
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        pytest.param({"nats_inbox_prefix": "_INBOX.>"}, id="a wildcard"),
+        pytest.param({"nats_inbox_prefix": "_INBOX."}, id="an empty last token"),
+        pytest.param({"nats_inbox_prefix": ""}, id="nothing"),
+        pytest.param({"nats_user": "ops team"}, id="a user name with a space"),
+    ],
+)
+def test_a_reply_prefix_that_is_no_literal_subject_is_refused(settings: dict[str, str]) -> None:
+    with pytest.raises(ValidationError, match="SLAPLANNER_NATS_INBOX_PREFIX"):
+        ServiceSettings.model_validate(settings)
 
 
 async def test_the_stream_drops_a_message_published_twice_with_the_same_id(

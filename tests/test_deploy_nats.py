@@ -130,8 +130,11 @@ async def connect(bus_: Bus, user: str) -> AsyncIterator[Client]:
     async def on_error(exc: Exception) -> None:
         client.errors.append(str(exc))
 
-    await client.nc.connect(bus_.url, user=user, password=bus_.passwords[user],
-                            error_cb=on_error, allow_reconnect=False)
+    # as the services connect (shared.bus), with the reply prefix their user may read
+    options = bus.connect_options(ServiceSettings(nats_url=[bus_.url], nats_user=user,
+                                                  nats_password=bus_.passwords[user]), user)
+    options.update(allow_reconnect=False, max_reconnect_attempts=0)
+    await client.nc.connect(**options, error_cb=on_error)
     try:
         yield client
     finally:
@@ -183,9 +186,16 @@ async def test_a_service_subscribes_only_to_what_it_reads(server: Bus, service: 
         for subject in ALL_READS:
             await client.nc.subscribe(subject)
             assert await client.refused() == (subject not in READS[service]), subject
-        # replies (JetStream's acknowledgements and API answers) come back on an inbox
-        await client.nc.subscribe(client.nc.new_inbox())
+        # replies (JetStream's acknowledgements, API answers and fetched messages) come back on
+        # the user's own inbox prefix, and on no one else's
+        own_inbox = client.nc.new_inbox()
+        assert own_inbox.startswith(f"_INBOX_{service}."), own_inbox
+        await client.nc.subscribe(own_inbox)
         assert not await client.refused()
+        others = [f"_INBOX_{user}.>" for user in USERS if user != service]
+        for subject in (">", "*.>", "_INBOX.>", *others):
+            await client.nc.subscribe(subject)
+            assert await client.refused(), f"{service} may subscribe to {subject}"
 
 
 @pytest.mark.parametrize("service", deploy.SERVICES)

@@ -215,7 +215,7 @@ async def test_the_collectors_user_cannot_delete_the_actuators_consumer(deploy_b
 
 # What each service reads through JetStream, and the durables it owns (deploy/base/nats/auth.conf).
 FAMILIES = ("metrics", "forecast", "target", "scaled", "virtual", "rejected")
-READ_FAMILIES = {"collector": (), "forecaster": ("metrics",), "decider": (),
+READ_FAMILIES = {"collector": ("metrics",), "forecaster": ("metrics",), "decider": (),
                  "actuator": ("target", "scaled")}
 MAX_FORECASTER_REPLICAS = 8
 FORECASTER_DURABLES = ("forecaster",
@@ -401,7 +401,8 @@ async def test_the_deciders_user_cannot_widen_its_durable_to_the_rejected_bodies
 
 
 @pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "the forecaster and the actuator read the stream's history through consumers nats-py names "
+    "the collector, the forecaster and the actuator read the stream's history through consumers "
+    "nats-py names "
     "at random, so auth.conf lets them fetch from a consumer of any name but the services' own "
     "durables (denied by name): a consumer an operator adds under another name can be drained. "
     "Closing it needs those reads under names of their own (a change in shared/service.py)"))
@@ -423,29 +424,32 @@ async def test_the_forecasters_user_cannot_drain_a_consumer_an_operator_added(
     assert read == []
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "every user subscribes to the shared reply prefix _INBOX.>, and JetStream delivers a pull "
-    "consumer's messages to the fetching client's inbox, so the collector's user sees the targets "
-    "the actuator fetches. Closing it needs a reply prefix per user: nats-py's inbox_prefix in "
-    "shared/bus.connect_options (e.g. _INBOX_<user>) and that prefix alone in auth.conf"))
 async def test_the_collectors_user_cannot_overhear_the_targets_the_actuator_fetches(
     deploy_bus: Bus,
 ) -> None:
+    """JetStream delivers what a pull consumer fetches to the fetching client's inbox: each
+    service's user has a reply prefix of its own (shared.bus), which no other user may read."""
     await fill_every_family(deploy_bus.settings("admin"))
+    overheard: list[str] = []
+
+    async def on_message(msg: Msg) -> None:
+        overheard.append(msg.subject)
+
     async with connected(deploy_bus.settings("collector"), "collector") as collector, \
             connected(deploy_bus.settings("actuator"), "actuator") as actuator:
-        overheard = await collector.nc.subscribe("_INBOX.>")
-        await collector.nc.flush()
+        for subject in (">", "*.>", "_INBOX.>", "_INBOX_actuator.>"):
+            await collector.nc.subscribe(subject, cb=on_message)
+            assert await collector.refused(), f"the collector's user may read {subject}"
         sub = await actuator.nc.jetstream().pull_subscribe(
             TARGETS, durable="actuator", stream=STREAM,
             config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL))
         [target] = await sub.fetch(batch=1, timeout=5)
         await target.ack()
-        subjects: list[str] = []
-        with contextlib.suppress(TimeoutError, nats.errors.TimeoutError):
-            while True:
-                subjects.append((await overheard.next_msg(timeout=1.0)).subject)
-    assert family_subject("target") not in subjects
+        assert target.subject == family_subject("target")
+        assert not await actuator.refused()
+        # the delivery went out to every matching subscriber before the collector's PONG
+        await collector.refused()
+    assert overheard == []
 
 
 async def test_with_stream_updates_denied_the_reroute_fails_and_services_still_start(
