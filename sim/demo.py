@@ -40,10 +40,14 @@ DEMO_DEFAULTS: dict[str, Any] = {
     # The forecaster service's default predictor. Its warm start from a recorded trace is not
     # used: warming it with the trace being replayed would show it the future.
     "predictor": ForecasterSettings.model_fields["predictor"].default,
-    # Start with what serves the first minute (what an oracle would run at time 0), as a
-    # deployment that has been serving would; from 1 + 1 workers the first minute would measure
-    # a cold start, not the planner (--no-warm-start shows it).
-    "warm_start": True,
+    # Start as a deployment that has been serving would: with the fleet that keeps the SLA
+    # through the first startup delay, the start the planning benchmark gives every policy on
+    # this trace (bench/planning_feasibility.py sla_start_counts; docs/benchmarks.md). From
+    # 1 + 1 workers, or from the lower bound's start (--warm-start), the first minute would
+    # measure a cold start, not the planner.
+    "warm_start": False,
+    "start_prefill": 6,
+    "start_decode": 1,
     "plot_out": "demo.png",  # in the working directory; --plot elsewhere
 }
 
