@@ -132,6 +132,12 @@ class ServiceProcess:
                 raise AssertionError(f"{self.name} did not stop within {timeout_s} s") from None
         return int(self.process.returncode)
 
+    def kill(self) -> None:
+        """SIGKILL if still running (a test's cleanup; ``stop`` is the clean way out)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
@@ -151,9 +157,7 @@ def services(nats_server: NatsEndpoint, tmp_path: Path) -> Iterator[dict[str, Se
              for n in ("collector", "forecaster", "decider", "actuator")}
     yield procs
     for proc in procs.values():
-        if proc.process is not None and proc.process.poll() is None:
-            proc.process.kill()
-            proc.process.wait()
+        proc.kill()
 
 
 def wait_until(predicate: object, timeout_s: float = 20.0, interval_s: float = 0.05) -> None:

@@ -314,9 +314,7 @@ async def test_the_services_run_under_their_users_and_the_configmap(
         assert "permissions violation" not in logs().lower(), logs()
     finally:
         for proc in procs:
-            if proc.process is not None and proc.process.poll() is None:
-                proc.process.kill()
-                proc.process.wait()
+            proc.kill()
 
 
 def metrics_subject_of(key: DeploymentKey) -> str:
@@ -396,7 +394,5 @@ async def test_forecaster_replicas_run_under_the_forecaster_user(
         assert "permissions violation" not in logs().lower(), logs()
     finally:
         for proc in procs:
-            if proc.process is not None and proc.process.poll() is None:
-                proc.process.kill()
-                proc.process.wait()
+            proc.kill()
 

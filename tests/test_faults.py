@@ -200,9 +200,7 @@ def stack(setup: PlanningSetup, config: ClusterConfig, names: tuple[str, ...]) -
             yield Stack(server, k8s, services)
         finally:
             for service in services.values():
-                if service.process is not None and service.process.poll() is None:
-                    service.process.kill()
-                    service.process.wait()
+                service.kill()
             k8s.stop()
             server.stop()
 

@@ -88,9 +88,7 @@ def replicas(
         procs.append(ServiceProcess("forecaster", env, tmp_path / f"replica-{index}"))
     yield procs
     for proc in procs:
-        if proc.process is not None and proc.process.poll() is None:
-            proc.process.kill()
-            proc.process.wait()
+        proc.kill()
 
 
 def test_a_replica_index_is_read_from_a_statefulset_pod_name() -> None:

@@ -680,9 +680,7 @@ async def run_services_and_forge_targets(deploy_bus: Bus, tmp_path: Path) -> Non
             assert "permissions violation" not in logs().lower(), logs()
         finally:
             for proc in procs:
-                if proc.process is not None and proc.process.poll() is None:
-                    proc.process.kill()
-                    proc.process.wait()
+                proc.kill()
 
 
 # --------------------------------------------------------------------------- TLS refusals
