@@ -141,16 +141,9 @@ class Decider:
             "profile": profile.origin,
             **decision.explanation,
         }
-        target = ReplicaTarget(
-            id=derived_id("target", forecast.id),
-            deployment=forecast.deployment,
-            window_end=forecast.window_end,
-            window_s=forecast.window_s,
-            policy=knobs.policy,
-            prefill_replicas=decision.prefill_replicas,
-            decode_replicas=decision.decode_replicas,
+        target = _target(
+            derived_id("target", forecast.id), forecast, knobs, decision, explanation,
             forecast_id=forecast.id,
-            explanation=explanation,
         )
         self._memory[key] = replace(
             memory or _Memory(decision.state),
@@ -180,8 +173,10 @@ class Decider:
         target = (
             None
             if result.decision is None
-            else self._target(
-                derived_id("fast-path", snapshot.id), snapshot, knobs, result.decision
+            else _target(
+                derived_id("fast-path", snapshot.id), snapshot, knobs, result.decision,
+                {"snapshot_id": snapshot.id, "adjustment_interval_s": knobs.adjustment_interval_s,
+                 **result.decision.explanation},
             )
         )
         self._memory[key] = replace(
@@ -251,28 +246,27 @@ class Decider:
             memory or _Memory(new_state), state=new_state, event_id=event.id
         )
 
-    def _target(
-        self,
-        target_id: str,
-        snapshot: MetricSnapshot,
-        knobs: DeploymentKnobs,
-        decision: PolicyDecision,
-    ) -> ReplicaTarget:
-        return ReplicaTarget(
-            id=target_id,
-            deployment=snapshot.deployment,
-            window_end=snapshot.window_end,
-            window_s=snapshot.window_s,
-            policy=knobs.policy,
-            prefill_replicas=decision.prefill_replicas,
-            decode_replicas=decision.decode_replicas,
-            forecast_id=None,
-            explanation={
-                "snapshot_id": snapshot.id,
-                "adjustment_interval_s": knobs.adjustment_interval_s,
-                **decision.explanation,
-            },
-        )
+
+def _target(
+    target_id: str,
+    source: LoadForecast | MetricSnapshot,
+    knobs: DeploymentKnobs,
+    decision: PolicyDecision,
+    explanation: dict[str, Any],
+    forecast_id: str | None = None,
+) -> ReplicaTarget:
+    """The target for ``source``'s deployment and window; ``forecast_id`` None: the fast path."""
+    return ReplicaTarget(
+        id=target_id,
+        deployment=source.deployment,
+        window_end=source.window_end,
+        window_s=source.window_s,
+        policy=knobs.policy,
+        prefill_replicas=decision.prefill_replicas,
+        decode_replicas=decision.decode_replicas,
+        forecast_id=forecast_id,
+        explanation=explanation,
+    )
 
 
 def _number(source: Any, *path: str) -> float | None:
