@@ -12,6 +12,7 @@ import argparse
 import json
 import math
 import sys
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,11 +23,22 @@ from services.forecaster.settings import PREDICTOR_NAMES
 from shared import perf_model, traces
 from shared.settings import parse_duration_s
 from sim.cluster import ClusterConfig, DecodeModel
-from sim.loop import BASELINES, LoopResult, PlanningSetup, simulate
+from sim import references
+from sim.loop import BASELINES, LoopResult, PlanningSetup, prepare, simulate
 
 
 def policy_names() -> list[str]:
-    return [*registry.policy_names(), *BASELINES]
+    return [*registry.policy_names(), *BASELINES, *references.NAMES]
+
+
+def references_epilog() -> str:
+    """One line per reference policy, for ``--help``."""
+    width = max(len(name) for name in references.NAMES)
+    lines = ["reference policies (to compare a policy with; the same report):"]
+    for name, text in references.HELP.items():
+        lines += textwrap.wrap(text, 79, initial_indent=f"  {name:<{width}}  ",
+                               subsequent_indent=" " * (width + 4))
+    return "\n".join(lines)
 
 
 def add_arguments(parser: argparse.ArgumentParser, trace_default: str | None = None) -> None:
@@ -36,9 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser, trace_default: str | None = N
     dryrun.add_planning_arguments(
         parser, policies=policy_names(), default_policy=dryrun.knob_default("policy"),
         predictors=PREDICTOR_NAMES, enforce_gpu_budget=True, trace_default=trace_default,
-        policy_help="a decider policy, or a baseline: static (the trace's peak, all the time), "
-        "reactive (a plain HPA on queue length, prefill busy time and KV usage); default "
-        "%(default)s",
+        policy_help="a decider policy, a baseline: static (the trace's peak, all the time), "
+        "reactive (a plain HPA on queue length, prefill busy time and KV usage), or a "
+        "reference (below); default %(default)s",
     )
     parser.add_argument(
         "--start", default="0s",
@@ -96,6 +108,18 @@ def add_arguments(parser: argparse.ArgumentParser, trace_default: str | None = N
         "--max-intervals", type=int, default=0, help="stop after N intervals (0: all)"
     )
     parser.add_argument(
+        "--goal", default="0.99",
+        help="attainment goal of the references that search (clairvoyant, best-fixed, "
+        "dynamo-tuned): the share of requests meeting both targets, a fraction in (0, 1] "
+        "(default %(default)s)",
+    )
+    parser.add_argument(
+        "--instant-startup", action="store_true",
+        help="clairvoyant: engines serve the moment they are asked for (the pure bound)",
+    )
+    parser.add_argument("--prefill", type=int, default=None, help="fixed: prefill engines")
+    parser.add_argument("--decode", type=int, default=None, help="fixed: decode engines")
+    parser.add_argument(
         "--requests", dest="requests_out",
         help="write one CSV row per request here: arrival, lengths (after clipping), TTFT, "
         "mean ITL, finish (seconds; empty where not reached)",
@@ -124,12 +148,27 @@ def _duration(value: str, flag: str) -> float:
     return seconds
 
 
+def goal(text: str) -> float:
+    """``--goal``: a fraction of requests in (0, 1]; a one-line error otherwise."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.0 < value <= 1.0:
+        raise ValueError(
+            f"--goal: a fraction of requests in (0, 1], such as 0.99 for 99 %, got {text!r}"
+        )
+    return value
+
+
 def parse(args: argparse.Namespace) -> Parsed:
     """Validate the options; raises ``ValueError`` naming the flag."""
+    goal(args.goal)
     if not args.speedup > 0:
         raise ValueError(f"--speedup: must be positive, got {args.speedup}")
+    simulated = args.policy in BASELINES or args.policy in references.NAMES
     knobs = dryrun.planning_knobs(
-        args, policy="dynamo" if args.policy in BASELINES else args.policy,
+        args, policy="dynamo" if simulated else args.policy,
         no_correction=args.no_correction,
     )
     decider_env: dict[str, str] = {}
@@ -283,8 +322,13 @@ def _cell(value: float) -> str:
     return "" if value != value else f"{value:.6f}"  # NaN: not reached
 
 
-def write_outputs(args: argparse.Namespace, parsed: Parsed, run: LoopResult) -> None:
+def write_outputs(
+    args: argparse.Namespace, parsed: Parsed, run: LoopResult,
+    reference: dict[str, Any] | None = None,
+) -> None:
     report = document(args, parsed, run)
+    if reference is not None:
+        report["reference"] = reference
     if not args.quiet:
         print(format_table(run))
     print(format_summary(report))
@@ -308,6 +352,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Replay a request trace through a simulated prefill/decode cluster and the "
         "planning loop (forecaster, decider, actuator cores), and score SLA attainment and "
         "GPU-hours.",
+        epilog=references_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_arguments(parser)
     args = parser.parse_args(argv)
@@ -317,6 +363,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError) as exc:  # TraceError and ProfileError are ValueErrors
         print(f"{prog}: {exc}", file=sys.stderr)
         return 2
+    if args.policy in references.NAMES:
+        try:
+            found = run_reference(args, parsed)
+        except ValueError as exc:
+            print(f"{prog}: {exc}", file=sys.stderr)
+            return 2
+        write_outputs(args, parsed, found.run, found.detail)
+        return 0
     run = simulate(
         parsed.trace,
         parsed.profile,
@@ -327,6 +381,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     write_outputs(args, parsed, run)
     return 0
+
+
+def run_reference(args: argparse.Namespace, parsed: Parsed) -> references.Reference:
+    """A reference policy, starting (where it adapts) from the clairvoyant's fleet unless
+    ``--warm-start`` or ``--start-*`` say otherwise."""
+    counts = None
+    if args.prefill is not None or args.decode is not None:
+        counts = (args.prefill or 0, args.decode or 0)
+    start = None
+    if args.warm_start or (args.start_prefill, args.start_decode) != (1, 1):
+        config, _ = prepare(parsed.trace, parsed.profile, parsed.setup, parsed.config,
+                            args.policy, warm_start=args.warm_start)
+        start = (config.start_prefill, config.start_decode)
+    return references.run(
+        args.policy, parsed.trace, parsed.profile, parsed.setup, parsed.config,
+        goal=goal(args.goal), instant_startup=args.instant_startup, counts=counts, start=start,
+        max_intervals=args.max_intervals or None,
+    )
 
 
 if __name__ == "__main__":

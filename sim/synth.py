@@ -15,6 +15,7 @@ Traces are written as Mooncake JSONL (``timestamp`` in integer milliseconds), wh
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,3 +128,153 @@ def write_mooncake(trace: Trace, path: str | Path) -> int:
             next_block += blocks
             out.write(orjson.dumps(row) + b"\n")
     return len(trace)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shaped loads: a piecewise-linear arrival rate, with bursts inside each second's neighbourhood
+
+
+@dataclass(frozen=True)
+class ShapedLoad:
+    """An arrival rate that is linear between knots, and how bursty arrivals are around it.
+
+    ``dispersion`` is the per-second index of dispersion of the request counts (variance over
+    mean of the counts of the seconds of one minute): 1 is a Poisson process, more is burstier.
+    Each second's count is Poisson with a gamma-distributed mean (a negative binomial), whose
+    variance is ``dispersion`` times its mean whatever the rate.
+    """
+
+    knots_s: tuple[float, ...]
+    rates_per_s: tuple[float, ...]
+    dispersion: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if len(self.knots_s) < 2 or len(self.knots_s) != len(self.rates_per_s):
+            raise ValueError("a shape needs at least two knots, each with a rate")
+        if self.knots_s[0] != 0.0 or any(
+            b <= a for a, b in zip(self.knots_s, self.knots_s[1:], strict=False)
+        ):
+            raise ValueError("knots start at 0 s and increase")
+        if any(not (r >= 0 and math.isfinite(r)) for r in self.rates_per_s):
+            raise ValueError("rates must be finite and >= 0")
+        if not max(self.rates_per_s) > 0:
+            raise ValueError("the highest rate must be positive")
+        if not (self.dispersion >= 1.0 and math.isfinite(self.dispersion)):
+            raise ValueError(f"dispersion must be >= 1, got {self.dispersion!r}")
+
+    @property
+    def duration_s(self) -> float:
+        return self.knots_s[-1]
+
+    def rate_per_s(self, t_s: FloatArray) -> FloatArray:
+        return np.interp(t_s, self.knots_s, self.rates_per_s)
+
+
+# A working day, as fractions of its peak by hour of the day: a night trough at 15 %, a morning
+# ramp, a plateau from mid-morning with a dip at lunch, and the day's peak in the evening.
+DAY_SHAPE: tuple[tuple[float, float], ...] = (
+    (0.0, 0.32), (2.0, 0.18), (4.0, 0.15), (5.5, 0.15), (7.0, 0.30), (9.0, 0.75),
+    (10.0, 0.82), (12.0, 0.82), (12.5, 0.62), (13.5, 0.62), (14.5, 0.82), (17.0, 0.82),
+    (18.5, 0.95), (19.5, 1.0), (21.0, 1.0), (22.5, 0.62), (24.0, 0.32),
+)
+
+
+def day_load(peak_rate_per_s: float, dispersion: float = 1.0, seed: int = 0) -> ShapedLoad:
+    """24 hours of ``DAY_SHAPE`` at ``peak_rate_per_s``."""
+    return ShapedLoad(
+        tuple(hour * 3600.0 for hour, _ in DAY_SHAPE),
+        tuple(share * peak_rate_per_s for _, share in DAY_SHAPE),
+        dispersion,
+        seed,
+    )
+
+
+def flash_crowd_load(
+    base_rate_per_s: float,
+    factor: float = 3.0,
+    before_s: float = 900.0,
+    rise_s: float = 60.0,
+    hold_s: float = 1200.0,
+    after_s: float = 900.0,
+    dispersion: float = 1.0,
+    seed: int = 0,
+) -> ShapedLoad:
+    """A steady load that rises ``factor`` times within ``rise_s``, holds, and falls back as
+    fast."""
+    t1 = before_s
+    t2 = t1 + rise_s
+    t3 = t2 + hold_s
+    t4 = t3 + rise_s
+    peak = base_rate_per_s * factor
+    return ShapedLoad(
+        (0.0, t1, t2, t3, t4, t4 + after_s),
+        (base_rate_per_s, base_rate_per_s, peak, peak, base_rate_per_s, base_rate_per_s),
+        dispersion,
+        seed,
+    )
+
+
+def ramp_load(
+    base_rate_per_s: float,
+    factor: float = 4.0,
+    ramp_s: float = 7200.0,
+    before_s: float = 600.0,
+    after_s: float = 600.0,
+    dispersion: float = 1.0,
+    seed: int = 0,
+) -> ShapedLoad:
+    """A steady load that rises linearly ``factor`` times over ``ramp_s``, then stays there."""
+    top = base_rate_per_s * factor
+    return ShapedLoad(
+        (0.0, before_s, before_s + ramp_s, before_s + ramp_s + after_s),
+        (base_rate_per_s, base_rate_per_s, top, top),
+        dispersion,
+        seed,
+    )
+
+
+def per_second_dispersion(*arrivals_s: FloatArray) -> float:
+    """The index of dispersion of per-second request counts inside each minute, pooled over the
+    minutes with requests of every timeline given (the sum of the minutes' variances over the
+    sum of their means), so that the load's drift from minute to minute is not counted as
+    burstiness."""
+    variance = mean = 0.0
+    for arrival in arrivals_s:
+        if arrival.size == 0:
+            continue
+        whole = np.floor(arrival)
+        seconds = (whole - whole.min()).astype(np.int64)
+        counts = np.bincount(seconds)
+        minutes = -(-counts.size // 60)
+        counts = np.pad(counts, (0, minutes * 60 - counts.size)).reshape(minutes, 60)
+        means = counts.mean(axis=1)
+        busy = means > 0
+        variance += float(counts.var(axis=1)[busy].sum())
+        mean += float(means[busy].sum())
+    if mean == 0:
+        raise ValueError("no requests to measure")
+    return variance / mean
+
+
+def generate_shaped(
+    load: ShapedLoad, lengths_from: Sequence[Trace], name: str = "shaped"
+) -> Trace:
+    """A trace for ``load``, its (ISL, OSL) pairs drawn from the requests of ``lengths_from``
+    (all of them pooled)."""
+    if not lengths_from or sum(len(t) for t in lengths_from) == 0:
+        raise ValueError("give at least one trace with requests to draw lengths from")
+    rng = np.random.default_rng(load.seed)
+    seconds = np.arange(math.ceil(load.duration_s), dtype=np.float64)
+    mean = load.rate_per_s(seconds + 0.5) * np.minimum(1.0, load.duration_s - seconds)
+    if load.dispersion > 1.0:
+        # Gamma mixing: variance = mean + mean^2 / shape = dispersion * mean.
+        shape = np.maximum(mean, 1e-12) / (load.dispersion - 1.0)
+        mean = rng.gamma(shape, 1.0 / shape) * mean
+    counts = rng.poisson(mean)
+    arrival = np.repeat(seconds, counts) + rng.uniform(0.0, 1.0, int(counts.sum()))
+    arrival = np.sort(arrival[arrival < load.duration_s])
+    isl = np.concatenate([np.asarray(t.isl_tokens, dtype=np.int64) for t in lengths_from])
+    osl = np.concatenate([np.asarray(t.osl_tokens, dtype=np.int64) for t in lengths_from])
+    pick = rng.integers(0, isl.size, arrival.size)
+    return Trace(arrival, isl[pick], osl[pick], name)

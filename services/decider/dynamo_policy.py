@@ -148,6 +148,8 @@ def size_prefill(
     estimate = profile.prefill.estimate(load.isl_avg_tokens)
     applied = min(1, correction)  # Dynamo: a TTFT worse than profiled never adds replicas
     demand = load.num_requests * load.isl_avg_tokens / load.window_s * applied
+    if config.prefill_headroom != 1.0:  # an operator's knob; at 1 the arithmetic is Dynamo's
+        demand *= config.prefill_headroom
     thpt = estimate.thpt_tokens_per_s_per_gpu
     raw = demand / thpt / config.prefill_engine_gpus if thpt != 0 else float("inf")
     return RoleSizing(
@@ -158,6 +160,7 @@ def size_prefill(
             "demand_tokens_per_s": demand,
             "correction_factor": correction,
             "correction_applied": applied,
+            "headroom": config.prefill_headroom,
             "profile": estimate.as_dict(),
             "isl_clamped": estimate.clamp is not IslClamp.WITHIN_RANGE,
         },

@@ -125,6 +125,7 @@ class PolicyConfig:
     max_decode_replicas: int = MAX_REPLICAS
     correction_enabled: bool = True
     enforce_gpu_budget: bool = True
+    prefill_headroom: float = 1.0  # dynamo: multiplies the prefill demand before the ceil
     planner: PlannerKnobs = field(default_factory=PlannerKnobs)
 
     @property

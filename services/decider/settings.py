@@ -147,6 +147,13 @@ class DeploymentKnobs(Settings):
         description="true: remove replicas where Dynamo's budget cut still exceeds the budget "
         "(its min_endpoint floor can); false: keep Dynamo's numbers exactly",
     )
+    prefill_headroom: float = Field(
+        default=1.0,
+        ge=1.0,
+        le=100.0,
+        description="dynamo: the prefill demand is multiplied by this before the ceil (an "
+        "operator's headroom for bursts; 1: Dynamo's arithmetic exactly)",
+    )
     # --- the slaplanner policy's knobs (dynamo ignores them) -----------------------------------
     worker_startup_s: DurationS = Field(
         default=180.0,
@@ -347,6 +354,7 @@ class DeploymentKnobs(Settings):
             max_decode_replicas=self.max_decode_replicas,
             correction_enabled=not self.no_correction,
             enforce_gpu_budget=self.enforce_gpu_budget,
+            prefill_headroom=self.prefill_headroom,
             planner=PlannerKnobs(
                 **{name: getattr(self, name) for name in PlannerKnobs.__dataclass_fields__}
             ),
