@@ -22,8 +22,8 @@ from services.decider import dryrun, registry
 from services.forecaster.settings import PREDICTOR_NAMES
 from shared import perf_model, traces
 from shared.settings import parse_duration_s
-from sim.cluster import ClusterConfig, DecodeModel
 from sim import references
+from sim.cluster import ClusterConfig, DecodeModel
 from sim.loop import BASELINES, LoopResult, PlanningSetup, prepare, simulate
 
 
