@@ -8,8 +8,8 @@ engines' slowness); engines share the load evenly (the simulator routes to the l
 a request waits for admission while the engines' reserved KV (input + output of every request in
 flight) leaves no room for it, and such a wait counts against its ITL. Time is cut into bins; the
 load of a bin is averaged over it exactly; a request's ITL is the mean of its bins' ITLs, found
-by a few rounds of a fixed point (a request's lifetime depends on the ITL that the load gives,
-and the load on the lifetimes).
+by rounds of a fixed point (a request's lifetime depends on the ITL that the load gives, and
+the load on the lifetimes), climbing from an idle engine's ITL.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
 BoolArray = npt.NDArray[np.bool_]
 
-ROUNDS = 5
+ROUNDS = 12
 # An ITL above this multiple of the target is only a miss; capping it keeps overloaded fleets'
 # lifetimes (and the bins they need) finite.
 ITL_CAP = 20.0
@@ -79,7 +79,10 @@ class DecodeFluid:
         serving = np.broadcast_to(np.asarray(engines, dtype=np.float64), (self.bins,))
         serving = np.maximum(serving, 1e-9)
         target = self.itl_target_s
-        itl = np.full(self.n, target)
+        # From an idle engine's ITL up: the load then settles where a cluster that starts empty
+        # does (a fleet loaded from the start could settle at a slower fixed point).
+        idle = self.times.itl_s(np.zeros(1), np.zeros(1))[0] * self.perf_skew
+        itl = np.full(self.n, float(idle))
         blocked = np.zeros(self.n, dtype=bool)
         starts = self._start_bin
         for _ in range(ROUNDS):
@@ -101,8 +104,13 @@ class DecodeFluid:
             total = _area(area, end_bin, end_frac) - _area(area, starts, self._start_frac)
             span = np.maximum(end_bin + end_frac - begin_pos, 1e-12)
             new = np.minimum(total / span, ITL_CAP * target)
-            itl = 0.5 * (itl + new)
             blocked = reserved[starts] / serving[starts] + self.reserve > self.times.max_kv_tokens
+            # Longer lives mean more load and a slower ITL: from below, the rounds climb to the
+            # least fixed point; stop once it has settled.
+            settled = np.allclose(new, itl, rtol=0.01, atol=0.0)
+            itl = new
+            if settled:
+                break
         met[self.decoding] = (itl <= target) & ~blocked
         return met
 

@@ -41,6 +41,7 @@ from shared import settings as settings_mod
 from shared.messages import MetricSnapshot
 from shared.perf_model import Profile
 from shared.traces import Trace
+from sim import metrics
 from sim.cluster import Cluster, ClusterConfig, WindowStats
 from sim.fcfs import PrefillReplay
 from sim.fluid import DecodeFluid
@@ -65,14 +66,11 @@ BoolArray = npt.NDArray[np.bool_]
 
 # One line each, for ``slaplanner simulate --help``.
 HELP = {
-    "clairvoyant": "the cheapest per-interval fleet reaching --goal knowing every request "
-    "(engines asked for a startup ahead; --instant-startup for the pure bound)",
+    "clairvoyant": "cheapest fleet per interval reaching --goal, knowing the future",
     "fixed": "constant --prefill N and --decode M engines",
-    "best-fixed": "the cheapest constant fleet reaching --goal, found with hindsight",
-    "dynamo-tuned": "Dynamo's policy with the cheapest prefill headroom, replica floor and "
-    "tighter planned ITL reaching --goal",
-    "token-aware": "llm-d's token-aware KEDA rule as shipped (queued prefill tokens, decode KV "
-    "usage / 0.8, HPA behaviour)",
+    "best-fixed": "cheapest constant fleet reaching --goal, found with hindsight",
+    "dynamo-tuned": "Dynamo with the cheapest headroom, floors, ITL reaching --goal",
+    "token-aware": "llm-d's token-aware KEDA rule as shipped (queued tokens, KV)",
 }
 NAMES = tuple(HELP)
 
@@ -157,6 +155,16 @@ def fixed(workload: Workload, prefill: int, decode: int) -> Reference:
                      {"prefill": prefill, "decode": decode})
 
 
+# The decode estimate decides nothing alone: a pair (or setting) is run in the simulator unless
+# its estimate falls this far below the goal; once a decode fleet has been run, its measured
+# ITL outcome replaces the estimate.
+ESTIMATE_MARGIN = 0.02
+
+
+def _itl_measured(result: LoopResult, itl_target_s: float) -> BoolArray:
+    return metrics.attainment(result.result, 0.0, itl_target_s)[1]
+
+
 def _reached(result: LoopResult, goal: float) -> bool:
     attainment = result.scores["sla_attainment"]
     return attainment is not None and attainment >= goal - 1e-12
@@ -206,12 +214,16 @@ def best_fixed(
 
     p_min = fewest_fixed_prefill(workload, goal, most, ttft)
     first = ttft[p_min][1]
-    itl: dict[int, BoolArray] = {}
+    estimated: dict[int, BoolArray] = {}
+    measured: dict[int, BoolArray] = {}  # ITL outcomes of decode fleets run in the simulator
 
-    def decode_met(d: int) -> BoolArray:
-        if d not in itl:
-            itl[d] = workload.itl_met(first, np.full(windows, d))
-        return itl[d]
+    def estimate(p: int, d: int) -> tuple[float, float]:
+        """Estimated attainment of (p, d), and the margin it is held to."""
+        if d in measured:
+            return float((prefill_met(p) & measured[d]).mean()), 0.0
+        if d not in estimated:
+            estimated[d] = workload.itl_met(first, np.full(windows, d))
+        return float((prefill_met(p) & estimated[d]).mean()), ESTIMATE_MARGIN
 
     gp, gd = workload.config.prefill_engine_gpus, workload.config.decode_engine_gpus
     pairs = sorted((p * gp + d * gd, p, d) for p in range(p_min, most + 1)
@@ -219,13 +231,15 @@ def best_fixed(
     tried: list[dict[str, Any]] = []
     closest: tuple[float, int, int, LoopResult] | None = None
     for _, p, d in pairs:
-        if decode_met(d).mean() < goal or (prefill_met(p) & decode_met(d)).mean() < goal:
+        value, margin = estimate(p, d)
+        if value < goal - margin:
             continue
         result = fixed(workload, p, d).run
-        attainment = float(result.scores["sla_attainment"])
-        tried.append({"prefill": p, "decode": d, "sla_attainment": attainment})
-        if closest is None or attainment > closest[0]:
-            closest = (attainment, p, d, result)
+        measured[d] = _itl_measured(result, workload.setup.itl_target_s)
+        achieved = float(result.scores["sla_attainment"])
+        tried.append({"prefill": p, "decode": d, "sla_attainment": achieved})
+        if closest is None or achieved > closest[0]:
+            closest = (achieved, p, d, result)
         if _reached(result, goal) or len(tried) >= validations:
             break
     if closest is None:  # nothing is estimated to reach it: the most engines there are
@@ -332,7 +346,7 @@ class DynamoOpenLoop:
 
 
 def dynamo_tuned(
-    workload: Workload, goal: float, start: tuple[int, int], validations: int = 4
+    workload: Workload, goal: float, start: tuple[int, int], validations: int = 6
 ) -> Reference:
     """The cheapest Dynamo knob setting (headroom, floors, planned ITL) that reaches ``goal``.
 
@@ -358,12 +372,23 @@ def dynamo_tuned(
         return (np.maximum(by_headroom[knobs.prefill_headroom], knobs.min_prefill),
                 np.maximum(by_itl[knobs.planned_itl_share], knobs.min_decode))
 
-    ttft: dict[tuple[float, int], tuple[BoolArray, FloatArray]] = {}
-    itl: dict[tuple[float, int], BoolArray] = {}
+    # Settings that ask for the same replicas are one: the first in the order below stands for
+    # them (the least headroom, the lowest floors, the loosest planned ITL).
+    order = sorted(settings, key=lambda k: (k.prefill_headroom, k.min_prefill, k.min_decode,
+                                            -k.planned_itl_share))
+    distinct: dict[tuple[bytes, bytes], DynamoKnobs] = {}
+    for knobs in order:
+        prefill, decode = counts(knobs)
+        distinct.setdefault((prefill.tobytes(), decode.tobytes()), knobs)
+
+    ttft: dict[bytes, tuple[BoolArray, FloatArray]] = {}
+    itl: dict[bytes, BoolArray] = {}
+    measured: dict[bytes, BoolArray] = {}  # decode schedules run in the simulator
     short_ttft: list[tuple[float, int]] = []  # (headroom, floor) whose TTFTs miss the goal
     short_itl: list[tuple[float, int]] = []  # (planned share, floor) whose ITLs miss it
 
     def estimate(knobs: DynamoKnobs) -> float:
+        """The estimated attainment, plus the margin it is given (0 where ruled out)."""
         h, fp = knobs.prefill_headroom, knobs.min_prefill
         r, fd = knobs.planned_itl_share, knobs.min_decode
         if any(h <= h0 and fp <= f0 for h0, f0 in short_ttft):
@@ -371,31 +396,37 @@ def dynamo_tuned(
         if any(r >= r0 and fd <= f0 for r0, f0 in short_itl):
             return 0.0  # less decode than a setting that already missed
         prefill, decode = counts(knobs)
-        if (h, fp) not in ttft:
-            ttft[h, fp] = workload.ttft_met(start[0], prefill.tolist())
-        met_p, first = ttft[h, fp]
+        key_p, key_d = prefill.tobytes(), decode.tobytes()
+        if key_p not in ttft:
+            ttft[key_p] = workload.ttft_met(start[0], prefill.tolist())
+        met_p, first = ttft[key_p]
         if met_p.mean() < goal:
             short_ttft.append((h, fp))
             return float(met_p.mean())
-        if (r, fd) not in itl:
-            itl[r, fd] = workload.itl_met(first, workload.serving(start[1], decode.tolist()))
-        if itl[r, fd].mean() < goal:
+        if key_d in measured:
+            return float((met_p & measured[key_d]).mean())
+        if key_d not in itl:
+            itl[key_d] = workload.itl_met(first, workload.serving(start[1], decode.tolist()))
+        if itl[key_d].mean() < goal - ESTIMATE_MARGIN:
             short_itl.append((r, fd))
-        return float((met_p & itl[r, fd]).mean())
+        return float((met_p & itl[key_d]).mean()) + ESTIMATE_MARGIN
 
     gp, gd = workload.config.prefill_engine_gpus, workload.config.decode_engine_gpus
+
     def cost(knobs: DynamoKnobs) -> float:
         prefill, decode = counts(knobs)
         return float(gp * (start[0] + prefill[:-1].sum()) + gd * (start[1] + decode[:-1].sum()))
 
-    ranked = sorted(settings, key=lambda k: (cost(k), k.prefill_headroom, k.min_prefill,
-                                             k.min_decode, -k.planned_itl_share))
+    ranked = sorted(distinct.values(), key=lambda k: (cost(k), k.prefill_headroom,
+                                                      k.min_prefill, k.min_decode,
+                                                      -k.planned_itl_share))
     tried: list[dict[str, Any]] = []
     closest: tuple[float, DynamoKnobs, LoopResult] | None = None
     for knobs in ranked:
         if estimate(knobs) < goal:
             continue
         result = workload.run(dynamo_planner(workload, knobs), start)
+        measured[counts(knobs)[1].tobytes()] = _itl_measured(result, workload.setup.itl_target_s)
         attainment = float(result.scores["sla_attainment"])
         tried.append({**knobs.as_dict(), "sla_attainment": attainment})
         if closest is None or attainment > closest[0]:
@@ -410,8 +441,9 @@ def dynamo_tuned(
     attainment, knobs, result = closest
     result.planner = "dynamo-tuned"
     return Reference(result, {**knobs.as_dict(), "reached_goal": attainment >= goal - 1e-12,
-                              "tried": tried, "settings_searched": len(settings),
-                              "settings_estimated": len(ttft) + len(itl)})
+                              "tried": tried, "settings": len(settings),
+                              "distinct_settings": len(distinct),
+                              "schedules_estimated": len(ttft) + len(itl)})
 
 
 def dynamo_planner(workload: Workload, knobs: DynamoKnobs) -> Planner:

@@ -273,8 +273,43 @@ def generate_shaped(
         mean = rng.gamma(shape, 1.0 / shape) * mean
     counts = rng.poisson(mean)
     arrival = np.repeat(seconds, counts) + rng.uniform(0.0, 1.0, int(counts.sum()))
-    arrival = np.sort(arrival[arrival < load.duration_s])
+    # Whole milliseconds, as the trace file keeps them, so that a trace written by
+    # ``slaplanner trace synth`` and read back is this one exactly.
+    arrival = np.sort(np.rint(arrival[arrival < load.duration_s] * 1000.0) / 1000.0)
     isl = np.concatenate([np.asarray(t.isl_tokens, dtype=np.int64) for t in lengths_from])
     osl = np.concatenate([np.asarray(t.osl_tokens, dtype=np.int64) for t in lengths_from])
     pick = rng.integers(0, isl.size, arrival.size)
     return Trace(arrival, isl[pick], osl[pick], name)
+
+
+# The shaped scenarios of the planning benchmark (``slaplanner trace synth --shape NAME`` writes
+# the same traces): request lengths drawn from both bundled traces, bursts as dispersed as theirs.
+SHAPES = ("day", "flash-crowd", "ramp")
+DEFAULT_RATES = {"day": 32.0, "flash-crowd": 10.0, "ramp": 8.0}  # peak, base, base (requests/s)
+
+
+def bundled_traces() -> list[Trace]:
+    from shared import traces
+
+    return [traces.load_trace(traces.bundled_trace_path(name))
+            for name in ("azure_llm_2023_code.csv", "mooncake_conversation.jsonl")]
+
+
+def shaped(shape: str, rate_per_s: float | None = None, dispersion: float | None = None,
+           seed: int = 0) -> ShapedLoad:
+    """The load of a named shape; ``dispersion`` defaults to the bundled traces' own."""
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
+    rate = DEFAULT_RATES[shape] if rate_per_s is None else rate_per_s
+    if dispersion is None:
+        dispersion = per_second_dispersion(*(t.arrival_s for t in bundled_traces()))
+    if shape == "day":
+        return day_load(rate, dispersion, seed)
+    if shape == "flash-crowd":
+        return flash_crowd_load(rate, dispersion=dispersion, seed=seed)
+    return ramp_load(rate, dispersion=dispersion, seed=seed)
+
+
+def shaped_trace(shape: str, rate_per_s: float | None = None, seed: int = 0) -> Trace:
+    """A benchmark scenario's trace: ``shaped`` load, lengths from both bundled traces."""
+    return generate_shaped(shaped(shape, rate_per_s, seed=seed), bundled_traces(), name=shape)
