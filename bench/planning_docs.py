@@ -11,9 +11,7 @@ from pathlib import Path
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 SECTION = "## Planning benchmark"
-BLOCKS = (
-    "planning-benchmark", "planning-feasibility", "planning-decode-accuracy", "planning-speed",
-)
+BLOCKS = ("planning-benchmark", "planning-decode-accuracy", "planning-speed")
 
 
 def _markers(name: str) -> tuple[str, str]:

@@ -42,7 +42,7 @@ DEMO_DEFAULTS: dict[str, Any] = {
     "predictor": ForecasterSettings.model_fields["predictor"].default,
     # Start as a deployment that has been serving would: with the fleet that keeps the SLA
     # through the first startup delay, the start the planning benchmark gives every policy on
-    # this trace (bench/planning_feasibility.py sla_start_counts; docs/benchmarks.md). From
+    # this trace (the clairvoyant's fleet at time 0, sim/clairvoyant.py; docs/benchmarks.md). From
     # 1 + 1 workers, or from the lower bound's start (--warm-start), the first minute would
     # measure a cold start, not the planner.
     "warm_start": False,
