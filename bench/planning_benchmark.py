@@ -272,7 +272,7 @@ def run_one(
             f"policy {policy.planner!r} is not registered in services/decider/registry.py"
         )
         return row
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     if policy.planner in SEARCHED:
         row.update(searched(bench, scenario, skew, policy.planner,
                             None if policy.planner == "best-fixed" else start,
@@ -290,6 +290,7 @@ def run_one(
                        warm_start=bench.warm_start != "none", start=start)
         _scored(run, row)
     row["wall_s"] = time.perf_counter() - started
+    row["cpu_s"] = time.process_time() - cpu
     return row
 
 

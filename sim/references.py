@@ -576,7 +576,6 @@ def token_aware(workload: Workload, start: tuple[int, int]) -> Reference:
     })
 
 
-
 def run(
     name: str,
     trace: Trace,
