@@ -658,6 +658,11 @@ class _SlicedDecode(_Decode):
         self.reserved_kv = self.reserved_kv[keep]
         self.last_finish = self.last_finish[keep]
         self.slot_itl = self.slot_itl[keep]
+        if self._last_slice is not None:  # renumber where room appeared, as the slots
+            at, slots, finish = self._last_slice
+            renumbered = mapping[slots]
+            kept = renumbered >= 0
+            self._last_slice = (at, renumbered[kept], finish[kept])
         self.version += 1
 
 
