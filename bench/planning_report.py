@@ -166,9 +166,14 @@ def references_found(bench: Bench, rows: Rows, scenario: str, skew: float) -> li
     parts = []
     if cv is not None and "detail" in cv:
         d = cv["detail"]
-        parts.append(f"clairvoyant starts with {cv['start_replicas'][0]} P + "
-                     f"{cv['start_replicas'][1]} D, {len(d.get('rounds', []))} rounds"
-                     + ("" if d.get("reached_goal", True) else ", goal not reached"))
+        seconds = d.get("cpu_seconds", {})
+        parts.append(
+            f"clairvoyant starts with {cv['start_replicas'][0]} P + {cv['start_replicas'][1]} D"
+            + ("" if d.get("reached_goal", True) else ", goal not reached")
+            + f" ({len(d.get('rounds', []))} rounds, CPU s: tables "
+            f"{seconds.get('tables', 0.0):.1f}, plans {seconds.get('plan', 0.0):.1f}, "
+            f"simulations {seconds.get('simulate', 0.0):.1f})"
+        )
     if fixed is not None and "detail" in fixed:
         d = fixed["detail"]
         parts.append(f"best fixed {d['prefill']} P + {d['decode']} D"
