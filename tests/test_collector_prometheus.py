@@ -763,3 +763,41 @@ async def test_the_service_publishes_every_window_and_survives_a_prometheus_rest
     assert ends == sorted(set(ends)), "each window once, in order"
     assert all(e == int(e) for e in ends), "windows end on whole seconds"
     assert all(b - a == 1.0 for a, b in itertools.pairwise(ends)), "no window skipped"
+
+
+# ---------------------------------------------------------------------------------------------
+# Label values that name no deployment
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_label_value_that_is_no_name_is_skipped_with_a_reason_and_never_stops_the_collector(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    registry = prometheus_client.CollectorRegistry()
+    requests = prometheus_client.Counter("dynamo_frontend_requests", "", ["namespace",
+                                                                            "deployment"],
+                                         registry=registry)
+    # Python's re.match("...$") accepts "llama\n": $ matches before a trailing newline
+    for deployment, n in (("llama", 3), ("llama\n", 5), ("", 1), ("bad\x00name", 2)):
+        requests.labels("prod", deployment).inc(n)
+    server = serve(registry, openmetrics=False)
+    skipped_before = prometheus_source.metrics.LABEL_VALUES_SKIPPED.labels(
+        "control characters")._value.get()
+    try:
+        with running_prometheus([f"127.0.0.1:{server.server_port}"]) as prometheus:
+            prometheus.wait_for("count(dynamo_frontend_requests_total)", 4.0)
+            settings = CollectorSettings(
+                source="prometheus", prometheus_url=prometheus.url, interval_s=2.0,
+                dialect="dynamo", discover_labels=["namespace", "deployment"],
+                prometheus_timeout_s=5.0)
+            caplog.set_level(logging.INFO, "slaplanner.collector")
+            snaps = [s for _ in range(2) for s in read(settings, time.time())]
+    finally:
+        server.shutdown()
+    assert {str(s.deployment) for s in snaps} == {"prod/llama"}, "the others name nothing"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING
+                and "skipped" in r.getMessage()]
+    assert any(repr("llama\n") in w and "control characters" in w for w in warnings), warnings
+    skipped = prometheus_source.metrics.LABEL_VALUES_SKIPPED.labels(
+        "control characters")._value.get()
+    assert skipped >= skipped_before + 2  # "llama\n" and "bad\x00name", in each window read

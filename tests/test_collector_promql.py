@@ -234,6 +234,35 @@ def test_other_label_values_are_tidied_and_told_apart_by_a_hash() -> None:
     assert promql.dns_label("meta-llama/Llama-3.1-8B-Instruct") == a, "stable"
 
 
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("llama", None),
+        ("meta-llama/Llama-3.1-8B", None),  # tidied into a name, not skipped
+        ("llama\n", "control characters"),  # re's $ would match before the newline
+        ("bad\x00name", "control characters"),
+        ("zero\u200bwidth", "control characters"),
+        ("", "empty"),
+        ("x" * 254, "longer than 253 characters"),
+    ],
+    ids=["a name", "a model id", "a trailing newline", "a NUL", "a zero-width space",
+         "nothing", "too long"],
+)
+def test_label_values_that_cannot_name_a_deployment_say_why(value: str,
+                                                           problem: str | None) -> None:
+    assert promql.label_problem(value) == problem
+    if problem is None:
+        assert promql.discovered_key((value,), ("model",), "prod").name == promql.dns_label(value)
+    else:
+        with pytest.raises(ValueError, match=re.escape(problem)):
+            promql.discovered_key((value,), ("model",), "prod")
+
+
+def test_a_trailing_newline_is_never_taken_for_a_dns_label() -> None:
+    assert promql.dns_label("llama\n") != "llama\n"
+    assert re.fullmatch(DNS_LABEL.strip("^$"), promql.dns_label("llama\n"))
+
+
 def test_discovered_keys_take_the_namespace_from_a_label_or_the_setting() -> None:
     assert promql.discovered_key(("llama",), ("model",), "prod") == \
         DeploymentKey(namespace="prod", name="llama")

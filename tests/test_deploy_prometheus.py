@@ -17,10 +17,12 @@ import re
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -258,3 +260,99 @@ def test_every_window_holds_at_least_two_scrapes_of_every_target(target: str) ->
     for job in config["scrape_configs"]:
         interval = duration_s(job.get("scrape_interval", default))
         assert 2 * interval <= duration_s(window), job["job_name"]
+
+
+# ---------------------------------------------------------------------------------------------
+# A pod cannot name deployments: only the labels Kubernetes (and the Dynamo operator) give it
+# ---------------------------------------------------------------------------------------------
+
+ROGUE_EXPOSITION = (
+    "# TYPE dynamo_frontend_requests_total counter\n"
+    'dynamo_frontend_requests_total{model="m",deployment="invented-1"} 5\n'
+    'dynamo_frontend_requests_total{model="m",deployment="llama\\n"} 5\n'
+    'dynamo_frontend_requests_total{model="m",namespace="kube-system",deployment="x"} 5\n'
+)
+HONEST_EXPOSITION = (
+    "# TYPE dynamo_frontend_requests_total counter\n"
+    'dynamo_frontend_requests_total{model="m"} 7\n'
+    # a series that names a deployment of its own is renamed, never believed
+    'dynamo_frontend_requests_total{model="m",deployment="not-mine"} 1\n'
+)
+
+
+def serve_text(text: str) -> Any:
+    """A /metrics endpoint on a free loopback port serving ``text`` (text format 0.0.4)."""
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = text.encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            return
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_a_pod_without_the_graph_deployment_label_cannot_invent_deployments() -> None:
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.skip("the prometheus binary is not installed (Debian package prometheus)")
+    honest, rogue = serve_text(HONEST_EXPOSITION), serve_text(ROGUE_EXPOSITION)
+    frontend = {"nvidia.com/dynamo-component-type": "frontend",
+                "nvidia.com/metrics-enabled": "true"}
+    pods = [
+        (Pod("vllm-disagg-frontend-abc", "dynamo",
+             {**frontend, "nvidia.com/dynamo-graph-deployment-name": "vllm-disagg"},
+             [("http", 8000)], {}), honest.server_port),
+        # labelled as a Dynamo frontend and worker, but not by the operator: no graph label
+        (Pod("rogue-frontend", "dynamo", frontend, [("http", 8000)], {}), rogue.server_port),
+        (Pod("rogue-worker", "dynamo", {**frontend, "nvidia.com/dynamo-component-type": "worker"},
+             [("system", 9090)], {}), rogue.server_port),
+    ]
+    config = yaml.safe_load(PROMETHEUS_YML.read_text())
+    with tempfile.TemporaryDirectory(prefix="slaplanner-prom-") as tmp_name:
+        tmp = Path(tmp_name)
+        groups = [group for pod, port in pods for group in pod_target_groups(pod, port)]
+        (tmp / "pods.json").write_text(json.dumps(groups))
+        scraped = as_file_sd(config, tmp / "pods.json")
+        for job in scraped["scrape_configs"]:
+            job["scrape_interval"] = job["scrape_timeout"] = "1s"
+        (tmp / "prometheus.yml").write_text(yaml.safe_dump(scraped))
+        port = embedded_nats.free_port()
+        process = subprocess.Popen(
+            [binary, f"--config.file={tmp / 'prometheus.yml'}",
+             f"--storage.tsdb.path={tmp / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
+            stdout=subprocess.DEVNULL, stderr=(tmp / "log").open("wb"))
+        url = f"http://127.0.0.1:{port}/api/v1/query?query="
+        try:
+            deadline = time.monotonic() + 60
+            seen: list[dict[str, str]] = []
+            while time.monotonic() < deadline:
+                assert process.poll() is None, (tmp / "log").read_text()
+                try:
+                    targets = get_json(f"http://127.0.0.1:{port}/api/v1/targets")["data"]
+                    # every kept target has been scraped at least once
+                    if targets["activeTargets"] and all(
+                            t["health"] == "up" for t in targets["activeTargets"]):
+                        seen = [r["metric"] for r in get_json(
+                            url + "dynamo_frontend_requests_total")["data"]["result"]]
+                        if any(s.get("pod") == "vllm-disagg-frontend-abc" for s in seen):
+                            break
+                except OSError:
+                    pass
+                time.sleep(0.2)
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+            honest.shutdown()
+            rogue.shutdown()
+    named = sorted({(s.get("namespace"), s.get("deployment")) for s in seen})
+    assert named == [("dynamo", "vllm-disagg")], seen
+    assert {s["pod"] for s in seen} == {"vllm-disagg-frontend-abc"}
+    assert any(s.get("exported_deployment") == "not-mine" for s in seen), seen

@@ -27,7 +27,7 @@ from prometheus_api_client.exceptions import PrometheusApiClientException
 from prometheus_api_client.prometheus_connect import PrometheusConnect
 from urllib3.util.retry import Retry
 
-from services.collector import promql, snapshot, ticks, window
+from services.collector import metrics, promql, snapshot, ticks, window
 from services.collector.query_config import QueryConfig, StaticDeployment
 from services.collector.settings import CollectorSettings
 from shared.messages import METRICS_SUBJECT, DeploymentKey, MetricSnapshot
@@ -145,6 +145,7 @@ class Collector:
         self.failing: str | None = None
         self.no_dialect_logged = False
         self.rejections_logged: set[tuple[str, str]] = set()
+        self.skipped_logged: set[Group] = set()
         self.pool = ThreadPoolExecutor(settings.prometheus_concurrency,
                                        thread_name_prefix="prometheus")
 
@@ -256,7 +257,15 @@ class Collector:
         for group in promql.split(samples, self.discover):
             if "" in group:
                 continue  # a series without one of the labels names no deployment
-            key = promql.discovered_key(group, self.discover, self.settings.namespace)
+            try:
+                key = promql.discovered_key(group, self.discover, self.settings.namespace)
+            except ValueError as exc:  # a label value names nothing; the others still count
+                reason = str(exc).rsplit(": ", 1)[-1]
+                metrics.LABEL_VALUES_SKIPPED.labels(reason).inc()
+                if group not in self.skipped_logged:
+                    self.skipped_logged.add(group)
+                    log.warning("label values skipped, they name no deployment: %s", exc)
+                continue
             if group not in target.members:
                 log.info("deployment %s appeared (%s)", key,
                          promql.group_selector(target.scope, group))

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+import unicodedata
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -506,12 +507,28 @@ def values_for(groups: Mapping[str, Mapping[tuple[str, ...], Sequence[Sample]]],
 # --- deployments from label values -------------------------------------------------------------
 
 _DNS = re.compile(DNS_LABEL)
+# A label value longer than this names no deployment (a DNS name is at most 253 characters;
+# model ids are far shorter): a value that long is a mistake or an attack.
+MAX_LABEL_VALUE_CHARS = 253
+
+
+def label_problem(value: str) -> str | None:
+    """Why a label value cannot name a deployment (skip it), or ``None`` if it can."""
+    if not value:
+        return "empty"
+    if any(unicodedata.category(c) in ("Cc", "Cf", "Cs") for c in value):
+        return "control characters"
+    if len(value) > MAX_LABEL_VALUE_CHARS:
+        return f"longer than {MAX_LABEL_VALUE_CHARS} characters"
+    return None
 
 
 def dns_label(value: str) -> str:
     """A label value as a DNS-1123 label (a subject token): itself if it is one, else a tidied
-    form plus a short hash of the original, so that two values never share a name."""
-    if _DNS.match(value):
+    form plus a short hash of the original, so that two values never share a name.
+
+    ``fullmatch``, not ``match``: Python's ``$`` also matches before a trailing newline."""
+    if _DNS.fullmatch(value):
         return value
     tidy = re.sub(r"[^a-z0-9-]+", "-", value.lower()).strip("-")[:54].strip("-") or "x"
     digest = hashlib.sha256(value.encode("utf-8")).hexdigest()[:8]
@@ -520,7 +537,13 @@ def dns_label(value: str) -> str:
 
 def discovered_key(values: Sequence[str], labels: Sequence[str],
                    default_namespace: str) -> DeploymentKey:
-    """The deployment named by one group of label values: (name) or (namespace, name)."""
+    """The deployment named by one group of label values: (name) or (namespace, name).
+
+    Raises ``ValueError`` naming the value when one of them cannot name a deployment."""
+    for label, value in zip(labels, values, strict=True):
+        problem = label_problem(value)
+        if problem is not None:
+            raise ValueError(f"{label}={value!r}: {problem}")
     if len(labels) == 1:
         return DeploymentKey(namespace=default_namespace, name=dns_label(values[0]))
     return DeploymentKey(namespace=dns_label(values[0]), name=dns_label(values[1]))
