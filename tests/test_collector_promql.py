@@ -36,7 +36,11 @@ def test_the_increase_method_asks_what_dynamos_planner_asks() -> None:
     #   increase(dynamo_frontend_requests_total[{interval}])
     #   increase({metric}_sum[{interval}])/increase({metric}_count[{interval}])
     q = queries(promql.DYNAMO, scope(method=promql.Method.INCREASE))
-    assert q["num_requests"] == 'sum (increase(dynamo_frontend_requests_total{model="llama"}[60s]))'
+    # ... without the requests that failed (status="error"), which are counted apart
+    assert q["num_requests"] == ('sum (increase(dynamo_frontend_requests_total{model="llama",'
+                                 'status!="error"}[60s]))')
+    assert q["requests_failed"] == ('sum (increase(dynamo_frontend_requests_total{model="llama",'
+                                    'status="error"}[60s]))')
     assert q["isl_avg"] == (
         'sum (increase(dynamo_frontend_input_sequence_tokens_sum{model="llama"}[60s])) / '
         'sum (increase(dynamo_frontend_input_sequence_tokens_count{model="llama"}[60s]))')
@@ -49,6 +53,8 @@ def test_the_exact_method_starts_from_the_last_sample_before_the_window() -> Non
     text = promql.increase("x_total{a=\"b\"}", "60s", promql.Method.EXACT)
     assert text == ('((x_total{a="b"} - last_over_time(x_total{a="b"}[60s] offset 60s)) >= 0) '
                     'or (x_total{a="b"} and last_over_time(x_total{a="b"}[60s] offset 60s)) '
+                    # new in the window (none in the hour before): all of it counts
+                    'or (x_total{a="b"} unless last_over_time(x_total{a="b"}[1h] offset 60s)) '
                     'or (x_total{a="b"} - min_over_time(x_total{a="b"}[60s]))')
 
 
@@ -270,10 +276,55 @@ def test_discovered_keys_take_the_namespace_from_a_label_or_the_setting() -> Non
         DeploymentKey(namespace="team-a", name="llama")
 
 
-def test_the_legacy_dialect_says_why_it_has_no_queue_gauge() -> None:
-    plan = promql.plan(promql.DYNAMO_LEGACY, promql.Overrides(), scope())
-    assert "requests_waiting" not in {q.field for q in plan.queries}
-    assert plan.unobserved == {"requests_waiting": "the dynamo-legacy dialect has no queue gauge"}
+def test_the_legacy_prefix_renames_the_queue_gauge_too() -> None:
+    # DYN_METRICS_PREFIX renames every frontend metric (lib/llm/src/http/service/metrics.rs)
+    q = queries(promql.DYNAMO_LEGACY, scope())
+    assert "nv_llm_http_service_queued_requests{" in q["requests_before_first_token"]
+
+
+def test_the_engine_queue_and_the_frontends_count_before_the_first_token_are_apart() -> None:
+    q = queries(promql.DYNAMO, scope())
+    assert "vllm:num_requests_waiting{" in q["requests_waiting"]
+    assert "queued_requests" not in q["requests_waiting"]
+    assert "dynamo_frontend_queued_requests{" in q["requests_before_first_token"]
+    assert 'worker_type="prefill"' in q["prefill_tokens_pending"]
+    # what TTFT is made of, from the prefill engines
+    assert 'vllm:request_queue_time_seconds_sum{model="llama",dynamo_component="prefill"}' \
+        in q["queue_time_avg_s"]
+    assert 'vllm:request_prefill_time_seconds_bucket{model="llama",dynamo_component="prefill"}' \
+        in q["prefill_time_p90_s"]
+
+
+def test_a_share_query_returns_the_buckets_and_the_share_is_worked_out_from_them() -> None:
+    q = queries(promql.VLLM, scope(by=("model",)))
+    assert q["ttft_under_target_share"].startswith("sum by (le, model) (")
+    assert "vllm:request_time_per_output_token_seconds_bucket{" in q["itl_under_target_share"]
+    samples = [Sample({"le": le, "model": "llama"}, v)
+               for le, v in (("0.25", 10.0), ("0.5", 70.0), ("1.0", 90.0), ("+Inf", 100.0))]
+    groups = {"ttft_under_target_share": promql.split(samples, ("model",))}
+    values = promql.values_for(groups, promql.FIELD_KINDS, ("llama",),
+                               {"ttft_under_target_share": 0.5})
+    assert values.values == {"ttft_under_target_share": 0.7, "ttft_target_s": 0.5,
+                             "ttft_target_bucket_s": 0.5, "ttft_share_method": "bucket_edge"}
+
+
+@pytest.mark.parametrize(
+    ("selector", "caseless"),
+    [
+        ('model="Llama-3"', 'model=~"(?i)Llama\\\\-3"'),
+        ('model_name!="Qwen/Qwen3"', 'model_name!~"(?i)Qwen/Qwen3"'),
+        ('dynamo_namespace="Prod"', 'dynamo_namespace="Prod"'),
+    ],
+    ids=["a model is matched whatever its case", "model_name too, and negated",
+         "other labels keep their case"],
+)
+def test_model_matchers_ignore_case_as_dynamos_planner_does(selector: str, caseless: str) -> None:
+    assert promql.caseless(selector) == caseless
+
+
+def test_discovered_models_that_differ_in_case_are_one_deployment() -> None:
+    samples = [Sample({"model": "qwen/qwen3-0.6b"}, 1.0), Sample({"model": "Qwen/Qwen3-0.6B"}, 2.0)]
+    assert list(promql.split(samples, ("model",))) == [("qwen/qwen3-0.6b",)]
 
 
 def test_overrides_rename_metrics_replace_queries_and_disable_them() -> None:

@@ -15,12 +15,12 @@ import logging
 import math
 import re
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from nats.js.api import DeliverPolicy
 from prometheus_api_client.exceptions import PrometheusApiClientException
@@ -30,6 +30,7 @@ from urllib3.util.retry import Retry
 from services.collector import metrics, promql, snapshot, ticks, window
 from services.collector.query_config import QueryConfig, StaticDeployment
 from services.collector.settings import CollectorSettings
+from shared import window_stats
 from shared.messages import METRICS_SUBJECT, DeploymentKey, MetricSnapshot
 from shared.service import Runtime
 
@@ -50,6 +51,11 @@ class Rejected(Exception):
 class Reader(Protocol):
     def query(self, text: str, at: float) -> list[promql.Sample]:
         """An instant query evaluated at ``at`` (epoch seconds); raises Unavailable/Rejected."""
+        ...
+
+    def query_range(self, text: str, start: float, end: float, step: float
+                    ) -> list[promql.Series]:
+        """A range query from ``start`` to ``end`` every ``step`` seconds; raises likewise."""
         ...
 
 
@@ -93,21 +99,42 @@ class HttpReader:
         except OSError as exc:
             raise Unavailable(f"cannot read {self.token_file}: {exc.strerror}") from None
 
-    def query(self, text: str, at: float) -> list[promql.Sample]:
+    def _ask(self, ask: Callable[[], Any]) -> Any:
         self._refresh_token()
-        params = {"time": f"{at:.3f}", "timeout": promql.duration(self.timeout_s)}
+        started = time.monotonic()
         try:
-            result = self.client.custom_query(query=text, params=params)
+            return ask()
         except OSError as exc:  # requests' errors are OSErrors: refused, unreachable, timeout
+            metrics.QUERY_ERRORS.labels("unavailable").inc()
             raise Unavailable(_short_reason(exc, self.timeout_s)) from None
         except PrometheusApiClientException as exc:
             match = re.search(r"HTTP Status Code (\d+)", str(exc))
             status = int(match.group(1)) if match else 0
             if 400 <= status < 500 and status not in (408, 429):
+                metrics.QUERY_ERRORS.labels("refused").inc()
                 raise Rejected(_api_error(str(exc))) from None
+            metrics.QUERY_ERRORS.labels("unavailable").inc()
             raise Unavailable(f"HTTP {status}: {_api_error(str(exc))}") from None
+        finally:
+            metrics.QUERY_SECONDS.observe(time.monotonic() - started)
+
+    def query(self, text: str, at: float) -> list[promql.Sample]:
+        params = {"time": f"{at:.3f}", "timeout": promql.duration(self.timeout_s)}
+        result = self._ask(lambda: self.client.custom_query(query=text, params=params))
         try:
             return promql.parse_result(result)
+        except ValueError as exc:
+            raise Rejected(str(exc)) from None
+
+    def query_range(self, text: str, start: float, end: float, step: float
+                    ) -> list[promql.Series]:
+        params = {"timeout": promql.duration(self.timeout_s)}
+        result = self._ask(lambda: self.client.custom_query_range(
+            query=text, start_time=datetime.fromtimestamp(start, UTC),
+            end_time=datetime.fromtimestamp(end, UTC), step=promql.duration(step),
+            params=params))
+        try:
+            return promql.parse_range(result)
         except ValueError as exc:
             raise Rejected(str(exc)) from None
 
@@ -151,8 +178,12 @@ class Collector:
 
     def _scope(self, selector: str, by: tuple[str, ...]) -> promql.Scope:
         s = self.settings
-        return promql.Scope(selector, by, s.prefill_selector, s.decode_selector, s.interval_s,
-                            promql.Method(s.window_method))
+        return promql.Scope(promql.caseless(selector), by, s.prefill_selector, s.decode_selector,
+                            s.interval_s, promql.Method(s.window_method))
+
+    def targets(self) -> dict[str, float]:
+        return {"ttft_under_target_share": self.settings.ttft_target_s,
+                "itl_under_target_share": self.settings.itl_target_s}
 
     def known(self) -> list[DeploymentKey]:
         return [d.key for d in self.static] + list(self.last_seen)
@@ -316,11 +347,45 @@ class Collector:
                                   query.field, query.origin, answer, query.promql)
                     continue
                 grouped[query.field] = promql.split(answer, target.scope.by)
+            arrivals = self._arrivals(target, plan, end)
             for group, key in target.members.items():
-                values = promql.values_for(grouped, kinds, group)
+                values = promql.values_for(grouped, kinds, group, self.targets())
+                stats, reason = arrivals.get(group, (None, arrivals.get((), (None, ""))[1]))
+                if stats is not None:
+                    values.values.update(stats.fields())
+                    values.gaps.update(stats.gaps)
+                elif reason:
+                    values.gaps["arrival_dispersion"] = reason
                 snapshots.append(snapshot.observed(key, end, self.settings.interval_s, SOURCE,
                                                    values, {**refused, **plan.unobserved}))
         return snapshots
+
+    def _arrivals(self, target: Target, plan: promql.Plan, end: float
+                  ) -> dict[Group, tuple[window_stats.ArrivalStats | None, str]]:
+        """Each group's arrival statistics from the request counter per bin (a range query)."""
+        query = next((q for q in plan.queries if q.field == "num_requests" and q.reads), None)
+        if query is None:
+            return {(): (None, "no request counter query to count arrivals from")}
+        bin_s = self.settings.arrival_bin_s
+        bins = round(self.settings.interval_s / bin_s)
+        if bins < 1 or abs(bins * bin_s - self.settings.interval_s) > 1e-6:
+            return {(): (None, f"--arrival-bin-s {bin_s:g} does not divide the window")}
+        text = promql.arrivals_query(query, target.scope, bin_s)
+        try:
+            series = self.reader.query_range(text, end - self.settings.interval_s + bin_s, end,
+                                             bin_s)
+        except Rejected as exc:
+            return {(): (None, f"Prometheus refused the arrivals query: {exc}")}
+        found: dict[Group, tuple[window_stats.ArrivalStats | None, str]] = {}
+        for group, counts in promql.counts_by_group(series, target.scope.by).items():
+            if len(counts) < bins:
+                found[group] = (None, f"{bins - len(counts)} of {bins} bins of "
+                                f"{bin_s:g} s had no sample: --arrival-bin-s must be at least "
+                                "the scrape interval")
+            else:
+                found[group] = (window_stats.arrival_stats(counts, bin_s), "")
+        found.setdefault((), (None, promql.NO_SERIES[promql.Kind.COUNT]))
+        return found
 
     # --- what the operator sees at start ----------------------------------------------------
 

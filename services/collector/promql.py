@@ -30,6 +30,7 @@ from string import Template
 from typing import Any
 
 from services.collector import window
+from shared import window_stats
 from shared.messages import DNS_LABEL, DeploymentKey
 
 
@@ -40,6 +41,7 @@ class Kind(StrEnum):
     GAUGE_SUM = "gauge_sum"  # sum of a gauge at the window's end
     GAUGE_MEAN = "gauge_mean"  # mean of a gauge over the workers at the window's end
     WORKERS = "workers"  # number of scrape targets (instances) that expose a metric
+    SHARE = "share"  # share under a target, from the window's bucket increases (per ``le``)
 
 
 class Role(StrEnum):
@@ -62,7 +64,13 @@ FIELD_KINDS: dict[str, Kind] = {
     "kv_cache_usage": Kind.GAUGE_MEAN,
     "prefill_workers": Kind.WORKERS,
     "decode_workers": Kind.WORKERS,
+    "ttft_under_target_share": Kind.SHARE,
+    "itl_under_target_share": Kind.SHARE,
 }
+# The snapshot fields a share query fills besides the share itself.
+SHARE_FIELDS = {share: tuple(f"{share.split('_')[0]}_{suffix}" for suffix in
+                             ("target_s", "target_bucket_s", "share_method"))
+                for share in ("ttft_under_target_share", "itl_under_target_share")}
 FIELDS = tuple(FIELD_KINDS)
 
 # Placeholders an operator may use in a query of the queries file.
@@ -83,6 +91,10 @@ class Recipe:
     metric: str  # a key of the dialect's metric table
     role: Role = Role.ALL
     quantile: float | None = None
+    extra: str = ""  # more label matchers (Dynamo's status="error", worker_type="prefill")
+    # a count whose series only appears with its first event (Dynamo's status="error"): 0, not
+    # unknown, while the metric without ``extra`` has series
+    absent_is_zero: bool = False
 
 
 @dataclass(frozen=True)
@@ -96,17 +108,25 @@ class Dialect:
     unobserved: Mapping[str, str] = field(default_factory=dict)  # field -> why it has no query
 
 
-def _histogram_recipes(role_of: Mapping[str, Role]) -> dict[str, Recipe]:
-    recipes = {"num_requests": Recipe(Kind.COUNT, "requests", role_of["requests"])}
+def _histogram_recipes(role_of: Mapping[str, Role], ok: str = "") -> dict[str, Recipe]:
+    """Every dialect's recipes; ``ok`` is the matcher of requests that did not fail."""
+    recipes = {"num_requests": Recipe(Kind.COUNT, "requests", role_of["requests"], extra=ok)}
     for fld, key in (("isl_avg", "isl"), ("osl_avg", "osl"), ("ttft_avg_s", "ttft"),
-                     ("itl_avg_s", "itl"), ("request_duration_avg_s", "duration")):
+                     ("itl_avg_s", "itl"), ("request_duration_avg_s", "duration"),
+                     ("queue_time_avg_s", "queue_time"), ("prefill_time_avg_s", "prefill_time"),
+                     ("decode_time_avg_s", "decode_time")):
         recipes[fld] = Recipe(Kind.AVERAGE, key, role_of[key])
-    for fld, key, q in (("isl_p90", "isl", 0.9), ("osl_p90", "osl", 0.9),
+    for fld, key, q in (("isl_p50", "isl", 0.5), ("isl_p90", "isl", 0.9),
+                        ("isl_p99", "isl", 0.99), ("osl_p90", "osl", 0.9),
                         ("ttft_p90_s", "ttft", 0.9), ("ttft_p99_s", "ttft", 0.99),
-                        ("itl_p90_s", "itl", 0.9), ("itl_p99_s", "itl", 0.99)):
+                        ("itl_p90_s", "itl", 0.9), ("itl_p99_s", "itl", 0.99),
+                        ("queue_time_p90_s", "queue_time", 0.9),
+                        ("prefill_time_p90_s", "prefill_time", 0.9)):
         recipes[fld] = Recipe(Kind.QUANTILE, key, role_of[key], q)
+    recipes["ttft_under_target_share"] = Recipe(Kind.SHARE, "ttft", role_of["ttft"])
+    recipes["itl_under_target_share"] = Recipe(Kind.SHARE, "itl_per_request", Role.DECODE)
     recipes["requests_running"] = Recipe(Kind.GAUGE_SUM, "inflight", role_of["inflight"])
-    recipes["requests_waiting"] = Recipe(Kind.GAUGE_SUM, "queued", role_of["queued"])
+    recipes["requests_waiting"] = Recipe(Kind.GAUGE_SUM, "engine_queue", Role.ALL)
     recipes["kv_cache_usage"] = Recipe(Kind.GAUGE_MEAN, "kv_usage", Role.DECODE)
     recipes["prefill_workers"] = Recipe(Kind.WORKERS, "workers", Role.PREFILL)
     recipes["decode_workers"] = Recipe(Kind.WORKERS, "workers", Role.DECODE)
@@ -125,11 +145,25 @@ def vllm(*names: str) -> tuple[str, ...]:
 VLLM_KV_USAGE = vllm("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
 VLLM_ITL = vllm("vllm:inter_token_latency_seconds", "vllm:time_per_output_token_seconds")
 VLLM_WORKER = vllm("vllm:num_requests_running")
+# What every dialect reads from the engines (vllm/v1/metrics/loggers.py): the time a request
+# waited in the engine's queue and computed its prefill, observed when the engine finishes it
+# (on a prefill worker: at its first token), its decode time, the engine queue, and the mean ITL
+# of each request (a per-request histogram since vLLM 0.11; the ITL histograms count tokens).
+VLLM_ENGINE = {
+    "queue_time": vllm("vllm:request_queue_time_seconds"),
+    "prefill_time": vllm("vllm:request_prefill_time_seconds"),
+    "decode_time": vllm("vllm:request_decode_time_seconds"),
+    "engine_queue": vllm("vllm:num_requests_waiting"),
+    "itl_per_request": vllm("vllm:request_time_per_output_token_seconds"),
+}
+ENGINE_ROLES = {"queue_time": Role.PREFILL, "prefill_time": Role.PREFILL,
+                "decode_time": Role.DECODE, "engine_queue": Role.ALL}
 
 
-def _frontend(prefix: str, name: str, about: str, queued: bool) -> Dialect:
+def _frontend(prefix: str, name: str, about: str) -> Dialect:
     metrics = {
         "requests": (f"{prefix}_requests_total",),
+        "failed": (f"{prefix}_requests_total",),
         "isl": (f"{prefix}_input_sequence_tokens",),
         "osl": (f"{prefix}_output_sequence_tokens",),
         "ttft": (f"{prefix}_time_to_first_token_seconds",),
@@ -137,22 +171,31 @@ def _frontend(prefix: str, name: str, about: str, queued: bool) -> Dialect:
         "duration": (f"{prefix}_request_duration_seconds",),
         "inflight": (f"{prefix}_inflight_requests",),
         "queued": (f"{prefix}_queued_requests",),
+        # the KV router's view (lib/llm/src/kv_router/metrics.rs): input tokens routed to each
+        # prefill worker and not yet prefilled, and those still in its own queue
+        "prefill_tokens": (f"{prefix}_worker_active_prefill_tokens",
+                           f"{prefix}_router_queue_pending_isl_tokens"),
         "kv_usage": VLLM_KV_USAGE,
         "workers": VLLM_WORKER,
         "discovery": (f"{prefix}_requests_total", f"{prefix}_inflight_requests"),
+        **VLLM_ENGINE,
     }
-    recipes = _histogram_recipes({k: Role.ALL for k in metrics})
-    unobserved = {}
-    if not queued:
-        del recipes["requests_waiting"]
-        unobserved["requests_waiting"] = f"the {name} dialect has no queue gauge"
-    return Dialect(name, about, metrics, recipes, detect="requests", discovery="discovery",
-                   unobserved=unobserved)
+    # Dynamo counts a request in requests_total when it ends, labelled status="success" or
+    # "error" (lib/llm/src/http/service/metrics.rs): failed ones are counted apart
+    roles = {k: ENGINE_ROLES.get(k, Role.ALL) for k in metrics}
+    recipes = _histogram_recipes(roles, ok='status!="error"')
+    recipes["requests_failed"] = Recipe(Kind.COUNT, "failed", extra='status="error"',
+                                        absent_is_zero=True)
+    recipes["requests_before_first_token"] = Recipe(Kind.GAUGE_SUM, "queued")
+    recipes["prefill_tokens_pending"] = Recipe(Kind.GAUGE_SUM, "prefill_tokens",
+                                               extra='worker_type="prefill"')
+    return Dialect(name, about, metrics, recipes, detect="requests", discovery="discovery")
 
 
-DYNAMO = _frontend("dynamo_frontend", "dynamo", "Dynamo frontend (dynamo_frontend_*)", True)
+DYNAMO = _frontend("dynamo_frontend", "dynamo", "Dynamo frontend (dynamo_frontend_*)")
+# DYN_METRICS_PREFIX renames every frontend metric, the queue gauge included
 DYNAMO_LEGACY = _frontend("nv_llm_http_service", "dynamo-legacy",
-                          "Dynamo frontend, older names (nv_llm_http_service_*)", False)
+                          "Dynamo frontend, older names (nv_llm_http_service_*)")
 VLLM = Dialect(
     "vllm",
     "vLLM engine metrics (vllm:*), per worker; prefill and decode told apart by labels",
@@ -164,24 +207,30 @@ VLLM = Dialect(
         "itl": VLLM_ITL,
         "duration": vllm("vllm:e2e_request_latency_seconds"),
         "inflight": VLLM_WORKER,
-        "queued": vllm("vllm:num_requests_waiting"),
         "kv_usage": VLLM_KV_USAGE,
         "workers": VLLM_WORKER,
         "discovery": VLLM_WORKER,
+        **VLLM_ENGINE,
     },
     # Every request finishes on a decode worker, which also records its prompt length; the first
     # token is the prefill worker's (what the prefill profile measures); the ITL is decode's.
     recipes=_histogram_recipes({
         "requests": Role.DECODE, "isl": Role.DECODE, "osl": Role.DECODE, "ttft": Role.PREFILL,
-        "itl": Role.DECODE, "duration": Role.DECODE, "inflight": Role.ALL, "queued": Role.ALL,
+        "itl": Role.DECODE, "duration": Role.DECODE, "inflight": Role.ALL, **ENGINE_ROLES,
     }),
     detect="requests",
     discovery="discovery",
+    unobserved={
+        "requests_failed": "vLLM counts finished requests only (request_success_total)",
+        "requests_before_first_token": "the engines do not count requests before their first "
+                                       "token (requests_waiting is their queue)",
+        "prefill_tokens_pending": "vLLM exports no count of queued prefill tokens",
+    },
 )
 
 # In the order auto-detection prefers them: a Dynamo deployment also exposes vllm:* metrics.
 DIALECTS: dict[str, Dialect] = {d.name: d for d in (DYNAMO, DYNAMO_LEGACY, VLLM)}
-METRIC_KEYS = tuple(DYNAMO.metrics)
+METRIC_KEYS = tuple(dict.fromkeys([*DYNAMO.metrics, *VLLM.metrics]))
 
 
 def detection_query() -> str:
@@ -275,15 +324,23 @@ class Scope:
                 "by": ", ".join(self.by)}
 
 
+# How far back a series must be absent to count as new (all of its value in its first window).
+NEW_SERIES_LOOKBACK = "1h"
+
+
 def increase(series: str, window: str, method: Method) -> str:
     """The increase of every counter series of ``series`` over the window, per series."""
     if method is Method.INCREASE:
         return f"increase({series}[{window}])"
     # exact: end value minus the last sample of the window before (a counter that went down was
-    # reset: all of its value is new); a series without a sample there started (or came back)
-    # inside the window: its last minus its first sample in the window.
+    # reset: all of its value is new). A series without a sample there is either new (no sample
+    # in the hour before the window: Dynamo creates a label set's series with its first
+    # request, so all of its value is new and counts) or back from a scrape gap (it counts
+    # from its first sample in the window, so a gap is not poured into one window).
     start = f"last_over_time({series}[{window}] offset {window})"
+    seen_before = f"last_over_time({series}[{NEW_SERIES_LOOKBACK}] offset {window})"
     return (f"(({series} - {start}) >= 0) or ({series} and {start}) "
+            f"or ({series} unless {seen_before}) "
             f"or ({series} - min_over_time({series}[{window}]))")
 
 
@@ -303,7 +360,7 @@ def aggregate(op: str, labels: Sequence[str]) -> str:
 
 def render(recipe: Recipe, names: Sequence[str], scope: Scope) -> str:
     """The PromQL of one recipe for one scope."""
-    match = scope.matcher(recipe.role)
+    match = join(scope.matcher(recipe.role), recipe.extra)
     by = scope.by
     w = duration(scope.window_s)
 
@@ -316,7 +373,11 @@ def render(recipe: Recipe, names: Sequence[str], scope: Scope) -> str:
         return f"{series} and last_over_time({series}[{w}])"
 
     if recipe.kind is Kind.COUNT:
-        return f"{aggregate('sum', by)} ({_any(names, '', match, inc)})"
+        count = f"{aggregate('sum', by)} ({_any(names, '', match, inc)})"
+        if not recipe.absent_is_zero:
+            return count
+        everything = _any(names, "", scope.matcher(recipe.role), inc)
+        return f"{count} or (0 * {aggregate('sum', by)} ({everything}))"
     if recipe.kind is Kind.AVERAGE:
         total = f"{aggregate('sum', by)} ({_any(names, '_sum', match, inc)})"
         count = f"{aggregate('sum', by)} ({_any(names, '_count', match, inc)})"
@@ -326,6 +387,8 @@ def render(recipe: Recipe, names: Sequence[str], scope: Scope) -> str:
         buckets = _any(names, "_bucket", match, inc)
         return f"histogram_quantile({recipe.quantile:g}, {aggregate('sum', ('le', *by))} " \
                f"({buckets}))"
+    if recipe.kind is Kind.SHARE:  # the buckets themselves; the share is worked out here
+        return f"{aggregate('sum', ('le', *by))} ({_any(names, '_bucket', match, inc)})"
     if recipe.kind is Kind.GAUGE_SUM:
         return f"{aggregate('sum', by)} ({_any(names, '', match, fresh)})"
     if recipe.kind is Kind.GAUGE_MEAN:
@@ -368,6 +431,7 @@ class Query:
     promql: str
     reads: tuple[Read, ...]  # empty for an operator's own query
     origin: str  # where it comes from, for the log and the reasons
+    extra: str = ""  # the recipe's own matchers besides the deployment's and the role's
 
 
 @dataclass(frozen=True)
@@ -404,11 +468,13 @@ def plan(dialect: Dialect, overrides: Overrides, scope: Scope) -> Plan:
             unobserved[fld] = dialect.unobserved.get(fld, f"the {dialect.name} dialect has none")
             continue
         metric_names = names[recipe.metric]
-        suffix = {Kind.AVERAGE: "_count", Kind.QUANTILE: "_bucket"}.get(recipe.kind, "")
+        suffix = {Kind.AVERAGE: "_count", Kind.QUANTILE: "_bucket",
+                  Kind.SHARE: "_bucket"}.get(recipe.kind, "")
         origin = (f"[metrics].{recipe.metric} in {overrides.origin}"
                   if recipe.metric in overrides.metrics else f"dialect {dialect.name}")
         queries.append(Query(fld, kind, render(recipe, metric_names, scope),
-                             (Read(tuple(metric_names), suffix, recipe.role),), origin))
+                             (Read(tuple(metric_names), suffix, recipe.role),), origin,
+                             recipe.extra))
     return Plan(tuple(queries), unobserved)
 
 
@@ -440,8 +506,69 @@ def parse_result(result: Any) -> list[Sample]:
     return samples
 
 
+# Labels whose values are compared without case: the Dynamo frontend lower-cases its ``model``
+# label while the engines keep the model's own spelling (Dynamo's planner compares them the same
+# way, components/src/dynamo/planner/utils/prometheus.py).
+CASELESS_LABELS = frozenset({"model", "model_name"})
+
+
+@dataclass(frozen=True)
+class Series:
+    labels: Mapping[str, str]
+    values: tuple[tuple[float, float], ...]  # (epoch seconds, value)
+
+
+def parse_range(result: Any) -> list[Series]:
+    """The ``data.result`` of a range query (a matrix); ``ValueError`` for anything else."""
+    if not isinstance(result, list):
+        raise ValueError(f"unexpected result {str(result)[:100]!r}")
+    out = []
+    for item in result:
+        if not isinstance(item, dict) or "values" not in item:
+            raise ValueError("the range query did not return a matrix")
+        out.append(Series(dict(item.get("metric", {})),
+                          tuple((float(t), float(v)) for t, v in item["values"])))
+    return out
+
+
+def arrivals_query(requests: Query, scope: Scope, bin_s: float) -> str:
+    """Arrivals per bin: the request counter's exact increase over one bin, evaluated (by a
+    range query) at every bin's end; the same recipe as ``num_requests`` with a bin as window."""
+    read = requests.reads[0]
+    match = join(scope.matcher(read.role), requests.extra)
+    w = duration(bin_s)
+    inner = _any(read.names, "", match, lambda t: increase(t, w, Method.EXACT))
+    return f"{aggregate('sum', scope.by)} ({inner})"
+
+
+def counts_by_group(series: Sequence[Series], by: Sequence[str]) -> dict[tuple[str, ...],
+                                                                          list[float]]:
+    """Each group's counts per bin, in time order (a step without a sample is left out)."""
+    groups: dict[tuple[str, ...], dict[float, float]] = {}
+    for one in series:
+        per_step = groups.setdefault(group_key(one.labels, by), {})
+        for t, v in one.values:
+            if math.isfinite(v):
+                per_step[t] = per_step.get(t, 0.0) + max(v, 0.0)
+    return {g: [steps[t] for t in sorted(steps)] for g, steps in groups.items()}
+
+
 def group_key(labels: Mapping[str, str], by: Sequence[str]) -> tuple[str, ...]:
-    return tuple(labels.get(label, "") for label in by)
+    return tuple(labels.get(label, "").lower() if label in CASELESS_LABELS
+                 else labels.get(label, "") for label in by)
+
+
+def caseless(matchers: str) -> str:
+    """Label matchers with each ``model="X"`` (or ``model_name``) made case-insensitive."""
+    out = []
+    for part in _MATCHER.finditer(matchers):
+        label, op, value = part.groups()
+        if label in CASELESS_LABELS and op in ("=", "!="):
+            literal = re.escape(value.encode().decode("unicode_escape"))
+            value = quote(f"(?i){literal}")[1:-1]
+            op = "=~" if op == "=" else "!~"
+        out.append(f'{label}{op}"{value}"')
+    return ",".join(out)
 
 
 def split(samples: Iterable[Sample], by: Sequence[str]) -> dict[tuple[str, ...], list[Sample]]:
@@ -460,6 +587,7 @@ NO_SERIES = {
     Kind.GAUGE_MEAN: "no data: the gauge has no series at the window's end",
     Kind.WORKERS: "no data: no worker exposes the metric (none running, or the role selector "
                   "matches none)",
+    Kind.SHARE: "no data: no series (metric absent, labels not matching, or no sample in window)",
 }
 
 
@@ -490,12 +618,40 @@ def interpret(kind: Kind, samples: Sequence[Sample], fld: str = "") -> tuple[flo
     return value, ""
 
 
+def share(samples: Sequence[Sample], target: float, fld: str) -> tuple[dict[str, Any], str]:
+    """The share under ``target`` (and how it was worked out) from a window's bucket increases
+    per ``le``; the fields it fills, or nothing and why."""
+    if not samples:
+        return {}, NO_SERIES[Kind.SHARE]
+    try:
+        buckets = {float(s.labels["le"]): s.value for s in samples}
+    except (KeyError, ValueError):
+        return {}, "the share query must return one series per bucket bound (by le)"
+    result = window_stats.share_from_buckets(buckets, target)
+    if result.share is None:
+        reason = window.UNDEFINED if result.reason == window_stats.NO_SAMPLES else result.reason
+        return {}, reason
+    target_f, bucket_f, method_f = SHARE_FIELDS[fld]
+    return {fld: result.share, target_f: target, bucket_f: result.bucket_s,
+            method_f: result.method}, ""
+
+
 def values_for(groups: Mapping[str, Mapping[tuple[str, ...], Sequence[Sample]]],
-               kinds: Mapping[str, Kind], member: tuple[str, ...]) -> window.WindowValues:
-    """One deployment's window values from every query's grouped answer."""
-    values: dict[str, float | None] = {}
+               kinds: Mapping[str, Kind], member: tuple[str, ...],
+               targets: Mapping[str, float] | None = None) -> window.WindowValues:
+    """One deployment's window values from every query's grouped answer; ``targets`` are the
+    latency targets of the share fields (field -> seconds)."""
+    values: dict[str, Any] = {}
     gaps: dict[str, str] = {}
     for fld, by_group in groups.items():
+        if kinds[fld] is Kind.SHARE:
+            if targets is None or fld not in targets:
+                continue
+            filled, reason = share(by_group.get(member, ()), targets[fld], fld)
+            values.update(filled)
+            if reason:
+                gaps[fld] = reason
+            continue
         value, reason = interpret(kinds[fld], by_group.get(member, ()), fld)
         # worker counts are integers on the bus (and the model is strict about it)
         values[fld] = int(value) if kinds[fld] is Kind.WORKERS and value is not None else value

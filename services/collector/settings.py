@@ -50,6 +50,26 @@ class CollectorSettings(ServiceSettings):
         default=None, description="profile for the replayed latencies (default: bundled H200)"
     )
 
+    # --- what every source measures against ---
+    ttft_target_s: DurationS = Field(
+        default=0.5, gt=0.0,
+        description="TTFT target: the snapshot reports the share of first tokens within it "
+        "(exact where it is a bucket bound of the TTFT histogram, e.g. vLLM's 0.25/0.5/1 s)",
+        json_schema_extra={"flag_aliases": ["--ttft-target"]},
+    )
+    itl_target_s: DurationS = Field(
+        default=0.05, gt=0.0,
+        description="ITL target: the snapshot reports the share of requests whose mean ITL is "
+        "within it (exact where it is a bucket bound, e.g. vLLM's 25/50 ms)",
+        json_schema_extra={"flag_aliases": ["--itl-target"]},
+    )
+    arrival_bin_s: DurationS = Field(
+        default=1.0, gt=0.0,
+        description="arrivals are counted per bin of this width for the burstiness fields; the "
+        "scrape source scrapes this often; the Prometheus source needs at least the serving "
+        "targets' scrape interval here (the peaks are lower bounds above 1 s)",
+    )
+
     # --- source "prometheus" ---
     prometheus_url: str = Field(
         default="http://127.0.0.1:9090", description="Prometheus HTTP API base URL",

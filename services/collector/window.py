@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
@@ -24,10 +25,13 @@ from prometheus_client.parser import text_string_to_metric_families
 UNDEFINED = "no samples in window"
 
 # The snapshot fields a window yields, by how they are computed.
-COUNT_FIELDS = ("num_requests",)
-AVERAGE_FIELDS = ("isl_avg", "osl_avg", "ttft_avg_s", "itl_avg_s", "request_duration_avg_s")
-QUANTILE_FIELDS = ("isl_p90", "osl_p90", "ttft_p90_s", "ttft_p99_s", "itl_p90_s", "itl_p99_s")
-GAUGE_FIELDS = ("requests_running", "requests_waiting")
+COUNT_FIELDS = ("num_requests", "requests_failed")
+AVERAGE_FIELDS = ("isl_avg", "osl_avg", "ttft_avg_s", "itl_avg_s", "request_duration_avg_s",
+                  "queue_time_avg_s", "prefill_time_avg_s", "decode_time_avg_s")
+QUANTILE_FIELDS = ("isl_p50", "isl_p90", "isl_p99", "osl_p90", "ttft_p90_s", "ttft_p99_s",
+                   "itl_p90_s", "itl_p99_s", "queue_time_p90_s", "prefill_time_p90_s")
+GAUGE_FIELDS = ("requests_running", "requests_waiting", "requests_before_first_token",
+                "prefill_tokens_pending")
 
 # Dynamo frontend metric names (NVIDIA Dynamo, docs "Dynamo Metrics", Apache-2.0).
 DYNAMO_FRONTEND = {
@@ -99,7 +103,7 @@ def histogram_quantile(quantile: float, bucket_increase: Mapping[float, float]) 
 
 @dataclass(frozen=True)
 class WindowValues:
-    values: dict[str, float | None]
+    values: dict[str, Any]
     gaps: dict[str, str]
 
 
