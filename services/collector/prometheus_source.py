@@ -168,6 +168,7 @@ class Collector:
         self.discovered = Target(self._scope(settings.selector, self.discover))
         self.last_seen: dict[DeploymentKey, float] = {}
         self.checked: set[DeploymentKey] = set()
+        self.rechecked: set[DeploymentKey] = set()  # checked once, with problems
         self.printed = False
         self.failing: str | None = None
         self.no_dialect_logged = False
@@ -438,6 +439,13 @@ class Collector:
                     anywhere = bool(groups(promql.anywhere_query(read)))
                     problems.append(promql.diagnose(query, read, scope, group, without_role,
                                                     anywhere, down))
+            if problems and key not in self.rechecked:
+                # Prometheus may have just started (or not scraped a new pod yet): look again
+                # at the next window before warning
+                self.rechecked.add(key)
+                log.info("%s: %d of %d queries find no series yet; checking again at the "
+                         "next window before warning", key, len(problems), len(plan.queries))
+                continue
             if problems:
                 log.warning("%s: %d of %d queries have no series to read, so their fields will "
                             "be null:\n  %s", key, len(problems), len(plan.queries),
@@ -495,10 +503,13 @@ async def run(runtime: Runtime, settings: CollectorSettings, config: QueryConfig
                 await runtime.publish(message.model_copy(update={"id": snapshot.window_id(
                     SOURCE, message.deployment, message.window_end)}))
                 published[message.deployment] = message.window_end
+                metrics.record_published([message])
 
     await asyncio.to_thread(collector.start, time.time())
     start = ticks.resume(min(published.values(), default=None), time.time(), interval, delay,
                          settings.max_backlog_windows)
+    metrics.WINDOWS_BACKFILLED.inc(start.missed)
+    metrics.WINDOWS_GIVEN_UP.inc(start.given_up)
     if start.given_up:
         log.warning("%d windows came due since the last one published (%s); the oldest %d are "
                     "beyond --max-backlog-windows and not published", start.missed +
@@ -519,6 +530,7 @@ async def run(runtime: Runtime, settings: CollectorSettings, config: QueryConfig
             step = ticks.catch_up(index, time.time(), interval, delay,
                                   settings.max_backlog_windows)
             if step.skipped:
+                metrics.WINDOWS_GIVEN_UP.inc(len(step.skipped))
                 log.warning("fell %d windows behind; publishing them stale", len(step.skipped))
                 for skipped in step.skipped:
                     await publish(collector.stale(ticks.end_of(skipped, interval),
