@@ -95,6 +95,9 @@ class Recipe:
     # a count whose series only appears with its first event (Dynamo's status="error"): 0, not
     # unknown, while the metric without ``extra`` has series
     absent_is_zero: bool = False
+    # the metric has no model label (the KV router's per-worker gauges): model matchers of the
+    # deployment's selector are left out for it
+    no_model_label: bool = False
 
 
 @dataclass(frozen=True)
@@ -188,7 +191,8 @@ def _frontend(prefix: str, name: str, about: str) -> Dialect:
                                         absent_is_zero=True)
     recipes["requests_before_first_token"] = Recipe(Kind.GAUGE_SUM, "queued")
     recipes["prefill_tokens_pending"] = Recipe(Kind.GAUGE_SUM, "prefill_tokens",
-                                               extra='worker_type="prefill"')
+                                               extra='worker_type="prefill"',
+                                               no_model_label=True)
     return Dialect(name, about, metrics, recipes, detect="requests", discovery="discovery")
 
 
@@ -344,10 +348,21 @@ def increase(series: str, window: str, method: Method) -> str:
             f"or ({series} - min_over_time({series}[{window}]))")
 
 
+_MODEL_MATCHER = re.compile(r'(^|,)model(=~|!~|!=|=)"')
+
+
+def _model_spellings(name: str, match: str) -> list[str]:
+    """vLLM labels its model ``model_name`` (Dynamo may add ``model`` too): a ``model`` matcher
+    on an engine metric also tries ``model_name``."""
+    if not name.startswith("vllm") or not _MODEL_MATCHER.search(match):
+        return [match]
+    return [match, _MODEL_MATCHER.sub(r'\1model_name\2"', match)]
+
+
 def _any(names: Sequence[str], suffix: str, match: str,
          per_series: Callable[[str], str] | None = None) -> str:
-    """Alternatives (renamed metrics) joined with ``or``: each series from its first name."""
-    terms = [f"{n}{suffix}{{{match}}}" for n in names]
+    """Alternatives (renamed metrics, label spellings) joined with ``or``: each series once."""
+    terms = [f"{n}{suffix}{{{m}}}" for n in names for m in _model_spellings(n, match)]
     if per_series is not None:
         terms = [per_series(t) for t in terms]
     return terms[0] if len(terms) == 1 else " or ".join(f"({t})" for t in terms)
@@ -361,6 +376,9 @@ def aggregate(op: str, labels: Sequence[str]) -> str:
 def render(recipe: Recipe, names: Sequence[str], scope: Scope) -> str:
     """The PromQL of one recipe for one scope."""
     match = join(scope.matcher(recipe.role), recipe.extra)
+    if recipe.no_model_label:
+        match = ",".join(f'{m.group(1)}{m.group(2)}"{m.group(3)}"' for m in _MATCHER.finditer(match)
+                         if m.group(1) not in CASELESS_LABELS)
     by = scope.by
     w = duration(scope.window_s)
 

@@ -46,6 +46,10 @@ DYNAMO_FRONTEND = {
 }
 
 
+# The key of a counter's samples labelled status="error" in a Scrape.
+FAILED = '{status="error"}'
+
+
 @dataclass(frozen=True)
 class Scrape:
     """Sums of each sample name over the label sets that matched, plus histogram buckets."""
@@ -62,6 +66,10 @@ def parse_exposition(text: str, labels: Mapping[str, str] | None = None) -> Scra
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if any(sample.labels.get(k) != v for k, v in wanted.items()):
+                continue
+            if sample.labels.get("status") == "error":  # Dynamo's failed requests, apart
+                values[sample.name + FAILED] = values.get(sample.name + FAILED, 0.0) \
+                    + sample.value
                 continue
             if sample.name.endswith("_bucket") and "le" in sample.labels:
                 base = sample.name[: -len("_bucket")]
@@ -125,6 +133,12 @@ def window_values(
     values["num_requests"] = requests
     if requests is None:
         gaps["num_requests"] = f"series {names['requests']} absent"
+        gaps["requests_failed"] = f"series {names['requests']} absent"
+        values["requests_failed"] = None
+    else:  # the error series appears with the first failure: none yet is a real 0
+        failed = names["requests"] + FAILED
+        values["requests_failed"] = counter_increase(before.values.get(failed, 0.0),
+                                                     after.values.get(failed, 0.0))
 
     averages = {
         "isl_avg": names["isl"],
@@ -166,7 +180,7 @@ def window_values(
             gaps[field_name] = UNDEFINED
 
     for field_name, metric in (("requests_running", names["inflight"]),
-                               ("requests_waiting", names["queued"])):
+                               ("requests_before_first_token", names["queued"])):
         values[field_name] = after.values.get(metric)
         if values[field_name] is None:
             gaps[field_name] = f"gauge {metric} absent"

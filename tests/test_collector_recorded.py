@@ -1,0 +1,167 @@
+"""Recorded expositions of a Dynamo frontend and vLLM prefill and decode workers
+(tests/data/expositions, built by make.py there from the upstream metric definitions), read
+live through a real Prometheus and directly; the expected fields are worked out here from the
+requests of the window, not from the files.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from services.collector import prometheus_source, query_config, window
+from services.collector.settings import CollectorSettings
+from tests.test_collector_prometheus import PrometheusServer, prometheus_binary
+
+DATA = Path(__file__).parent / "data" / "expositions"
+
+# The window's requests, as make.py records them: (TTFT, mean ITL, queue, prefill, decode) s
+WINDOW = ([(0.45, 0.02, 0.2, 0.22, 4.0)] * 6 + [(0.8, 0.06, 0.5, 0.25, 6.0)] * 3
+          + [(0.1, 0.03, 0.01, 0.08, 1.5)])
+ISL = [3000] * 6 + [6000] * 3 + [500]
+FAILED = 2
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def share_interpolated(values: list[float], target: float, lower: float, upper: float) -> float:
+    """Prometheus-style linear share inside the bucket (lower, upper] holding the target."""
+    below = sum(1 for v in values if v <= lower)
+    inside = sum(1 for v in values if lower < v <= upper)
+    return (below + inside * (target - lower) / (upper - lower)) / len(values)
+
+
+EXPECTED = {
+    "num_requests": 10.0,
+    "requests_failed": float(FAILED),
+    "isl_avg": mean([float(i) for i in ISL]),  # 3650
+    "queue_time_avg_s": mean([r[2] for r in WINDOW]),  # 0.271, from the prefill engine
+    "prefill_time_avg_s": mean([r[3] for r in WINDOW]),  # 0.215
+    "decode_time_avg_s": mean([r[4] for r in WINDOW]),  # 4.35, from the decode engine
+    # Dynamo's TTFT buckets around 0.5 s are 0.47 and 1 (about 2.1x apart): interpolated
+    "ttft_under_target_share": share_interpolated([r[0] for r in WINDOW], 0.5, 0.47, 1.0),
+    "ttft_target_bucket_s": 1.0,
+    # vLLM's per-request ITL buckets have 0.05 as a bound: exact (7 of 10 at or below)
+    "itl_under_target_share": sum(1 for r in WINDOW if r[1] <= 0.05) / len(WINDOW),
+    "itl_target_bucket_s": 0.05,
+    "requests_waiting": 3.0,  # the engines' queues: 2 on prefill, 1 on decode
+    "requests_before_first_token": 3.0,  # the frontend's queued_requests
+    "prefill_tokens_pending": 9000.0,
+    "kv_cache_usage": 0.6,  # decode engine only
+    "prefill_workers": 1,
+    "decode_workers": 1,
+}
+
+
+class Recorded:
+    """Serves a before file until told to switch, then the after file."""
+
+    def __init__(self, name: str) -> None:
+        self.texts = [(DATA / f"{name}.{when}.prom").read_bytes() for when in ("before", "after")]
+        self.state = 0
+        recorded = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                body = recorded.texts[recorded.state]
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; version=0.0.4")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                return
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.server.server_port}"
+
+
+class RolePrometheus(PrometheusServer):
+    """Prometheus scraping the frontend, and the workers with their role as a target label, as
+    deploy's relabelling gives Dynamo's workers (their vLLM metrics carry no dynamo_* labels)."""
+
+    roles: dict[str, str] = {}
+
+    def _config(self) -> Path:
+        path = self.workdir / "prometheus.yml"
+        groups = "".join(
+            f"      - targets: ['{t}']\n" + (f"        labels: {{dynamo_component: {r}}}\n"
+                                              if r else "")
+            for t, r in self.roles.items())
+        path.write_text("global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n"
+                        "scrape_configs:\n  - job_name: serving\n    static_configs:\n"
+                        + groups)
+        return path
+
+
+@pytest.fixture(scope="module")
+def recorded() -> Iterator[tuple[RolePrometheus, dict[str, Recorded], float, float]]:
+    binary, why = prometheus_binary()
+    if binary is None:
+        pytest.skip(f"no Prometheus: {why}")
+    servers = {name: Recorded(name) for name in ("frontend", "prefill", "decode")}
+    import tempfile
+    with tempfile.TemporaryDirectory(prefix="slaplanner-recorded-") as tmp:
+        prometheus = RolePrometheus(Path(tmp), [], binary)
+        prometheus.roles = {servers["frontend"].target: "",
+                            servers["prefill"].target: "prefill",
+                            servers["decode"].target: "backend"}
+        try:
+            prometheus.start()
+            prometheus.wait_for("count((count_over_time(up[1m]) >= 2) and (up == 1))", 3.0)
+            start = time.time()
+            time.sleep(0.3)
+            for server in servers.values():
+                server.state = 1
+            prometheus.wait_for('sum(dynamo_frontend_requests_total{status="success"})', 14.0)
+            prometheus.wait_for("sum(vllm:request_decode_time_seconds_count)", 14.0)
+            prometheus.wait_for("sum(vllm:request_prefill_time_seconds_count)", 14.0)
+            end = time.time()
+            yield prometheus, servers, start, end
+        finally:
+            prometheus.stop()
+            for server in servers.values():
+                server.server.shutdown()
+
+
+def test_the_recorded_dynamo_and_vllm_window_through_prometheus(
+    recorded: tuple[RolePrometheus, dict[str, Recorded], float, float],
+) -> None:
+    prometheus, _, start, end = recorded
+    settings = CollectorSettings(
+        source="prometheus", prometheus_url=prometheus.url, interval_s=end - start,
+        namespace="prod", deployment="qwen",
+        # the operator writes the model as it is spelled; the frontend lower-cases it
+        selector='model="Qwen/Qwen3-0.6B"', dialect="dynamo", prometheus_timeout_s=5.0,
+        ttft_target_s=0.5, itl_target_s=0.05)
+    collector = prometheus_source.Collector(settings, query_config.QueryConfig(),
+                                            prometheus_source.HttpReader(settings))
+    try:
+        (snap,) = collector.window(end)
+    finally:
+        collector.close()
+    for name, value in EXPECTED.items():
+        assert getattr(snap, name) == pytest.approx(value), (name, snap.gaps.get(name))
+    assert snap.ttft_share_method == "interpolated" and snap.itl_share_method == "bucket_edge"
+    assert snap.ttft_target_s == 0.5 and snap.itl_target_s == 0.05
+
+
+def test_the_recorded_frontend_read_directly_agrees() -> None:
+    before = window.parse_exposition((DATA / "frontend.before.prom").read_text())
+    after = window.parse_exposition((DATA / "frontend.after.prom").read_text())
+    values = window.window_values(before, after).values
+    for name in ("num_requests", "requests_failed", "isl_avg", "requests_before_first_token"):
+        assert values[name] == pytest.approx(EXPECTED[name]), name
