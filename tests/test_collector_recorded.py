@@ -6,12 +6,13 @@ requests of the window, not from the files.
 
 from __future__ import annotations
 
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -93,7 +94,7 @@ class RolePrometheus(PrometheusServer):
     """Prometheus scraping the frontend, and the workers with their role as a target label, as
     deploy's relabelling gives Dynamo's workers (their vLLM metrics carry no dynamo_* labels)."""
 
-    roles: dict[str, str] = {}
+    roles: ClassVar[dict[str, str]] = {}
 
     def _config(self) -> Path:
         path = self.workdir / "prometheus.yml"
@@ -113,10 +114,9 @@ def recorded() -> Iterator[tuple[RolePrometheus, dict[str, Recorded], float, flo
     if binary is None:
         pytest.skip(f"no Prometheus: {why}")
     servers = {name: Recorded(name) for name in ("frontend", "prefill", "decode")}
-    import tempfile
     with tempfile.TemporaryDirectory(prefix="slaplanner-recorded-") as tmp:
         prometheus = RolePrometheus(Path(tmp), [], binary)
-        prometheus.roles = {servers["frontend"].target: "",
+        RolePrometheus.roles = {servers["frontend"].target: "",
                             servers["prefill"].target: "prefill",
                             servers["decode"].target: "backend"}
         try:

@@ -68,6 +68,7 @@ def test_the_version_2_fields_are_what_a_collector_reading_every_second_would_pu
     assert snapshot.arrival_dispersion == pytest.approx(counts.var() / counts.mean())
     assert snapshot.isl_p50 == snapshot.isl_p99 == 2000.0
     # TTFT is queueing plus compute, request by request
+    assert snapshot.queue_time_avg_s is not None and snapshot.prefill_time_avg_s is not None
     assert snapshot.ttft_avg_s == pytest.approx(
         snapshot.queue_time_avg_s + snapshot.prefill_time_avg_s)
     assert snapshot.prefill_time_avg_s == pytest.approx(profile.prefill.ttft_s(2000), rel=1e-6)

@@ -13,6 +13,7 @@ docs/observability/metrics_examples/vllm.log, so the scrape job adds the role as
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 HERE = Path(__file__).parent
@@ -43,8 +44,8 @@ VLLM_REQUEST = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 
                 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0]
 
 # (isl, osl, ttft_s, itl_s, duration_s, queue_s, prefill_s, decode_s) per request
-BEFORE = [(1000, 100, 0.3, 0.02, 2.5, 0.05, 0.2, 2.0)] * 4
-WINDOW = ([(3000, 200, 0.45, 0.02, 4.5, 0.2, 0.22, 4.0)] * 6
+BEFORE: Sequence[tuple[float, ...]] = [(1000, 100, 0.3, 0.02, 2.5, 0.05, 0.2, 2.0)] * 4
+WINDOW: Sequence[tuple[float, ...]] = ([(3000, 200, 0.45, 0.02, 4.5, 0.2, 0.22, 4.0)] * 6
           + [(6000, 100, 0.8, 0.06, 6.9, 0.5, 0.25, 6.0)] * 3
           + [(500, 50, 0.1, 0.03, 1.6, 0.01, 0.08, 1.5)])
 FAILED_IN_WINDOW = 2
@@ -68,7 +69,7 @@ def histogram(name: str, labels: str, edges: list[float], values: list[float],
     return lines
 
 
-def frontend(requests: list[tuple[float, ...]], failed: int, queued: int) -> str:
+def frontend(requests: Sequence[tuple[float, ...]], failed: int, queued: int) -> str:
     model = f'model="{MODEL.lower()}"'  # the frontend lower-cases its model label
     lines = ["# TYPE dynamo_frontend_requests_total counter",
              f'dynamo_frontend_requests_total{{endpoint="chat_completions",error_type="",'
@@ -94,7 +95,7 @@ def frontend(requests: list[tuple[float, ...]], failed: int, queued: int) -> str
     return "\n".join(lines) + "\n"
 
 
-def worker(role: str, requests: list[tuple[float, ...]], waiting: int, kv: float) -> str:
+def worker(role: str, requests: Sequence[tuple[float, ...]], waiting: int, kv: float) -> str:
     labels = f'engine="0",model_name="{MODEL}"'
     lines = ["# TYPE vllm:num_requests_running gauge",
              f"vllm:num_requests_running{{{labels}}} 1.0",
@@ -118,7 +119,7 @@ def worker(role: str, requests: list[tuple[float, ...]], waiting: int, kv: float
 
 
 def main() -> None:
-    after = BEFORE + WINDOW
+    after = [*BEFORE, *WINDOW]
     files = {
         "frontend.before.prom": frontend(BEFORE, 0, 0),
         "frontend.after.prom": frontend(after, FAILED_IN_WINDOW, 3),
