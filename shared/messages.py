@@ -131,13 +131,22 @@ class ShareMethod(StrEnum):
     PER_REQUEST = "per_request"  # every request's latency known (simulator, replay): exact
 
 
+class ArrivalSignal(StrEnum):
+    """When the counter the arrival statistics were read from counts a request."""
+
+    REQUEST_START = "request_start"  # when the frontend accepts it: the arrivals themselves
+    FIRST_TOKEN = "first_token"  # at its first token: arrivals delayed by their TTFT
+    REQUEST_END = "request_end"  # when it ends: completions, smoothed by the durations' spread
+
+
 Share = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
 
 # The fields a MetricSnapshot gained in schema version 2 (planning v2): a body of version 1 may
 # not carry them, so that a v1 body means exactly what it meant.
 SNAPSHOT_V2_FIELDS = (
     "arrival_bin_s", "arrival_dispersion", "arrivals_peak_1s", "arrivals_peak_10s",
-    "arrival_peaks_exact", "isl_p50", "isl_p99", "queue_time_avg_s", "queue_time_p90_s",
+    "arrival_peaks_exact", "arrival_signal", "isl_p50", "isl_p99", "queue_time_avg_s",
+    "queue_time_p90_s",
     "prefill_time_avg_s", "prefill_time_p90_s", "decode_time_avg_s",
     "ttft_target_s", "ttft_under_target_share", "ttft_target_bucket_s", "ttft_share_method",
     "itl_target_s", "itl_under_target_share", "itl_target_bucket_s", "itl_share_method",
@@ -204,6 +213,11 @@ class MetricSnapshot(Envelope):
         default=None, description="false when the bins are coarser than the peaks' spans: the "
         "peaks are then lower bounds (the busiest bin's count scaled to the span)",
     )
+    arrival_signal: ArrivalSignal | None = Field(
+        default=None, description="what the arrival statistics count: request_start (requests "
+        "as they arrive), first_token (first tokens: arrivals delayed by their TTFT) or "
+        "request_end (completions: arrivals smoothed by the spread of request durations)",
+    )
 
     # --- where TTFT went (engine view) ---
     queue_time_avg_s: Observed | None = Field(
@@ -266,6 +280,11 @@ class MetricSnapshot(Envelope):
     def _method_from_text(cls, value: Any) -> Any:
         # strict mode refuses plain strings for enums; the wire carries strings
         return ShareMethod(value) if isinstance(value, str) else value
+
+    @field_validator("arrival_signal", mode="before")
+    @classmethod
+    def _signal_from_text(cls, value: Any) -> Any:
+        return ArrivalSignal(value) if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _v1_means_v1(self) -> Self:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from shared.messages import ShareMethod
+from shared.messages import ArrivalSignal, ShareMethod
 
 # Why a field is null when its window had no samples: 0/0 is undefined, not 0 and not unknown.
 NO_SAMPLES = "no samples in window"
@@ -30,11 +30,12 @@ class ArrivalStats:
     peak_10s: float | None
     peaks_exact: bool | None
     gaps: dict[str, str] = field(default_factory=dict)
+    signal: ArrivalSignal = ArrivalSignal.REQUEST_START
 
-    def fields(self) -> dict[str, float | bool | None]:
+    def fields(self) -> dict[str, float | bool | str | None]:
         return {"arrival_bin_s": self.bin_s, "arrival_dispersion": self.dispersion,
                 "arrivals_peak_1s": self.peak_1s, "arrivals_peak_10s": self.peak_10s,
-                "arrival_peaks_exact": self.peaks_exact}
+                "arrival_peaks_exact": self.peaks_exact, "arrival_signal": self.signal}
 
 
 def _peak(counts: np.ndarray, bin_s: float, span_s: float) -> tuple[float | None, bool, str]:
@@ -54,8 +55,10 @@ def _peak(counts: np.ndarray, bin_s: float, span_s: float) -> tuple[float | None
     return float(sums.max()), False, ""  # the most in a span a little shorter: a lower bound
 
 
-def arrival_stats(counts: Sequence[float] | np.ndarray, bin_s: float) -> ArrivalStats:
-    """Dispersion and peaks of a window's arrival counts per bin of ``bin_s`` seconds."""
+def arrival_stats(counts: Sequence[float] | np.ndarray, bin_s: float,
+                  signal: ArrivalSignal = ArrivalSignal.REQUEST_START) -> ArrivalStats:
+    """Dispersion and peaks of a window's arrival counts per bin of ``bin_s`` seconds, counted
+    by a counter that moves at ``signal``."""
     values = np.asarray(counts, dtype=np.float64)
     gaps: dict[str, str] = {}
     dispersion: float | None = None
@@ -76,7 +79,23 @@ def arrival_stats(counts: Sequence[float] | np.ndarray, bin_s: float) -> Arrival
             gaps[name] = reason
     defined = any(p is not None for p in peaks.values())
     return ArrivalStats(bin_s, dispersion, peaks["arrivals_peak_1s"],
-                        peaks["arrivals_peak_10s"], exact if defined else None, gaps)
+                        peaks["arrivals_peak_10s"], exact if defined else None, gaps, signal)
+
+
+def arrival_bin(window_s: float, finest_s: float, samples: int) -> float | None:
+    """The bin to count a window's arrivals in: the smallest whole multiple of ``finest_s``
+    that divides the window into no more bins than the counter has samples in it (``samples``;
+    a bin without a sample of its own would count nothing and pass its arrivals to the next),
+    or None when no multiple of ``finest_s`` divides the window."""
+    most = math.floor(window_s / finest_s + 1e-9)
+    for multiple in range(1, most + 1):
+        bin_s = finest_s * multiple
+        bins = window_s / bin_s
+        if abs(bins - round(bins)) > 1e-6:
+            continue
+        if round(bins) <= samples:
+            return bin_s
+    return None
 
 
 def counts_per_bin(arrivals_s: np.ndarray, start_s: float, end_s: float,

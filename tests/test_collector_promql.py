@@ -39,8 +39,10 @@ def test_the_increase_method_asks_what_dynamos_planner_asks() -> None:
     # ... without the requests that failed (status="error"), which are counted apart
     assert q["num_requests"] == ('sum (increase(dynamo_frontend_requests_total{model="llama",'
                                  'status!="error"}[60s]))')
+    # (0 while the error series does not exist yet: Dynamo creates it with its first failure)
     assert q["requests_failed"] == ('sum (increase(dynamo_frontend_requests_total{model="llama",'
-                                    'status="error"}[60s]))')
+                                    'status="error"}[60s])) or (0 * sum (increase('
+                                    'dynamo_frontend_requests_total{model="llama"}[60s])))')
     assert q["isl_avg"] == (
         'sum (increase(dynamo_frontend_input_sequence_tokens_sum{model="llama"}[60s])) / '
         'sum (increase(dynamo_frontend_input_sequence_tokens_count{model="llama"}[60s]))')
@@ -306,6 +308,80 @@ def test_a_share_query_returns_the_buckets_and_the_share_is_worked_out_from_them
                                {"ttft_under_target_share": 0.5})
     assert values.values == {"ttft_under_target_share": 0.7, "ttft_target_s": 0.5,
                              "ttft_target_bucket_s": 0.5, "ttft_share_method": "bucket_edge"}
+
+
+def fallback_scope(selector: str = 'model="llama"', by: tuple[str, ...] = ()) -> promql.Scope:
+    return promql.Scope(selector, by, 'dynamo_component="prefill"',
+                        'dynamo_component=~"backend|decode"', 60.0, promql.Method.EXACT,
+                        'role="prefill"', 'role="decode"')
+
+
+def test_a_workers_series_is_read_with_either_role_label_once() -> None:
+    # Dynamo labels engine metrics with dynamo_component from 1.0 on; before, only the pod's
+    # role (relabelled by the scrape job) says which workers are which
+    q = queries(promql.VLLM, fallback_scope())
+    for role in ('dynamo_component=~"backend|decode"', 'role="decode"'):
+        assert f'vllm:kv_cache_usage_perc{{model="llama",{role}}}' in q["kv_cache_usage"]
+        assert f'vllm:request_success_total{{model="llama",{role}}}' in q["num_requests"]
+    # the alternatives are joined per series with `or`: a series with both labels counts once
+    assert q["kv_cache_usage"].startswith("avg ((") and ") or (" in q["kv_cache_usage"]
+    assert "role=" not in queries(promql.VLLM, scope())["kv_cache_usage"], "no fallback set"
+
+
+def test_dynamo_counts_registered_workers_where_the_engines_carry_no_role() -> None:
+    q = queries(promql.DYNAMO, fallback_scope())["prefill_workers"]
+    engines, router = q.split(") or (count (count by (router_worker_id) (")
+    assert engines.startswith("(count (count by (instance) (")
+    # the router's gauge has no model label: the model matcher is left out for it
+    assert router.startswith('dynamo_component_router_worker_registered{worker_type="prefill"}')
+    assert "model" not in router
+
+
+def test_a_metric_without_a_model_label_is_not_read_per_discovered_model() -> None:
+    plan = promql.plan(promql.DYNAMO, promql.Overrides(), scope(selector="", by=("model",)))
+    assert "no model label" in plan.unobserved["prefill_tokens_pending"]
+    by_deployment = promql.plan(promql.DYNAMO, promql.Overrides(),
+                                scope(selector="", by=("namespace", "deployment")))
+    assert "prefill_tokens_pending" not in by_deployment.unobserved
+    q = {x.field: x.promql for x in plan.queries}
+    assert "dynamo_component_router_worker_registered" not in q["prefill_workers"]
+
+
+def test_the_check_at_start_looks_for_a_router_gauge_without_the_model_matcher() -> None:
+    s = fallback_scope()
+    query = next(q for q in promql.plan(promql.DYNAMO, promql.Overrides(), s).queries
+                 if q.field == "prefill_tokens_pending")
+    (read,) = query.reads
+    text = promql.presence_query(read, s)
+    assert 'dynamo_frontend_worker_active_prefill_tokens{worker_type="prefill"}' in text
+    assert "model" not in text
+
+
+@pytest.mark.parametrize(
+    ("readings", "counts"),
+    [
+        pytest.param([10.0, 12.0, 12.0, 20.0], [2.0, 0.0, 8.0], id="increases edge to edge"),
+        pytest.param([10.0, 3.0, 5.0], [3.0, 2.0], id="a reset counts its whole new value"),
+        pytest.param([None, None, 4.0, 6.0], [0.0, 4.0, 2.0],
+                     id="a series that appears is new: all of it counts"),
+        pytest.param([10.0, None, 13.0], [0.0, 3.0],
+                     id="a missing reading passes its arrivals to the next bin"),
+        pytest.param([None, None], [0.0], id="no reading, no arrival"),
+    ],
+)
+def test_arrivals_per_bin_are_a_counters_increases_between_edges(
+        readings: list[float | None], counts: list[float]) -> None:
+    assert window.bin_increases(readings) == counts
+
+
+def test_arrivals_per_bin_add_up_the_series_of_a_deployment() -> None:
+    series = [promql.Series({"model": "llama", "endpoint": "chat"},
+                            ((100.0, 5.0), (101.0, 7.0), (102.0, 7.0))),
+              promql.Series({"model": "Llama", "endpoint": "completions"},
+                            ((101.001, 1.0), (102.0, 4.0))),  # new in the window
+              promql.Series({"model": "other"}, ((100.0, 0.0), (102.0, 9.0)))]
+    counts = promql.counts_by_group(series, ("model",), 100.0, 1.0, 2)
+    assert counts == {("llama",): [3.0, 3.0], ("other",): [0.0, 9.0]}
 
 
 @pytest.mark.parametrize(

@@ -1,11 +1,16 @@
 """Recorded expositions of a Dynamo frontend and vLLM prefill and decode workers
 (tests/data/expositions, built by make.py there from the upstream metric definitions), read
-live through a real Prometheus and directly; the expected fields are worked out here from the
-requests of the window, not from the files.
+live through a real Prometheus and directly (pure, and by the scrape source as a service); the
+expected fields are worked out here from the requests of the window, not from the files.
+
+The engines' series carry no dynamo_component label (as under Dynamo 0.9 and earlier): their
+role comes from the scrape job (Prometheus) or from the URL list they are given in (scrape).
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import tempfile
 import threading
 import time
@@ -15,9 +20,13 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
+from nats.aio.client import Client as NATS
 
-from services.collector import prometheus_source, query_config, window
+from services.collector import exposition, prometheus_source, promql, query_config
+from services.collector.exposition import Endpoint
 from services.collector.settings import CollectorSettings
+from shared.messages import MetricSnapshot
+from tests.conftest import ServiceProcess
 from tests.test_collector_prometheus import PrometheusServer, prometheus_binary
 
 DATA = Path(__file__).parent / "data" / "expositions"
@@ -92,15 +101,15 @@ class Recorded:
 
 class RolePrometheus(PrometheusServer):
     """Prometheus scraping the frontend, and the workers with their role as a target label, as
-    deploy's relabelling gives Dynamo's workers (their vLLM metrics carry no dynamo_* labels)."""
+    deploy's relabelling gives them from the pod label nvidia.com/dynamo-sub-component-type
+    (their vLLM metrics carry no dynamo_* labels)."""
 
     roles: ClassVar[dict[str, str]] = {}
 
     def _config(self) -> Path:
         path = self.workdir / "prometheus.yml"
         groups = "".join(
-            f"      - targets: ['{t}']\n" + (f"        labels: {{dynamo_component: {r}}}\n"
-                                              if r else "")
+            f"      - targets: ['{t}']\n" + (f"        labels: {{role: {r}}}\n" if r else "")
             for t, r in self.roles.items())
         path.write_text("global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n"
                         "scrape_configs:\n  - job_name: serving\n    static_configs:\n"
@@ -118,7 +127,7 @@ def recorded() -> Iterator[tuple[RolePrometheus, dict[str, Recorded], float, flo
         prometheus = RolePrometheus(Path(tmp), [], binary)
         RolePrometheus.roles = {servers["frontend"].target: "",
                             servers["prefill"].target: "prefill",
-                            servers["decode"].target: "backend"}
+                            servers["decode"].target: "decode"}
         try:
             prometheus.start()
             prometheus.wait_for("count((count_over_time(up[1m]) >= 2) and (up == 1))", 3.0)
@@ -139,6 +148,7 @@ def recorded() -> Iterator[tuple[RolePrometheus, dict[str, Recorded], float, flo
 
 def test_the_recorded_dynamo_and_vllm_window_through_prometheus(
     recorded: tuple[RolePrometheus, dict[str, Recorded], float, float],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     prometheus, _, start, end = recorded
     settings = CollectorSettings(
@@ -150,18 +160,112 @@ def test_the_recorded_dynamo_and_vllm_window_through_prometheus(
     collector = prometheus_source.Collector(settings, query_config.QueryConfig(),
                                             prometheus_source.HttpReader(settings))
     try:
-        (snap,) = collector.window(end)
+        with caplog.at_level(logging.INFO, logger="slaplanner.collector"):
+            collector.start(end)
+            (snap,) = collector.window(end)
     finally:
         collector.close()
     for name, value in EXPECTED.items():
         assert getattr(snap, name) == pytest.approx(value), (name, snap.gaps.get(name))
     assert snap.ttft_share_method == "interpolated" and snap.itl_share_method == "bucket_edge"
     assert snap.ttft_target_s == 0.5 and snap.itl_target_s == 0.05
+    # the workers were found by the fallback matchers, and the log says so
+    assert ('prefill_workers by vllm:num_requests_running or vllm_num_requests_running'
+            '{role="prefill"}') in caplog.text
+    assert 'decode_workers by vllm:num_requests_running or vllm_num_requests_running' \
+           '{role="decode"}' in caplog.text
+    # the KV router's gauge has no model label: no warning that it has no series
+    assert "prefill_tokens_pending:" not in caplog.text
 
 
-def test_the_recorded_frontend_read_directly_agrees() -> None:
-    before = window.parse_exposition((DATA / "frontend.before.prom").read_text())
-    after = window.parse_exposition((DATA / "frontend.after.prom").read_text())
-    values = window.window_values(before, after).values
-    for name in ("num_requests", "requests_failed", "isl_avg", "requests_before_first_token"):
-        assert values[name] == pytest.approx(EXPECTED[name]), name
+def targets(*names: str) -> list[exposition.Target]:
+    endpoints = {"frontend": Endpoint.FRONTEND, "prefill": Endpoint.PREFILL,
+                 "decode": Endpoint.DECODE}
+    return [exposition.Target(name, endpoints[name],
+                              exposition.parse((DATA / f"{name}.after.prom").read_text()),
+                              exposition.parse((DATA / f"{name}.before.prom").read_text()))
+            for name in names]
+
+
+def test_the_recorded_frontend_and_workers_read_directly_agree() -> None:
+    values = exposition.window_values(
+        promql.DYNAMO, targets("frontend", "prefill", "decode"), 'model="Qwen/Qwen3-0.6B"',
+        {"ttft_under_target_share": 0.5, "itl_under_target_share": 0.05})
+    for name, value in EXPECTED.items():
+        assert values.values[name] == pytest.approx(value), (name, values.gaps.get(name))
+    assert values.values["ttft_share_method"] == "interpolated"
+    assert values.values["itl_share_method"] == "bucket_edge"
+
+
+def test_the_recorded_workers_alone_are_read_in_the_vllm_dialect() -> None:
+    values = exposition.window_values(promql.VLLM, targets("prefill", "decode"), "",
+                                      {"itl_under_target_share": 0.05})
+    for name in ("kv_cache_usage", "prefill_workers", "decode_workers", "requests_waiting",
+                 "queue_time_avg_s", "prefill_time_avg_s", "decode_time_avg_s",
+                 "itl_under_target_share"):
+        assert values.values[name] == pytest.approx(EXPECTED[name]), name
+    # the recorded engines export no request counter: unknown, and said so
+    assert values.values["num_requests"] is None and "no data" in values.gaps["num_requests"]
+
+
+async def test_the_scrape_source_reads_the_recorded_endpoints_live(
+    nc: NATS, services: dict[str, ServiceProcess]
+) -> None:
+    servers = {name: Recorded(name) for name in ("frontend", "prefill", "decode")}
+    snapshots: list[MetricSnapshot] = []
+
+    async def on_snapshot(msg: Any) -> None:
+        snapshots.append(MetricSnapshot.from_json(msg.data))
+
+    await nc.subscribe("slaplanner.metrics.prod.qwen", cb=on_snapshot)
+    collector = services["collector"]
+    url = "http://{}/metrics"
+    collector.env.update({
+        "SLAPLANNER_SOURCE": "scrape", "SLAPLANNER_NAMESPACE": "prod",
+        "SLAPLANNER_DEPLOYMENT": "qwen", "SLAPLANNER_INTERVAL_S": "4s",
+        "SLAPLANNER_ARRIVAL_BIN_S": "1s", "SLAPLANNER_DIALECT": "auto",
+        "SLAPLANNER_SCRAPE_URLS": url.format(servers["frontend"].target),
+        # a name that resolves to its addresses, one endpoint each
+        "SLAPLANNER_SCRAPE_PREFILL_URLS": "dns+" + url.format(
+            f"localhost:{servers['prefill'].server.server_port}"),
+        "SLAPLANNER_SCRAPE_DECODE_URLS": url.format(servers["decode"].target),
+        "SLAPLANNER_SCRAPE_LABELS": "model=Qwen/Qwen3-0.6B",
+        "SLAPLANNER_TTFT_TARGET_S": "500ms", "SLAPLANNER_ITL_TARGET_S": "50ms",
+    })
+    collector.start()
+    try:
+        deadline = time.monotonic() + 60.0
+        while not snapshots:
+            assert time.monotonic() < deadline, collector.log()
+            await asyncio.sleep(0.05)
+        assert snapshots[0].stale, "the first scrape is the baseline"
+        # right after a window's scrapes, so that the whole window moves in the next one
+        for server in servers.values():
+            server.state = 1
+        while not [s for s in snapshots if not s.stale]:
+            assert time.monotonic() < deadline, collector.log()
+            await asyncio.sleep(0.05)
+        snap = next(s for s in snapshots if not s.stale)
+        for name, value in EXPECTED.items():
+            assert getattr(snap, name) == pytest.approx(value), (name, snap.gaps.get(name))
+        # every request the frontend accepted arrived in one scrape's bin: 10 + 2 + 3 (unless
+        # this busy machine made the collector miss a bin's scrape: then it says so)
+        if snap.arrival_signal is None:
+            assert "arrival scrapes were missed" in snap.gaps["arrival_dispersion"]
+        else:
+            assert snap.arrival_signal == "request_start" and snap.arrival_bin_s == 1.0
+            assert snap.arrivals_peak_1s == 15.0
+            assert snap.gaps["arrivals_peak_10s"] == "window shorter than 10 s"
+        # the windows after it: no arrival (a real zero), so no dispersion
+        while not [s for s in snapshots[snapshots.index(snap) + 1:]
+                   if s.arrival_signal is not None]:
+            assert time.monotonic() < deadline, collector.log()
+            await asyncio.sleep(0.05)
+        idle = next(s for s in snapshots[snapshots.index(snap) + 1:]
+                    if s.arrival_signal is not None)
+        assert idle.num_requests == 0.0 and idle.arrivals_peak_1s == 0.0
+        assert idle.gaps["arrival_dispersion"] == "no arrivals in window"
+    finally:
+        assert collector.stop() == 0, collector.log()
+        for server in servers.values():
+            server.server.shutdown()

@@ -35,6 +35,27 @@ def test_arrival_statistics_per_bin_table(counts: list[float], bin_s: float, dis
     assert stats.bin_s == bin_s
 
 
+@pytest.mark.parametrize(
+    ("window_s", "finest_s", "samples", "bin_s"),
+    [
+        (60.0, 1.0, 60, 1.0),  # a 1 s scrape: per-second counts
+        (60.0, 1.0, 59, 2.0),  # one scrape short (jitter at an edge): the next bin that fits
+        (60.0, 1.0, 4, 15.0),  # a 15 s scrape: 15 s bins
+        (60.0, 1.0, 5, 12.0),  # a 12 s scrape
+        (60.0, 1.0, 1, 60.0),  # one sample: one bin
+        (60.0, 7.0, 60, None),  # no multiple of 7 s divides a minute
+        (60.0, 1.0, 0, None),  # no sample: no bin
+        (4.5, 1.5, 3, 1.5),  # windows need not be whole seconds
+    ],
+    ids=["1 s scrapes", "a scrape short", "15 s scrapes", "12 s scrapes", "one sample",
+         "a bin that divides nothing", "no sample", "a fractional window"],
+)
+def test_the_arrival_bin_is_the_finest_the_scrapes_allow(window_s: float, finest_s: float,
+                                                          samples: int,
+                                                          bin_s: float | None) -> None:
+    assert window_stats.arrival_bin(window_s, finest_s, samples) == bin_s
+
+
 def test_an_idle_window_has_no_dispersion_and_a_short_one_no_ten_second_peak() -> None:
     idle = window_stats.arrival_stats([0.0] * 5, 1.0)
     assert idle.dispersion is None and idle.gaps["arrival_dispersion"] == "no arrivals in window"

@@ -128,7 +128,9 @@ class HttpReader:
 
     def query_range(self, text: str, start: float, end: float, step: float
                     ) -> list[promql.Series]:
-        params = {"timeout": promql.duration(self.timeout_s)}
+        # the client rounds start and end to whole seconds; windows need not end on one
+        params = {"timeout": promql.duration(self.timeout_s), "start": f"{start:.3f}",
+                  "end": f"{end:.3f}"}
         result = self._ask(lambda: self.client.custom_query_range(
             query=text, start_time=datetime.fromtimestamp(start, UTC),
             end_time=datetime.fromtimestamp(end, UTC), step=promql.duration(step),
@@ -180,7 +182,8 @@ class Collector:
     def _scope(self, selector: str, by: tuple[str, ...]) -> promql.Scope:
         s = self.settings
         return promql.Scope(promql.caseless(selector), by, s.prefill_selector, s.decode_selector,
-                            s.interval_s, promql.Method(s.window_method))
+                            s.interval_s, promql.Method(s.window_method),
+                            s.prefill_fallback_selector, s.decode_fallback_selector)
 
     def targets(self) -> dict[str, float]:
         return {"ttft_under_target_share": self.settings.ttft_target_s,
@@ -239,9 +242,9 @@ class Collector:
     def _read(self, end: float) -> list[MetricSnapshot]:
         prepared = self._prepare(end)
         if prepared is None:
-            reason = ("no known metric dialect in Prometheus (looked for "
-                      f"{', '.join(sorted(_detect_names()))}); set --dialect and check the "
-                      "scrape targets")
+            looked_for = ", ".join(sorted(promql.detection_names()))
+            reason = (f"no known metric dialect in Prometheus (looked for {looked_for}); set "
+                      "--dialect and check the scrape targets")
             return [snapshot.observed(key, end, self.settings.interval_s, SOURCE,
                                       _nothing(), {"all": reason}) for key in self.known()]
         return self._collect(*prepared, end)
@@ -276,7 +279,8 @@ class Collector:
         if self.dialect is None:
             if not self.no_dialect_logged:
                 log.warning("no known metric dialect in Prometheus yet (looked for %s); "
-                            "trying again every window", ", ".join(sorted(_detect_names())))
+                            "trying again every window",
+                            ", ".join(sorted(promql.detection_names())))
                 self.no_dialect_logged = True
         else:
             log.info("dialect %s auto-detected: %s", self.dialect.name, self.dialect.about)
@@ -348,7 +352,7 @@ class Collector:
                                   query.field, query.origin, answer, query.promql)
                     continue
                 grouped[query.field] = promql.split(answer, target.scope.by)
-            arrivals = self._arrivals(target, plan, end)
+            arrivals = self._arrivals(target, end)
             for group, key in target.members.items():
                 values = promql.values_for(grouped, kinds, group, self.targets())
                 stats, reason = arrivals.get(group, (None, arrivals.get((), (None, ""))[1]))
@@ -361,30 +365,46 @@ class Collector:
                                                    values, {**refused, **plan.unobserved}))
         return snapshots
 
-    def _arrivals(self, target: Target, plan: promql.Plan, end: float
+    def _arrivals(self, target: Target, end: float
                   ) -> dict[Group, tuple[window_stats.ArrivalStats | None, str]]:
-        """Each group's arrival statistics from the request counter per bin (a range query)."""
-        query = next((q for q in plan.queries if q.field == "num_requests" and q.reads), None)
-        if query is None:
-            return {(): (None, "no request counter query to count arrivals from")}
-        bin_s = self.settings.arrival_bin_s
-        bins = round(self.settings.interval_s / bin_s)
-        if bins < 1 or abs(bins * bin_s - self.settings.interval_s) > 1e-6:
-            return {(): (None, f"--arrival-bin-s {bin_s:g} does not divide the window")}
-        text = promql.arrivals_query(query, target.scope, bin_s)
-        try:
-            series = self.reader.query_range(text, end - self.settings.interval_s + bin_s, end,
-                                             bin_s)
-        except Rejected as exc:
-            return {(): (None, f"Prometheus refused the arrivals query: {exc}")}
+        """Each group's arrival statistics, from the truest arrival counter it has: the counter
+        read at every bin's edge (a range query), in the finest bins its scrapes allow."""
+        assert self.dialect is not None
+        names = {**self.dialect.metrics, **self.overrides.metrics}
+        window_s, finest = self.settings.interval_s, self.settings.arrival_bin_s
+        scope = target.scope
         found: dict[Group, tuple[window_stats.ArrivalStats | None, str]] = {}
-        for group, counts in promql.counts_by_group(series, target.scope.by).items():
-            if len(counts) < bins:
-                found[group] = (None, f"{bins - len(counts)} of {bins} bins of "
-                                f"{bin_s:g} s had no sample: --arrival-bin-s must be at least "
-                                "the scrape interval")
-            else:
-                found[group] = (window_stats.arrival_stats(counts, bin_s), "")
+        for counter in self.dialect.arrivals:
+            metric = names[counter.metric]
+            try:
+                density = promql.split(self.reader.query(
+                    promql.arrival_samples_query(counter, metric, scope), end), scope.by)
+            except Rejected as exc:
+                return {(): (None, f"Prometheus refused the arrivals query: {exc}")}
+            by_bin: dict[float, list[Group]] = {}
+            for group, samples in density.items():
+                if group in found:
+                    continue
+                most = int(max(s.value for s in samples))
+                bin_s = window_stats.arrival_bin(window_s, finest, most)
+                if bin_s is None:
+                    found[group] = (None, f"--arrival-bin-s {finest:g} does not divide the "
+                                    f"window of {window_s:g} s" if most else
+                                    promql.NO_SERIES[promql.Kind.COUNT])
+                else:
+                    by_bin.setdefault(bin_s, []).append(group)
+            for bin_s, groups in by_bin.items():
+                bins, start = round(window_s / bin_s), end - window_s
+                try:
+                    series = self.reader.query_range(
+                        promql.arrival_counter_query(counter, metric, scope), start, end, bin_s)
+                except Rejected as exc:
+                    return {(): (None, f"Prometheus refused the arrivals query: {exc}")}
+                counts = promql.counts_by_group(series, scope.by, start, bin_s, bins)
+                for group in groups:
+                    if group in counts:
+                        found[group] = (window_stats.arrival_stats(counts[group], bin_s,
+                                                                   counter.signal), "")
         found.setdefault((), (None, promql.NO_SERIES[promql.Kind.COUNT]))
         return found
 
@@ -416,6 +436,8 @@ class Collector:
                 texts += [promql.presence_query(read, scope), promql.anywhere_query(read)]
                 if read.role is not promql.Role.ALL:
                     texts.append(promql.presence_query(read, scope, promql.Role.ALL))
+                    texts += [promql.presence_query(read, scope, role_matcher=m)
+                              for m in scope.role_matchers(read.role)]
         answers = self._queries(texts, end)
 
         def groups(text: str) -> dict[Group, list[promql.Sample]]:
@@ -427,18 +449,26 @@ class Collector:
             down_answer[0].value)
         for group, key in fresh.items():
             problems = []
+            matched: list[str] = []
             for query in plan.queries:
                 if not query.reads and group not in groups(query.promql):
                     problems.append(f"{query.field}: the query from {query.origin} returns no "
                                     f"series: {query.promql}")
-                for read in query.reads:
-                    if group in groups(promql.presence_query(read, scope)):
-                        continue
-                    without_role = group in groups(
-                        promql.presence_query(read, scope, promql.Role.ALL))
-                    anywhere = bool(groups(promql.anywhere_query(read)))
-                    problems.append(promql.diagnose(query, read, scope, group, without_role,
-                                                    anywhere, down))
+                present = [r for r in query.reads
+                           if group in groups(promql.presence_query(r, scope))]
+                if query.kind is promql.Kind.WORKERS and present:
+                    by = _matched_by(present[0], scope, group, groups)
+                    matched.append(f"{query.field} by {by}")
+                if present or not query.reads:
+                    continue
+                read = query.reads[0]
+                without_role = group in groups(
+                    promql.presence_query(read, scope, promql.Role.ALL))
+                anywhere = bool(groups(promql.anywhere_query(read)))
+                problems.append(promql.diagnose(query, read, scope, group, without_role,
+                                                anywhere, down))
+            if matched:
+                log.info("%s: workers counted: %s", key, "; ".join(matched))
             if problems and key not in self.rechecked:
                 # Prometheus may have just started (or not scraped a new pod yet): look again
                 # at the next window before warning
@@ -455,12 +485,18 @@ class Collector:
             self.checked.add(key)
 
 
+def _matched_by(read: promql.Read, scope: promql.Scope, group: Group,
+                groups: Callable[[str], dict[Group, list[promql.Sample]]]) -> str:
+    """Which of a role's matchers (or the router's registry) a deployment's workers carry."""
+    if read.role is not promql.Role.ALL:
+        for matcher in scope.role_matchers(read.role):
+            if group in groups(promql.presence_query(read, scope, role_matcher=matcher)):
+                return f"{promql.metric_list(read)}{{{matcher}}}"
+    return promql.metric_list(read) + (f"{{{read.extra}}}" if read.extra else "")
+
+
 def _nothing() -> window.WindowValues:
     return window.WindowValues(values={}, gaps={})
-
-
-def _detect_names() -> set[str]:
-    return {n for d in promql.DIALECTS.values() for n in d.metrics[d.detect]}
 
 
 def _utc(epoch_s: float) -> str:

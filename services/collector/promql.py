@@ -24,14 +24,16 @@ import math
 import re
 import unicodedata
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from string import Template
 from typing import Any
 
+import numpy as np
+
 from services.collector import window
 from shared import window_stats
-from shared.messages import DNS_LABEL, DeploymentKey
+from shared.messages import DNS_LABEL, ArrivalSignal, DeploymentKey
 
 
 class Kind(StrEnum):
@@ -98,6 +100,21 @@ class Recipe:
     # the metric has no model label (the KV router's per-worker gauges): model matchers of the
     # deployment's selector are left out for it
     no_model_label: bool = False
+    # what a WORKERS query counts: scrape targets, or the router's worker ids
+    per: str = "instance"
+    # read per deployment where this recipe finds no series (the router's registry of workers
+    # where the engines' series carry no role label)
+    then: Recipe | None = None
+
+
+@dataclass(frozen=True)
+class ArrivalCounter:
+    """A counter that counts each request once, at ``signal``: what arrivals are read from."""
+
+    signal: ArrivalSignal
+    metric: str  # a key of the dialect's metric table
+    suffix: str = ""  # "_count" of a histogram observed once per request
+    role: Role = Role.ALL
 
 
 @dataclass(frozen=True)
@@ -108,6 +125,8 @@ class Dialect:
     recipes: Mapping[str, Recipe]
     detect: str  # metric key whose presence identifies the dialect
     discovery: str  # metric key whose label values name the deployments
+    # the counters arrivals are counted from, the truest first (see ``ArrivalSignal``)
+    arrivals: tuple[ArrivalCounter, ...] = ()
     unobserved: Mapping[str, str] = field(default_factory=dict)  # field -> why it has no query
 
 
@@ -181,6 +200,12 @@ def _frontend(prefix: str, name: str, about: str) -> Dialect:
         "kv_usage": VLLM_KV_USAGE,
         "workers": VLLM_WORKER,
         "discovery": (f"{prefix}_requests_total", f"{prefix}_inflight_requests"),
+        # counted when the frontend accepts a request (Dynamo 1.3 and later,
+        # ai-dynamo/dynamo#9526); requests_total counts it when it ends
+        "requests_started": (f"{prefix}_requests_started_total",),
+        # 1 per worker and DP rank the KV router has registered, by worker_type (Dynamo 1.3
+        # and later, ai-dynamo/dynamo#10587, lib/llm/src/kv_router/metrics.rs)
+        "registered": ("dynamo_component_router_worker_registered",),
         **VLLM_ENGINE,
     }
     # Dynamo counts a request in requests_total when it ends, labelled status="success" or
@@ -193,7 +218,17 @@ def _frontend(prefix: str, name: str, about: str) -> Dialect:
     recipes["prefill_tokens_pending"] = Recipe(Kind.GAUGE_SUM, "prefill_tokens",
                                                extra='worker_type="prefill"',
                                                no_model_label=True)
-    return Dialect(name, about, metrics, recipes, detect="requests", discovery="discovery")
+    for fld, role in (("prefill_workers", Role.PREFILL), ("decode_workers", Role.DECODE)):
+        # the engines exposing metrics in the role; where none carries a role label, the
+        # workers the router has registered (distinct worker ids, DP ranks together)
+        recipes[fld] = replace(recipes[fld], then=Recipe(
+            Kind.WORKERS, "registered", extra=f'worker_type="{role}"', no_model_label=True,
+            per="router_worker_id"))
+    arrivals = (ArrivalCounter(ArrivalSignal.REQUEST_START, "requests_started"),
+                ArrivalCounter(ArrivalSignal.FIRST_TOKEN, "ttft", "_count"),
+                ArrivalCounter(ArrivalSignal.REQUEST_END, "requests"))
+    return Dialect(name, about, metrics, recipes, detect="requests", discovery="discovery",
+                   arrivals=arrivals)
 
 
 DYNAMO = _frontend("dynamo_frontend", "dynamo", "Dynamo frontend (dynamo_frontend_*)")
@@ -224,6 +259,10 @@ VLLM = Dialect(
     }),
     detect="requests",
     discovery="discovery",
+    # vLLM counts no request at its arrival; every request has its first token on a decode
+    # worker (after its prefill, local or remote) and ends there
+    arrivals=(ArrivalCounter(ArrivalSignal.FIRST_TOKEN, "ttft", "_count", Role.DECODE),
+              ArrivalCounter(ArrivalSignal.REQUEST_END, "requests", "", Role.DECODE)),
     unobserved={
         "requests_failed": "vLLM counts finished requests only (request_success_total)",
         "requests_before_first_token": "the engines do not count requests before their first "
@@ -237,9 +276,14 @@ DIALECTS: dict[str, Dialect] = {d.name: d for d in (DYNAMO, DYNAMO_LEGACY, VLLM)
 METRIC_KEYS = tuple(dict.fromkeys([*DYNAMO.metrics, *VLLM.metrics]))
 
 
+def detection_names() -> set[str]:
+    """The metric names that identify a dialect."""
+    return {n for d in DIALECTS.values() for n in d.metrics[d.detect]}
+
+
 def detection_query() -> str:
     """One query listing which dialects' identifying metrics exist at all."""
-    names = sorted({n for d in DIALECTS.values() for n in d.metrics[d.detect]})
+    names = sorted(detection_names())
     return f'group by (__name__) ({{__name__=~"{"|".join(re.escape(n) for n in names)}"}})'
 
 
@@ -257,6 +301,19 @@ def detect(present: Iterable[str]) -> Dialect | None:
 _MATCHER = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"\s*')
 METRIC_NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
 LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+
+
+_ESCAPED = {"n": "\n", "t": "\t", "r": "\r"}
+
+
+def unquote(value: str) -> str:
+    """A PromQL string literal's content with its backslash escapes undone."""
+    return re.sub(r"\\(.)", lambda m: _ESCAPED.get(m.group(1), m.group(1)), value)
+
+
+def matcher_parts(text: str) -> list[tuple[str, str, str]]:
+    """(label, operator, value) of each label matcher, the value's escapes undone."""
+    return [(m.group(1), m.group(2), unquote(m.group(3))) for m in _MATCHER.finditer(text)]
 
 
 def check_matchers(text: str) -> str:
@@ -314,13 +371,28 @@ class Scope:
     decode: str  # matcher of the decode workers
     window_s: float
     method: Method = Method.EXACT
+    # matchers of the same workers where their series lack the first ones' labels (Dynamo
+    # before 1.0 does not label engine metrics with dynamo_component; a scrape job can label
+    # them with the pod's role)
+    prefill_fallback: str = ""
+    decode_fallback: str = ""
 
     def matcher(self, role: Role) -> str:
-        if role is Role.PREFILL:
-            return join(self.selector, self.prefill)
-        if role is Role.DECODE:
-            return join(self.selector, self.decode)
-        return self.selector
+        """The first matcher of a role's series (``$prefill``, ``$decode``)."""
+        return self.matchers(role)[0]
+
+    def role_matchers(self, role: Role) -> tuple[str, ...]:
+        """A role's own matchers, the preferred first (none for every worker)."""
+        if role is Role.ALL:
+            return ("",)
+        first, fallback = ((self.prefill, self.prefill_fallback) if role is Role.PREFILL
+                           else (self.decode, self.decode_fallback))
+        return (first, fallback) if fallback and fallback != first else (first,)
+
+    def matchers(self, role: Role) -> tuple[str, ...]:
+        """Alternative matchers of a role's series: each series matching any of them is
+        read once (``or``), whichever labels its workers carry."""
+        return tuple(join(self.selector, m) for m in self.role_matchers(role))
 
     def placeholders(self) -> dict[str, str]:
         return {"selector": self.selector, "prefill": self.matcher(Role.PREFILL),
@@ -359,13 +431,31 @@ def _model_spellings(name: str, match: str) -> list[str]:
     return [match, _MODEL_MATCHER.sub(r'\1model_name\2"', match)]
 
 
-def _any(names: Sequence[str], suffix: str, match: str,
+def _any(names: Sequence[str], suffix: str, matchers: str | Sequence[str],
          per_series: Callable[[str], str] | None = None) -> str:
-    """Alternatives (renamed metrics, label spellings) joined with ``or``: each series once."""
-    terms = [f"{n}{suffix}{{{m}}}" for n in names for m in _model_spellings(n, match)]
+    """Alternatives (renamed metrics, label spellings, role matchers) joined with ``or``: each
+    series once, whichever of them it matches."""
+    alternatives = (matchers,) if isinstance(matchers, str) else tuple(matchers)
+    terms = list(dict.fromkeys(f"{n}{suffix}{{{m}}}" for n in names for match in alternatives
+                               for m in _model_spellings(n, match)))
     if per_series is not None:
         terms = [per_series(t) for t in terms]
     return terms[0] if len(terms) == 1 else " or ".join(f"({t})" for t in terms)
+
+
+def without_model(matchers: str) -> str:
+    """Matchers without those of the model labels (for a metric that has none)."""
+    return ",".join(f'{m.group(1)}{m.group(2)}"{m.group(3)}"' for m in _MATCHER.finditer(matchers)
+                    if m.group(1) not in CASELESS_LABELS)
+
+
+def series_matchers(scope: Scope, role: Role, extra: str = "",
+                    no_model_label: bool = False) -> tuple[str, ...]:
+    """The alternative matchers of a metric's series for a deployment and a role."""
+    out = [join(m, extra) for m in scope.matchers(role)]
+    if no_model_label:
+        out = [without_model(m) for m in out]
+    return tuple(dict.fromkeys(out))
 
 
 def aggregate(op: str, labels: Sequence[str]) -> str:
@@ -375,10 +465,7 @@ def aggregate(op: str, labels: Sequence[str]) -> str:
 
 def render(recipe: Recipe, names: Sequence[str], scope: Scope) -> str:
     """The PromQL of one recipe for one scope."""
-    match = join(scope.matcher(recipe.role), recipe.extra)
-    if recipe.no_model_label:
-        match = ",".join(f'{m.group(1)}{m.group(2)}"{m.group(3)}"' for m in _MATCHER.finditer(match)
-                         if m.group(1) not in CASELESS_LABELS)
+    match = series_matchers(scope, recipe.role, recipe.extra, recipe.no_model_label)
     by = scope.by
     w = duration(scope.window_s)
 
@@ -394,7 +481,7 @@ def render(recipe: Recipe, names: Sequence[str], scope: Scope) -> str:
         count = f"{aggregate('sum', by)} ({_any(names, '', match, inc)})"
         if not recipe.absent_is_zero:
             return count
-        everything = _any(names, "", scope.matcher(recipe.role), inc)
+        everything = _any(names, "", scope.matchers(recipe.role), inc)
         return f"{count} or (0 * {aggregate('sum', by)} ({everything}))"
     if recipe.kind is Kind.AVERAGE:
         total = f"{aggregate('sum', by)} ({_any(names, '_sum', match, inc)})"
@@ -412,9 +499,9 @@ def render(recipe: Recipe, names: Sequence[str], scope: Scope) -> str:
     if recipe.kind is Kind.GAUGE_MEAN:
         return f"{aggregate('avg', by)} ({_any(names, '', match, fresh)})"
     if recipe.kind is Kind.WORKERS:
-        per_instance = f"{aggregate('count', ('instance', *by))} " \
-                       f"({_any(names, '', match, fresh)})"
-        return f"{aggregate('count', by)} ({per_instance})"
+        per_worker = f"{aggregate('count', (recipe.per, *by))} " \
+                     f"({_any(names, '', match, fresh)})"
+        return f"{aggregate('count', by)} ({per_worker})"
     raise AssertionError(recipe.kind)
 
 
@@ -435,11 +522,17 @@ def template_errors(template: str) -> list[str]:
 
 @dataclass(frozen=True)
 class Read:
-    """A metric a query reads, for the missing-metric check: its names and matcher."""
+    """A metric a query reads, for the missing-metric check: its names and matchers."""
 
     names: tuple[str, ...]
     suffix: str  # "", "_bucket", "_count", ...
     role: Role
+    extra: str = ""  # the recipe's own matchers (worker_type="prefill")
+    no_model_label: bool = False
+
+    def matchers(self, scope: Scope, role: Role | None = None) -> tuple[str, ...]:
+        return series_matchers(scope, self.role if role is None else role, self.extra,
+                               self.no_model_label)
 
 
 @dataclass(frozen=True)
@@ -447,9 +540,10 @@ class Query:
     field: str
     kind: Kind
     promql: str
-    reads: tuple[Read, ...]  # empty for an operator's own query
+    # empty for an operator's own query; more than one where a deployment without series of
+    # the first is read from the next (the router's registry of workers)
+    reads: tuple[Read, ...]
     origin: str  # where it comes from, for the log and the reasons
-    extra: str = ""  # the recipe's own matchers besides the deployment's and the role's
 
 
 @dataclass(frozen=True)
@@ -465,6 +559,10 @@ class Overrides:
 class Plan:
     queries: tuple[Query, ...]
     unobserved: Mapping[str, str]  # field -> why there is no query for it
+
+
+# The series a query of each kind reads, as the check at start looks for them.
+SUFFIX = {Kind.AVERAGE: "_count", Kind.QUANTILE: "_bucket", Kind.SHARE: "_bucket"}
 
 
 def plan(dialect: Dialect, overrides: Overrides, scope: Scope) -> Plan:
@@ -485,14 +583,27 @@ def plan(dialect: Dialect, overrides: Overrides, scope: Scope) -> Plan:
         if recipe is None:
             unobserved[fld] = dialect.unobserved.get(fld, f"the {dialect.name} dialect has none")
             continue
-        metric_names = names[recipe.metric]
-        suffix = {Kind.AVERAGE: "_count", Kind.QUANTILE: "_bucket",
-                  Kind.SHARE: "_bucket"}.get(recipe.kind, "")
+        texts: list[str] = []
+        reads: list[Read] = []
+        link: Recipe | None = recipe
+        while link is not None:
+            if link.no_model_label and CASELESS_LABELS.intersection(scope.by):
+                # its series cannot be told apart per model: not a deployment's own
+                break
+            metric_names = tuple(names[link.metric])
+            texts.append(render(link, metric_names, scope))
+            reads.append(Read(metric_names, SUFFIX.get(link.kind, ""), link.role, link.extra,
+                              link.no_model_label))
+            link = link.then
+        if not texts:
+            unobserved[fld] = (f"{', '.join(names[recipe.metric])} has no model label: it "
+                               "cannot be told apart per model with --discover-labels "
+                               f"{', '.join(scope.by)}")
+            continue
         origin = (f"[metrics].{recipe.metric} in {overrides.origin}"
                   if recipe.metric in overrides.metrics else f"dialect {dialect.name}")
-        queries.append(Query(fld, kind, render(recipe, metric_names, scope),
-                             (Read(tuple(metric_names), suffix, recipe.role),), origin,
-                             recipe.extra))
+        text = texts[0] if len(texts) == 1 else " or ".join(f"({t})" for t in texts)
+        queries.append(Query(fld, kind, text, tuple(reads), origin))
     return Plan(tuple(queries), unobserved)
 
 
@@ -549,26 +660,36 @@ def parse_range(result: Any) -> list[Series]:
     return out
 
 
-def arrivals_query(requests: Query, scope: Scope, bin_s: float) -> str:
-    """Arrivals per bin: the request counter's exact increase over one bin, evaluated (by a
-    range query) at every bin's end; the same recipe as ``num_requests`` with a bin as window."""
-    read = requests.reads[0]
-    match = join(scope.matcher(read.role), requests.extra)
-    w = duration(bin_s)
-    inner = _any(read.names, "", match, lambda t: increase(t, w, Method.EXACT))
-    return f"{aggregate('sum', scope.by)} ({inner})"
+def arrival_samples_query(counter: ArrivalCounter, names: Sequence[str], scope: Scope) -> str:
+    """How many samples the counter's best-scraped series of each group has in the window: it
+    bounds how fine the window's arrival bins can be."""
+    w = duration(scope.window_s)
+    inner = _any(names, counter.suffix, scope.matchers(counter.role),
+                 lambda t: f"count_over_time({t}[{w}])")
+    return f"{aggregate('max', scope.by)} ({inner})"
 
 
-def counts_by_group(series: Sequence[Series], by: Sequence[str]) -> dict[tuple[str, ...],
-                                                                          list[float]]:
-    """Each group's counts per bin, in time order (a step without a sample is left out)."""
-    groups: dict[tuple[str, ...], dict[float, float]] = {}
+def arrival_counter_query(counter: ArrivalCounter, names: Sequence[str], scope: Scope) -> str:
+    """The counter's series themselves, for a range query that reads them at every bin's edge:
+    their increases from edge to edge are the arrivals per bin (``window.bin_increases``)."""
+    return _any(names, counter.suffix, scope.matchers(counter.role))
+
+
+def counts_by_group(series: Sequence[Series], by: Sequence[str], start: float, bin_s: float,
+                    bins: int) -> dict[tuple[str, ...], list[float]]:
+    """Each group's arrivals per bin from its counter series read at the bins' edges (``start``
+    and every ``bin_s`` after it, ``bins + 1`` edges): the sum of the series' increases."""
+    groups: dict[tuple[str, ...], np.ndarray] = {}
     for one in series:
-        per_step = groups.setdefault(group_key(one.labels, by), {})
+        readings: list[float | None] = [None] * (bins + 1)
         for t, v in one.values:
-            if math.isfinite(v):
-                per_step[t] = per_step.get(t, 0.0) + max(v, 0.0)
-    return {g: [steps[t] for t in sorted(steps)] for g, steps in groups.items()}
+            index = round((t - start) / bin_s)
+            if 0 <= index <= bins and math.isfinite(v):
+                readings[index] = v
+        counts = np.asarray(window.bin_increases(readings), dtype=np.float64)
+        key = group_key(one.labels, by)
+        groups[key] = groups[key] + counts if key in groups else counts
+    return {g: c.tolist() for g, c in groups.items()}
 
 
 def group_key(labels: Mapping[str, str], by: Sequence[str]) -> tuple[str, ...]:
@@ -582,7 +703,7 @@ def caseless(matchers: str) -> str:
     for part in _MATCHER.finditer(matchers):
         label, op, value = part.groups()
         if label in CASELESS_LABELS and op in ("=", "!="):
-            literal = re.escape(value.encode().decode("unicode_escape"))
+            literal = re.escape(unquote(value))
             value = quote(f"(?i){literal}")[1:-1]
             op = "=~" if op == "=" else "!~"
         out.append(f'{label}{op}"{value}"')
@@ -645,6 +766,13 @@ def share(samples: Sequence[Sample], target: float, fld: str) -> tuple[dict[str,
         buckets = {float(s.labels["le"]): s.value for s in samples}
     except (KeyError, ValueError):
         return {}, "the share query must return one series per bucket bound (by le)"
+    return share_fields(buckets, target, fld)
+
+
+def share_fields(buckets: Mapping[float, float], target: float, fld: str
+                 ) -> tuple[dict[str, Any], str]:
+    """The share fields from a window's bucket increases (``le`` -> observations at or below
+    it), or nothing and why."""
     result = window_stats.share_from_buckets(buckets, target)
     if result.share is None:
         reason = window.UNDEFINED if result.reason == window_stats.NO_SAMPLES else result.reason
@@ -737,10 +865,18 @@ def group_selector(scope: Scope, member: tuple[str, ...]) -> str:
 # --- the missing-metric check ----------------------------------------------------------------
 
 
-def presence_query(read: Read, scope: Scope, role: Role | None = None) -> str:
-    """Which groups have at least one series of the metric (``role`` None: ignore the role)."""
-    match = scope.matcher(read.role if role is None else role)
-    return f"{aggregate('count', scope.by)} ({_any(read.names, read.suffix, match)})"
+def presence_query(read: Read, scope: Scope, role: Role | None = None,
+                   role_matcher: str | None = None) -> str:
+    """Which groups have at least one series of the metric: with the read's own role (any of
+    its matchers), another ``role`` (``Role.ALL``: whatever the role), or one ``role_matcher``
+    of the read's role."""
+    if role_matcher is None:
+        matchers = read.matchers(scope, role)
+    else:
+        matchers = (join(scope.selector, role_matcher, read.extra),)
+        if read.no_model_label:
+            matchers = (without_model(matchers[0]),)
+    return f"{aggregate('count', scope.by)} ({_any(read.names, read.suffix, matchers)})"
 
 
 def anywhere_query(read: Read) -> str:
@@ -757,10 +893,11 @@ def diagnose(query: Query, read: Read, scope: Scope, member: tuple[str, ...],
     names = metric_list(read)
     where = group_selector(scope, member)
     if read.role is not Role.ALL and without_role:
-        role_matcher = scope.prefill if read.role is Role.PREFILL else scope.decode
+        role_matchers = " or ".join(scope.role_matchers(read.role))
         return (f"{query.field}: {names} exists for {{{where}}} but not for its {read.role} "
-                f"workers ({role_matcher}): check --{read.role}-selector (for an aggregated "
-                f"deployment, disable the prefill queries)")
+                f"workers ({role_matchers}): check --{read.role}-selector and "
+                f"--{read.role}-fallback-selector (for an aggregated deployment, disable the "
+                "prefill queries)")
     if anywhere:
         return (f"{query.field}: {names} exists, but no series has the labels {{{where}}}: "
                 "check the deployment's selector or discovery labels")

@@ -28,11 +28,23 @@ class CollectorSettings(ServiceSettings):
     )
     scrape_urls: CommaList = Field(
         default_factory=lambda: ["http://127.0.0.1:8000/metrics"],
-        description="frontend /metrics URLs, comma separated; samples are summed over them",
+        description="frontend /metrics URLs, comma separated ('' for none); samples are summed "
+        "over them",
+    )
+    scrape_prefill_urls: CommaList = Field(
+        default_factory=list,
+        description="prefill workers' /metrics URLs, comma separated; a dns+http://name:port/path "
+        "URL is one per address the name resolves to (a headless Service: one per pod)",
+    )
+    scrape_decode_urls: CommaList = Field(
+        default_factory=list,
+        description="decode workers' (or an aggregated deployment's workers') /metrics URLs, as "
+        "--scrape-prefill-urls",
     )
     scrape_labels: CommaList = Field(
         default_factory=list,
-        description="only samples with these labels, e.g. model=llama (comma separated k=v)",
+        description="only the frontends' samples with these labels, e.g. model=llama (comma "
+        "separated k=v; the model's case is ignored)",
     )
     scrape_timeout_s: DurationS = Field(default=5.0, gt=0.0, description="per-URL timeout")
     trace_file: str | None = Field(
@@ -65,9 +77,10 @@ class CollectorSettings(ServiceSettings):
     )
     arrival_bin_s: DurationS = Field(
         default=1.0, gt=0.0,
-        description="arrivals are counted per bin of this width for the burstiness fields; the "
-        "scrape source scrapes this often; the Prometheus source needs at least the serving "
-        "targets' scrape interval here (the peaks are lower bounds above 1 s)",
+        description="the finest bin arrivals are counted in for the burstiness fields; where "
+        "the arrival counter is scraped less often, the smallest multiple of it that divides "
+        "the window and holds a scrape per bin (the snapshot's arrival_bin_s; its peaks are "
+        "lower bounds above 1 s); the scrape source scrapes the arrival counter this often",
     )
 
     # --- source "prometheus" ---
@@ -116,6 +129,18 @@ class CollectorSettings(ServiceSettings):
         default='dynamo_component=~"backend|decode"',
         description="label matcher of decode worker series (Dynamo's vLLM decode component)",
     )
+    prefill_fallback_selector: str = Field(
+        default='role="prefill"',
+        description="label matcher of prefill worker series that lack --prefill-selector's "
+        "labels (Dynamo before 1.0 does not label engine metrics with dynamo_component; deploy's "
+        "scrape config sets role from the pod label nvidia.com/dynamo-sub-component-type or "
+        "slaplanner.io/role); '' for none",
+    )
+    decode_fallback_selector: str = Field(
+        default='role="decode"',
+        description="label matcher of decode worker series that lack --decode-selector's "
+        "labels, as --prefill-fallback-selector; '' for none",
+    )
     discover_labels: CommaList = Field(
         default_factory=list,
         description="discover deployments from these label values: one label (the name; "
@@ -137,7 +162,8 @@ class CollectorSettings(ServiceSettings):
         "while it was down are read (back-filled), older ones are given up",
     )
 
-    @field_validator("selector", "prefill_selector", "decode_selector")
+    @field_validator("selector", "prefill_selector", "decode_selector",
+                     "prefill_fallback_selector", "decode_fallback_selector")
     @classmethod
     def _matchers(cls, value: str) -> str:
         return promql.check_matchers(value)
@@ -152,6 +178,16 @@ class CollectorSettings(ServiceSettings):
                 raise ValueError(f"{label!r} is not a Prometheus label name")
         return value
 
-    def label_filter(self) -> dict[str, str]:
+    @field_validator("scrape_labels")
+    @classmethod
+    def _pairs(cls, value: list[str]) -> list[str]:
+        for item in value:
+            label, sep, _ = item.partition("=")
+            if not sep or not promql.LABEL_NAME.match(label.strip()):
+                raise ValueError(f"{item!r} is not label=value, e.g. model=llama")
+        return value
+
+    def scrape_selector(self) -> str:
+        """--scrape-labels as label matchers."""
         pairs = (item.split("=", 1) for item in self.scrape_labels)
-        return {k.strip(): v.strip() for k, v in pairs}
+        return ",".join(f"{k.strip()}={promql.quote(v.strip())}" for k, v in pairs)

@@ -3,11 +3,13 @@
 
 They are what a Dynamo frontend and two vLLM workers under Dynamo (one prefill, one decode)
 expose before and after one window of requests, with the metric names, label sets and bucket
-edges of their own code: Dynamo 1.2 (lib/llm/src/http/service/metrics.rs: requests_total
-{model,endpoint,request_type,status,error_type}, model lower-cased, log-spaced buckets rounded to
-two significant figures) and vLLM V1 (vllm/v1/metrics/loggers.py: labels model_name and engine,
-fixed bucket lists; the engine metrics under Dynamo carry no dynamo_* labels, as in Dynamo's
-docs/observability/metrics_examples/vllm.log, so the scrape job adds the role as a target label).
+edges of their own code: Dynamo 1.3 to 1.6 (lib/llm/src/http/service/metrics.rs: requests_total
+{model,endpoint,request_type,status,error_type} counted when a request ends, requests_started_total
+{model,endpoint,request_type} when the frontend accepts it, model lower-cased, log-spaced buckets
+rounded to two significant figures) and vLLM V1 (vllm/v1/metrics/loggers.py: labels model_name
+and engine, fixed bucket lists). The engine metrics carry no dynamo_* labels, as under Dynamo 0.9
+and earlier (Dynamo's docs/observability/metrics_examples/vllm.log; from 1.0 on Dynamo adds
+dynamo_component), so the scrape job gives them the pod's role as a target label.
 """
 
 from __future__ import annotations
@@ -71,7 +73,11 @@ def histogram(name: str, labels: str, edges: list[float], values: list[float],
 
 def frontend(requests: Sequence[tuple[float, ...]], failed: int, queued: int) -> str:
     model = f'model="{MODEL.lower()}"'  # the frontend lower-cases its model label
-    lines = ["# TYPE dynamo_frontend_requests_total counter",
+    started = len(requests) + failed + queued  # accepted: ended, failed, or still before a token
+    lines = ["# TYPE dynamo_frontend_requests_started_total counter",
+             f'dynamo_frontend_requests_started_total{{endpoint="chat_completions",{model},'
+             f'request_type="stream"}} {started}',
+             "# TYPE dynamo_frontend_requests_total counter",
              f'dynamo_frontend_requests_total{{endpoint="chat_completions",error_type="",'
              f'{model},request_type="stream",status="success"}} {len(requests)}']
     if failed:  # Dynamo creates the series with its first failure
