@@ -603,8 +603,11 @@ def test_the_check_names_a_missing_metric_and_a_role_selector_that_matches_nothi
             "check the metric name") in text
     assert "[metrics].ttft in q.toml" in text
     assert ("prefill_workers: vllm:num_requests_running or vllm_num_requests_running exists for "
-            '{model=~"(?i)llama"} but not for its prefill workers (dynamo_component="prefil")'
-            ) in text
+            '{model=~"(?i)llama"} but not for its prefill workers (dynamo_component="prefil" or '
+            'role="prefill"): check --prefill-selector and --prefill-fallback-selector') in text
+    # the workers a role selector found are named with it
+    assert ('workers counted: decode_workers by vllm:num_requests_running or '
+            'vllm_num_requests_running{dynamo_component=~"backend|decode"}') in text
     assert text.count("queries have no series") == 1, "checked once, when the deployment appears"
     assert snap.num_requests == 0.0 and snap.ttft_avg_s is None
     # the queries in use are printed

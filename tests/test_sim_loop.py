@@ -64,6 +64,7 @@ def test_the_version_2_fields_are_what_a_collector_reading_every_second_would_pu
     assert snapshot.schema_version == 2
     counts = np.array([10.0] * 10 + [1.0] * 50)
     assert snapshot.arrival_bin_s == 1.0 and snapshot.arrival_peaks_exact is True
+    assert snapshot.arrival_signal == "request_start", "the simulator counts each arrival"
     assert snapshot.arrivals_peak_1s == 10.0 and snapshot.arrivals_peak_10s == 100.0
     assert snapshot.arrival_dispersion == pytest.approx(counts.var() / counts.mean())
     assert snapshot.isl_p50 == snapshot.isl_p99 == 2000.0
