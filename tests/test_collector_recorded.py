@@ -12,10 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -26,7 +24,7 @@ from services.collector import exposition, prometheus_source, promql, query_conf
 from services.collector.exposition import Endpoint
 from services.collector.settings import CollectorSettings
 from shared.messages import MetricSnapshot
-from tests.conftest import ServiceProcess
+from tests.conftest import ServiceProcess, serve_exposition
 from tests.test_collector_prometheus import PrometheusServer, prometheus_binary
 
 DATA = Path(__file__).parent / "data" / "expositions"
@@ -77,22 +75,7 @@ class Recorded:
     def __init__(self, name: str) -> None:
         self.texts = [(DATA / f"{name}.{when}.prom").read_bytes() for when in ("before", "after")]
         self.state = 0
-        recorded = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                body = recorded.texts[recorded.state]
-                self.send_response(200)
-                self.send_header("Content-Type", "text/plain; version=0.0.4")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                return
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.server = serve_exposition(lambda: self.texts[self.state])
 
     @property
     def target(self) -> str:

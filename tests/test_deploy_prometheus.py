@@ -17,12 +17,11 @@ import re
 import shutil
 import subprocess
 import tempfile
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +33,7 @@ from services.collector.settings import CollectorSettings
 from shared import embedded_nats
 from shared.settings import settings_from
 from tests import test_deploy_manifests as deploy
+from tests.conftest import serve_exposition
 
 PROMETHEUS_YML = deploy.BASE / "prometheus" / "prometheus.yml"
 NAMESPACE = "slaplanner"
@@ -316,23 +316,9 @@ HONEST_EXPOSITION = (
 )
 
 
-def serve_text(text: str) -> Any:
-    """A /metrics endpoint on a free loopback port serving ``text`` (text format 0.0.4)."""
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            body = text.encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "text/plain; version=0.0.4")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: Any) -> None:
-            return
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
+def serve_text(text: str) -> ThreadingHTTPServer:
+    """A /metrics endpoint on a free loopback port serving ``text``."""
+    return serve_exposition(text.encode)
 
 
 def scrape_pods(pods: list[tuple[Pod, int]], wanted: str, of_pod: str
