@@ -741,7 +741,11 @@ async def test_the_service_publishes_every_window_and_survives_a_prometheus_rest
             await asyncio.sleep(0.05)
 
     with running_prometheus([f"127.0.0.1:{port}"]) as prometheus:
-        await asyncio.to_thread(prometheus.wait_for, "count(up == 1)", 1.0)
+        # the history's series has samples from before the collector's first window (else it
+        # would be new in that window, and all of it would count)
+        await asyncio.to_thread(
+            prometheus.wait_for,
+            "count(count_over_time(dynamo_frontend_requests_total[1m]) >= 3)", 1.0)
         collector = services["collector"]
         collector.env.update({
             "SLAPLANNER_SOURCE": "prometheus", "SLAPLANNER_PROMETHEUS_URL": prometheus.url,
