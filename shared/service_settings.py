@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import re
-from typing import Self
+from typing import Any, Self
 
 from pydantic import Field, model_validator
-from pydantic.fields import FieldInfo
 
 from shared.settings import CommaList, DurationS, Settings
 
@@ -19,9 +18,9 @@ DEFAULT_INBOX_PREFIX = "_INBOX"
 _LITERAL_SUBJECT = re.compile(r"[^\s.*>]+(\.[^\s.*>]+)*")
 
 
-def http_port_field(default: int) -> FieldInfo:
-    """The ``http_port`` field with a service's own default."""
-    return Field(  # type: ignore[no-any-return]
+def http_port_field(default: int) -> Any:
+    """The ``http_port`` field with a service's own default (a pydantic ``Field``)."""
+    return Field(
         default=default, ge=0, le=65535, description="port of /metrics and /healthz (0: pick one)"
     )
 
