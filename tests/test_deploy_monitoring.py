@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 from wsgiref.simple_server import WSGIServer, make_server
 
-import jsonschema
+import jsonschema  # type: ignore[import-untyped]
 import prometheus_client
 import pytest
 import yaml  # type: ignore[import-untyped]
