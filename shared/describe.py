@@ -263,6 +263,10 @@ def describe(key: DeploymentKey, latest: Latest, now: float) -> str:
     if target is not None:
         kind = "planning" if target.forecast_id is not None else "fast path"
         rows.append(("Policy", target.policy))
+        profile = target.explanation.get("profile")
+        if isinstance(profile, str):
+            # The bundled profile describes one model on one GPU: worth seeing at a glance.
+            rows.append(("Profile", profile))
         rows.append(("Last decision", f"{timestamp(target.window_end)} ({kind}, window "
                                       f"{target.window_s:g} s)"))
     else:

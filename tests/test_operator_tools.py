@@ -280,6 +280,7 @@ async def test_watch_and_status_tell_what_a_replay_decided_and_why(
     assert status.returncode == 0, status.stderr
     out = status.stdout
     assert f"Name:                 {DEPLOYMENT}" in out
+    assert re.search(r"Profile:\s+\S*h200_llama31_8b_fp8_tp1", out), out
     running = replay.run.records[-2].stats  # the last window's snapshot, before its decision
     assert re.search(rf"prefill:\s+{running.prefill_serving} / {last.prefill_replicas} / "
                      rf"{last.prefill_replicas} \(", out), out
