@@ -21,7 +21,7 @@ import contextlib
 import os
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -140,6 +140,19 @@ async def stream_or_error(js: JetStreamContext, settings: ServiceSettings) -> No
         raise ToolError(f"cannot read the stream {settings.stream_name}: {exc}") from None
 
 
+@contextlib.asynccontextmanager
+async def session(args: argparse.Namespace,
+                  tool: str) -> AsyncIterator[tuple[NATS, JetStreamContext, ServiceSettings]]:
+    """The connection a tool's flags and ``SLAPLANNER_*`` variables name, closed afterwards."""
+    settings = bus_settings(args, os.environ)
+    nc = await connect(settings, tool)
+    try:
+        yield nc, nc.jetstream(), settings
+    finally:
+        with contextlib.suppress(Exception):
+            await nc.close()
+
+
 def run(tool: str, main: Callable[[], Any]) -> int:
     """Run a tool's coroutine; a ``ToolError`` is one line on stderr and exit code 1."""
     try:
@@ -207,10 +220,7 @@ def status_main(argv: Sequence[str]) -> int:
 
     async def main() -> int:
         key = deployment_key(args.deployment)
-        settings = bus_settings(args, os.environ)
-        nc = await connect(settings, "status")
-        try:
-            js = nc.jetstream()
+        async with session(args, "status") as (nc, js, settings):
             if args.wait is not None:
                 await wait_for_readers(js, settings.stream_name, args.wait)
             await stream_or_error(js, settings)
@@ -227,9 +237,6 @@ def status_main(argv: Sequence[str]) -> int:
                 blocks.append("No deployment on the bus yet.")
             print("\n\n".join(blocks))
             return 0
-        finally:
-            with contextlib.suppress(Exception):
-                await nc.close()
 
     return run("status", main)
 
@@ -334,17 +341,11 @@ def watch_main(argv: Sequence[str]) -> int:
 
     async def main() -> int:
         key = deployment_key(args.deployment)
-        settings = bus_settings(args, os.environ)
-        nc = await connect(settings, "watch")
-        try:
-            js = nc.jetstream()
+        async with session(args, "watch") as (_, js, settings):
             await stream_or_error(js, settings)
             await watch(js, settings.stream_name, key, args.since, args.count,
                         lambda line: print(line, flush=True))
             return 0
-        finally:
-            with contextlib.suppress(Exception):
-                await nc.close()
 
     return run("watch", main)
 
@@ -423,10 +424,7 @@ def publish_main(argv: Sequence[str]) -> int:
     async def main() -> int:
         body = (sys.stdin.buffer.read() if args.body == "-" else args.body.encode())
         msg_id = check_body(args.subject, body, enforce=not args.no_check)
-        settings = bus_settings(args, os.environ)
-        nc = await connect(settings, "publish")
-        try:
-            js = nc.jetstream()
+        async with session(args, "publish") as (nc, js, settings):
             if args.subject.startswith(SUBJECT_PREFIX + "."):
                 await stream_or_error(js, settings)
                 headers = {"Nats-Msg-Id": msg_id} if msg_id else None
@@ -440,9 +438,6 @@ def publish_main(argv: Sequence[str]) -> int:
                 await nc.flush()
                 print(f"published on {args.subject} (outside the stream)")
             return 0
-        finally:
-            with contextlib.suppress(Exception):
-                await nc.close()
 
     return run("publish", main)
 

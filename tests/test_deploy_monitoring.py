@@ -6,12 +6,9 @@ series under the deployment's namespace, not the pod's, as the KEDA queries and 
 from __future__ import annotations
 
 import copy
-import json
 import shutil
 import subprocess
-import tempfile
 import threading
-import time
 import urllib.parse
 from collections.abc import Iterator
 from functools import cache
@@ -26,7 +23,6 @@ import yaml  # type: ignore[import-untyped]
 from prometheus_client import CollectorRegistry
 
 from services.decider import gauges
-from shared import embedded_nats
 from shared.messages import DeploymentKey, ReplicaTarget
 from tests import test_deploy_dashboard as dashboard
 from tests import test_deploy_manifests as deploy
@@ -303,59 +299,31 @@ def decider_metrics() -> Iterator[int]:
 
 
 def test_prometheus_stores_the_deciders_series_under_the_deployments_namespace(
-    decider_metrics: int,
+    decider_metrics: int, tmp_path: Path,
 ) -> None:
-    binary = shutil.which("prometheus")
-    if binary is None:
-        pytest.skip("the prometheus binary is not installed (Debian package prometheus)")
     config = yaml.safe_load(scraping.PROMETHEUS_YML.read_text())
-    config["scrape_configs"] = [job for job in config["scrape_configs"]
-                                if job["job_name"] == "slaplanner"]
+    [job] = [job for job in config["scrape_configs"] if job["job_name"] == "slaplanner"]
+    config["scrape_configs"] = [{**job, "scrape_interval": "1s", "scrape_timeout": "1s"}]
     decider = next(p for p in scraping.deploy_pods()
                    if p.labels.get("app.kubernetes.io/component") == "decider")
     pod = scraping.Pod(decider.name, scraping.NAMESPACE, decider.labels, [("http", 8080)], {})
-    with tempfile.TemporaryDirectory(prefix="slaplanner-prom-") as tmp_name:
-        tmp = Path(tmp_name)
-        (tmp / "pods.json").write_text(json.dumps(scraping.pod_target_groups(pod,
-                                                                             decider_metrics)))
-        file_config = scraping.as_file_sd(config, tmp / "pods.json")
-        file_config["scrape_configs"][0]["scrape_interval"] = "1s"
-        file_config["scrape_configs"][0]["scrape_timeout"] = "1s"
-        (tmp / "prometheus.yml").write_text(yaml.safe_dump(file_config))
-        port = embedded_nats.free_port()
-        process = subprocess.Popen(
-            [binary, f"--config.file={tmp / 'prometheus.yml'}",
-             f"--storage.tsdb.path={tmp / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
-            stdout=subprocess.DEVNULL, stderr=(tmp / "log").open("wb"))
-        try:
-            def query(expr: str) -> list[dict[str, Any]]:
-                url = (f"http://127.0.0.1:{port}/api/v1/query?"
-                       + urllib.parse.urlencode({"query": expr}))
-                result: list[dict[str, Any]] = scraping.get_json(url)["data"]["result"]
-                return result
+    with scraping.running_prometheus(config, scraping.pod_target_groups(pod, decider_metrics),
+                                     tmp_path) as prometheus:
 
-            deadline = time.monotonic() + 60
-            while True:
-                assert process.poll() is None, (tmp / "log").read_text()
-                try:
-                    found = query("slaplanner_decider_desired_replicas")
-                    if found:
-                        break
-                except OSError:
-                    pass
-                assert time.monotonic() < deadline, (tmp / "log").read_text()
-                time.sleep(0.2)
-            # what the KEDA example asks for, as it asks for it
-            [prefill] = query('max(slaplanner_decider_desired_replicas{namespace="inference", '
-                              'deployment="llama-70b", role="prefill"})')
-            assert prefill["value"][1] == "5"
-            labels = {tuple(sorted(r["metric"].items())) for r in found}
-            assert all(dict(label)["namespace"] == "inference" for label in labels)
-            assert not any("exported_namespace" in dict(label) for label in labels)
-            # a series without its own namespace gets the pod's
-            [connected] = query("slaplanner_nats_connected")
-            assert connected["metric"]["namespace"] == scraping.NAMESPACE
-            assert connected["metric"]["component"] == "decider"
-        finally:
-            process.terminate()
-            process.wait(timeout=30)
+        def query(expr: str) -> list[dict[str, Any]]:
+            url = (f"http://127.0.0.1:{prometheus.port}/api/v1/query?"
+                   + urllib.parse.urlencode({"query": expr}))
+            result: list[dict[str, Any]] = scraping.get_json(url)["data"]["result"]
+            return result
+
+        found = prometheus.until(lambda: query("slaplanner_decider_desired_replicas"))
+        # what the KEDA example asks for, as it asks for it
+        [prefill] = query('max(slaplanner_decider_desired_replicas{namespace="inference", '
+                          'deployment="llama-70b", role="prefill"})')
+        assert prefill["value"][1] == "5"
+        assert {series["metric"]["namespace"] for series in found} == {"inference"}
+        assert not any("exported_namespace" in series["metric"] for series in found)
+        # a series without a namespace of its own gets the pod's
+        [connected] = query("slaplanner_nats_connected")
+        assert connected["metric"]["namespace"] == scraping.NAMESPACE
+        assert connected["metric"]["component"] == "decider"
