@@ -302,3 +302,16 @@ vllm:time_to_first_token_seconds_count{{engine="0",model_name="Llama"}} {0}
     assert snap.requests_running == 3.0
     assert snap.arrival_signal == "first_token" and snap.arrivals_peak_1s == 3.0
     assert snap.gaps["prefill_workers"].startswith("no data")
+
+
+def test_without_worker_endpoints_dynamo_counts_the_workers_its_router_registered() -> None:
+    registry = """
+# TYPE dynamo_component_router_worker_registered gauge
+dynamo_component_router_worker_registered{router_worker_id="7",dp_rank="0",worker_type="prefill"} 1
+dynamo_component_router_worker_registered{router_worker_id="7",dp_rank="1",worker_type="prefill"} 1
+dynamo_component_router_worker_registered{router_worker_id="9",dp_rank="0",worker_type="prefill"} 1
+dynamo_component_router_worker_registered{router_worker_id="4",dp_rank="0",worker_type="decode"} 1
+"""
+    values = dynamo(frontend(SCRAPE_1 + registry, SCRAPE_2 + registry))
+    # distinct workers, their DP ranks together; the gauge has no model label
+    assert values.values["prefill_workers"] == 2 and values.values["decode_workers"] == 1
