@@ -43,7 +43,7 @@ from services.forecaster.settings import ForecasterSettings
 from shared import traces
 from shared.perf_model import Profile, default_profile_path, load_profile
 from shared.settings import parse_duration_s
-from sim import clairvoyant, references
+from sim import clairvoyant, progress, references
 from sim.cluster import ClusterConfig
 from sim.loop import BASELINES, PlanningSetup, simulate
 from sim.synth import DYNAMO_SINE, SHAPES, generate, shaped_trace
@@ -341,10 +341,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                     continue
                 use = start if bench.warm_start == "clairvoyant" else None
                 futures.append(pool.submit(run_one, bench, scenario, skew, policy, use, cache))
-        for future in futures:
+        total = len(cells) * len(bench.policies)
+        for done, future in enumerate(futures, 1):
             row = future.result()
             rows.append(row)
-            print(planning_report.progress(row), flush=True)
+            so_far = progress.eta_text(done, total, time.perf_counter() - started, "runs")
+            print(f"[{so_far}] {planning_report.progress(row)}", flush=True)
     wall = time.perf_counter() - started
     text = planning_report.render(bench, rows, wall, args.jobs)
     print("\n" + text)

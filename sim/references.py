@@ -38,6 +38,7 @@ from services.decider.settings import DeciderSettings
 from services.forecaster.core import Forecaster
 from services.forecaster.settings import ForecasterSettings
 from shared import settings as settings_mod
+from shared import window_stats
 from shared.messages import MetricSnapshot
 from shared.perf_model import Profile
 from shared.traces import Trace
@@ -46,7 +47,6 @@ from sim.cluster import Cluster, ClusterConfig, WindowStats
 from sim.fcfs import PrefillReplay
 from sim.fluid import DecodeFluid
 from sim.loop import (
-    ClosedLoop,
     LoopResult,
     Observation,
     Planner,
@@ -282,20 +282,29 @@ class DynamoKnobs:
 
 
 def trace_snapshots(workload: Workload, start: tuple[int, int]) -> Iterator[MetricSnapshot]:
-    """The snapshots of each window as far as they come from the trace alone (requests and
-    their lengths); the cluster's latencies are left unobserved."""
+    """The snapshots of each window as far as they come from the trace alone (requests, their
+    lengths, their arrivals per second); the cluster's latencies are left unobserved."""
     c, interval = workload.cluster, workload.setup.interval_s
     bounds = np.searchsorted(c.arrival, np.arange(workload.intervals + 1) * interval)
     for k in range(workload.intervals - 1):
-        isl = c.isl[bounds[k]: bounds[k + 1]].astype(np.float64)
-        osl = c.osl[bounds[k]: bounds[k + 1]].astype(np.float64)
+        lo, hi = int(bounds[k]), int(bounds[k + 1])
+        isl = c.isl[lo:hi].astype(np.float64)
+        osl = c.osl[lo:hi].astype(np.float64)
         some = isl.size > 0
+        begin, end = k * interval, (k + 1) * interval
+
+        def pct(values: FloatArray, q: float, some: bool = some) -> float | None:
+            return float(np.percentile(values, q)) if some else None
+
         yield snapshot_of(WindowStats(
-            start_s=k * interval, end_s=(k + 1) * interval, num_requests=int(isl.size),
+            start_s=begin, end_s=end, num_requests=int(isl.size),
             isl_avg=float(isl.mean()) if some else None,
             osl_avg=float(osl.mean()) if some else None,
-            isl_p90=float(np.percentile(isl, 90)) if some else None,
-            osl_p90=float(np.percentile(osl, 90)) if some else None,
+            isl_p90=pct(isl, 90), osl_p90=pct(osl, 90), isl_p50=pct(isl, 50),
+            isl_p99=pct(isl, 99),
+            arrivals=window_stats.arrival_stats(
+                window_stats.counts_per_bin(c.arrival[lo:hi], begin, end), 1.0
+            ),
             first_tokens=0, ttft_avg_s=None, ttft_p90_s=None, ttft_p99_s=None, finished=0,
             itl_avg_s=None, itl_p90_s=None, itl_p99_s=None, request_duration_avg_s=None,
             prefill_waiting=0, prefill_running=0, decode_waiting=0, decode_running=0,
@@ -516,38 +525,29 @@ class Hpa:
 
 
 class TokenAwarePlanner:
-    """llm-d's token-aware rule; it reads the queued prefill tokens from the cluster, as the
-    router's ``llm_d_epp_inflight_tokens`` gauge exposes them."""
+    """llm-d's token-aware rule on the window's serving metrics: the prompt tokens of requests
+    still before their first token (the router's ``llm_d_epp_inflight_tokens``: dispatched,
+    not yet prefilled) and the decode engines' KV-cache usage (vLLM's
+    ``kv_cache_usage_perc``)."""
 
     name = "token-aware"
 
-    def __init__(self, cluster: Cluster, ttft_target_s: float, behaviour: HpaBehaviour) -> None:
-        self.cluster = cluster
-        calibration = float(CALIBRATION_CHUNK_TOKENS)
-        prefill_s = float(cluster.times.prefill_s(np.asarray([calibration]))[0])
-        self.tokens_per_s = calibration / (prefill_s * cluster.config.perf_skew)
-        isl_avg = float(cluster.isl.mean()) if cluster.isl.size else 0.0
-        # The guide: threshold ~= TTFT SLO - ISL / V_P; at least a tenth of the target.
-        self.threshold_s = max(ttft_target_s - isl_avg / self.tokens_per_s, 0.1 * ttft_target_s)
+    def __init__(self, workload: Workload, behaviour: HpaBehaviour) -> None:
+        c = workload.cluster
+        # calibrate.sh: V_P = CHUNK_SIZE / median TTFT of one chunk on an idle engine.
+        chunk = float(CALIBRATION_CHUNK_TOKENS)
+        idle_ttft_s = float(c.times.prefill_s(np.asarray([chunk]))[0]) * c.config.perf_skew
+        self.tokens_per_s = chunk / idle_ttft_s
+        isl_avg = float(c.isl.mean()) if c.isl.size else 0.0
+        ttft = workload.setup.ttft_target_s
+        # threshold ~= TTFT SLO - ISL / V_P (the guide); at least a tenth of the target.
+        self.threshold_s = max(ttft - isl_avg / self.tokens_per_s, 0.1 * ttft)
         self.prefill, self.decode = Hpa(behaviour), Hpa(behaviour)
-        self._max_service = float(cluster.prefill_service_s.max()) if cluster.isl.size else 0.0
-
-    def queued_prefill_tokens(self, now_s: float) -> float:
-        """Prompt tokens of requests that arrived and are not prefilled yet (the part still to
-        do of those in prefill)."""
-        c, queue = self.cluster, self.cluster.prefill
-        arrived = int(np.searchsorted(c.arrival, now_s, side="right"))
-        waiting = float(c.isl[queue.next: arrived].sum()) if arrived > queue.next else 0.0
-        first = int(np.searchsorted(queue.start[: queue.next], now_s - self._max_service))
-        start, end = queue.start[first: queue.next], queue.end[first: queue.next]
-        running = end > now_s
-        left = (end[running] - now_s) / np.maximum(end[running] - start[running], 1e-12)
-        return waiting + float((c.isl[first: queue.next][running] * left).sum())
 
     def plan(self, observation: Observation) -> Step:
         stats, now = observation.stats, observation.now_s
         prefill_now, decode_now = observation.replicas
-        backlog_s = self.queued_prefill_tokens(now) / self.tokens_per_s
+        backlog_s = stats.prefill_tokens_pending / self.tokens_per_s
         kv = (stats.kv_cache_usage or 0.0) * stats.decode_serving
         return Step(
             self.prefill.scale(now, backlog_s, self.threshold_s, prefill_now),
@@ -559,18 +559,9 @@ class TokenAwarePlanner:
 
 
 def token_aware(workload: Workload, start: tuple[int, int]) -> Reference:
-    setup = workload.setup
-    behaviour = HpaBehaviour(max_replicas=max(1, setup.max_gpu_budget - 1))
-    loop = ClosedLoop(
-        workload.trace, workload.profile,
-        replace(workload.config, start_prefill=start[0], start_decode=start[1]),
-        setup.interval_s, setup.ttft_target_s, setup.itl_target_s,
-        max_intervals=workload.max_intervals, needs=workload.needs,
-    )
-    planner = TokenAwarePlanner(loop.cluster, setup.ttft_target_s, behaviour)
-    while (observation := loop.next_window()) is not None:
-        loop.apply(Step(None, None) if loop.last_window else planner.plan(observation))
-    return Reference(loop.finish(planner.name), {
+    behaviour = HpaBehaviour(max_replicas=max(1, workload.setup.max_gpu_budget - 1))
+    planner = TokenAwarePlanner(workload, behaviour)
+    return Reference(workload.run(planner, start), {
         "prefill_tokens_per_s": planner.tokens_per_s, "threshold_s": planner.threshold_s,
         "decode_kv_threshold": DECODE_KV_THRESHOLD,
     })

@@ -7,7 +7,7 @@ import numpy as np
 
 from shared.perf_model import default_profile_path, load_profile
 from shared.traces import Trace
-from sim.cluster import Cluster, ClusterConfig
+from sim.cluster import Cluster, ClusterConfig, _SlicedDecode
 
 
 def test_where_room_appeared_is_renumbered_with_the_slots_it_refers_to() -> None:
@@ -24,6 +24,7 @@ def test_where_room_appeared_is_renumbered_with_the_slots_it_refers_to() -> None
         if k == 4:
             cluster.scale(30, 2)  # 18 of 20 decode engines drain and are forgotten
         decode = cluster.decode
+        assert isinstance(decode, _SlicedDecode)
         compacted = compacted or len(decode.slots) == 2
         last = decode._last_slice
         if last is not None and last[1].size:

@@ -14,7 +14,14 @@ from shared.perf_model import Profile, default_profile_path, load_profile
 from shared.traces import Trace
 from sim import references, simulate_cli
 from sim.cluster import Cluster, ClusterConfig
-from sim.loop import PlanningSetup, ServicePlanner, StaticPlanner, run_closed_loop
+from sim.loop import (
+    Observation,
+    PlanningSetup,
+    ServicePlanner,
+    StaticPlanner,
+    run_closed_loop,
+    snapshot_of,
+)
 from sim.references import DynamoKnobs, DynamoOpenLoop, Hpa, HpaBehaviour, Workload
 from sim.synth import write_mooncake
 
@@ -121,19 +128,31 @@ def test_the_hpa_wants_the_metric_over_its_average_value_target(
     assert Hpa(HpaBehaviour()).desired(value, target, current) == expected
 
 
-def test_token_aware_reads_the_queued_prefill_tokens_and_its_threshold_from_the_guide(
+def test_token_aware_takes_its_rate_and_threshold_from_the_guides_calibration(
     profile: Profile,
 ) -> None:
-    trace = Trace(np.array([0.0, 0.0, 0.0, 0.0]), np.full(4, 8192), np.full(4, 10))
-    cluster = Cluster(trace, profile, ClusterConfig(start_prefill=1, start_decode=1))
-    planner = references.TokenAwarePlanner(cluster, 2.0, HpaBehaviour())
-    prefill_s = float(cluster.times.prefill_s(np.array([8192.0]))[0])
-    assert planner.tokens_per_s == pytest.approx(8192 / prefill_s)
+    trace = Trace(np.array([0.0, 1.0, 2.0, 3.0]), np.full(4, 8192), np.full(4, 10))
+    workload = Workload(trace, profile, SETUP, ClusterConfig(perf_skew=1.2))
+    planner = references.TokenAwarePlanner(workload, HpaBehaviour())
+    chunk_s = float(workload.cluster.times.prefill_s(np.array([8192.0]))[0]) * 1.2
+    assert planner.tokens_per_s == pytest.approx(8192 / chunk_s)  # V_P on the real engines
     # threshold = TTFT target - ISL / V_P: here one request's prefill time
-    assert planner.threshold_s == pytest.approx(2.0 - prefill_s)
-    cluster.advance(prefill_s / 2)
-    # Three requests queued, the first half done.
-    assert planner.queued_prefill_tokens(prefill_s / 2) == pytest.approx(3.5 * 8192)
+    assert planner.threshold_s == pytest.approx(1.0 - chunk_s)
+
+
+def test_token_aware_scales_prefill_on_the_seconds_of_queued_prompt_tokens(
+    profile: Profile,
+) -> None:
+    # 40 prompts of 8,192 tokens at once on 2 engines: the window ends with most of them queued.
+    trace = Trace(np.zeros(40), np.full(40, 8192), np.full(40, 10))
+    workload = Workload(trace, profile, replace(SETUP, interval_s=1.0), ClusterConfig())
+    planner = references.TokenAwarePlanner(workload, HpaBehaviour())
+    cluster = Cluster(trace, profile, ClusterConfig(start_prefill=2, start_decode=1))
+    stats = cluster.advance(1.0)
+    backlog_s = stats.prefill_tokens_pending / planner.tokens_per_s
+    step = planner.plan(Observation(stats, snapshot_of(stats), (2, 1), 1.0))
+    assert backlog_s / planner.threshold_s > 3  # wants more than 3 engines ...
+    assert step.prefill == 3  # ... but the HPA behaviour adds one pod at a time
 
 
 def test_token_aware_runs_from_the_given_fleet(profile: Profile) -> None:
