@@ -20,7 +20,8 @@ perfect foresight would pay for the same goal on the same simulated cluster. The
    both targets is counted once. The schedule is run in the real simulator; each role's misses
    there, against what its tables promised, move the budget the dynamic program plans with
    (fewer misses allowed where they were under-counted, more where they were over-counted, which
-   drops the engines that turned out unneeded), and the program is solved again; a few rounds.
+   drops the engines that turned out unneeded), and the program is solved again; at most five
+   rounds, fewer once a round reaches the goal with less than 1 % of the budget to spare.
 4. **Validation.** The reported run is the cheapest schedule whose simulation reached the goal (or,
    if none did, the one that came closest), with the attainment the simulator measured.
 """
@@ -56,6 +57,9 @@ EXACT_BUDGET_UNITS = 4096
 # up where the simulation shows fewer misses than the tables.
 BUDGET_HEADROOM = 1.5
 ROUNDS = 5
+# A round that reaches the goal with fewer spare misses than this share of the budget ends the
+# search: what is left to drop is worth less than another whole-run simulation.
+SETTLED_SLACK = 0.01
 
 
 def check_goal(goal: float) -> float:
@@ -342,6 +346,8 @@ def run(
         if missed <= budget:
             if best is None or result.scores["gpu_hours"] < best[0].scores["gpu_hours"]:
                 best = (result, schedule)
+            if budget - missed <= max(2, SETTLED_SLACK * budget):
+                break
         elif closest is None or missed < closest[0]:
             closest = (missed, result, schedule)
         earlier, previous = result.result, (prefill, decode)
