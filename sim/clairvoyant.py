@@ -20,7 +20,10 @@ perfect foresight would pay for the same goal on the same simulated cluster. The
    both targets is counted once. The schedule is run in the real simulator; each role's misses
    there, against what its tables promised, move the budget the dynamic program plans with
    (fewer misses allowed where they were under-counted, more where they were over-counted, which
-   drops the engines that turned out unneeded), and the program is solved again; at most five
+   drops the engines that turned out unneeded; kept between the allowances already seen to
+   miss and to reach the goal), and the program is solved again: each interval now starts
+   from the backlog the run left there, decode from the run's first tokens, and an interval's
+   decode estimate is raised by the ITL misses the run had there beyond it. At most five
    rounds, fewer once a round reaches the goal with less than 1 % of the budget to spare.
 4. **Validation.** The reported run is the cheapest schedule whose simulation reached the goal (or,
    if none did, the one that came closest), with the attainment the simulator measured.
@@ -153,10 +156,13 @@ def tables(
     setup: PlanningSetup,
     most: tuple[int, int],
     earlier: SimResult | None = None,
+    earlier_decode: IntArray | None = None,
 ) -> Tables:
     """The per-interval tables; ``earlier``: a whole run whose backlogs each interval starts
     from and whose first tokens decode starts at (else an empty queue, and first tokens at
-    arrival plus prefill time)."""
+    arrival plus prefill time); ``earlier_decode``: the decode engines that run served each
+    interval with, where the ITL misses it had beyond the estimate are added to the estimate of
+    that many engines and fewer."""
     arrival = cluster.arrival
     carry = None
     first_token = arrival + cluster.prefill_service_s
@@ -183,7 +189,15 @@ def tables(
         decode[:, m] = np.bincount(index, weights=missed, minlength=intervals).astype(np.int64)
         if not decode[:, m].any():
             break
-    return Tables(_cap_levels(prefill), _cap_levels(decode))
+    decode = _cap_levels(decode)
+    if earlier is not None and earlier_decode is not None:
+        _, itl_ok = metrics.attainment(earlier, setup.ttft_target_s, setup.itl_target_s)
+        real = np.bincount(index, weights=~itl_ok, minlength=intervals).astype(np.int64)
+        served = np.minimum(earlier_decode, decode.shape[1])
+        excess = np.maximum(real - decode[np.arange(intervals), served - 1], 0)
+        at_or_below = np.arange(decode.shape[1])[None, :] < served[:, None]
+        decode = decode + at_or_below * excess[:, None]
+    return Tables(_cap_levels(prefill), decode)
 
 
 @dataclass
@@ -304,10 +318,13 @@ def run(
     tried: set[tuple[int, ...]] = set()
     earlier: SimResult | None = None
     allowed = float(budget)  # misses the plan may count, in requests
+    failed = math.inf  # the fewest allowed of a round that missed the goal
+    reached = -math.inf  # the most allowed of a round that reached it
     previous: tuple[IntArray, IntArray] | None = None
     for _ in range(ROUNDS):
         started = time.process_time()
-        table = tables(cluster, interval, intervals, setup, most, earlier)
+        table = tables(cluster, interval, intervals, setup, most, earlier,
+                       None if previous is None else previous[1])
         seconds["tables"] += time.process_time() - started
         started = time.process_time()
         plans = _Plans(table, units, capacity, config, startup)
@@ -318,7 +335,7 @@ def run(
             planned = table.planned(*previous)
             bias = (last.ttft_misses - planned[0]) + (last.itl_misses - planned[1])
             overlap = last.ttft_misses + last.itl_misses - last.both_misses
-            allowed = budget - bias + overlap
+            allowed = _bracketed(budget - bias + overlap, reached, failed, rounds[-1], budget)
         budgets, prefill, decode = plans.plan(allowed)
         seconds["plan"] += time.process_time() - started
         key = (*prefill.tolist(), -1, *decode.tolist())
@@ -348,14 +365,32 @@ def run(
                 best = (result, schedule)
             if budget - missed <= max(2, SETTLED_SLACK * budget):
                 break
-        elif closest is None or missed < closest[0]:
-            closest = (missed, result, schedule)
+            reached = max(reached, allowed)
+        else:
+            failed = min(failed, allowed)
+            if closest is None or missed < closest[0]:
+                closest = (missed, result, schedule)
         earlier, previous = result.result, (prefill, decode)
     if best is None:
         assert closest is not None  # at least one round ran
         best = closest[1], closest[2]
     seconds["total"] = time.process_time() - clock
     return Clairvoyant(best[0], best[1], goal, instant_startup, budget, rounds, seconds)
+
+
+def _bracketed(proposal: float, reached: float, failed: float, last: Round,
+               budget: int) -> float:
+    """The next round's allowed misses: the tables' own proposal, unless it repeats a side
+    already tried (at or above an allowance that missed the goal, at or below one that reached
+    it); then half way between the two (or a step past the one known side, by as much as the
+    last round missed or spared)."""
+    if proposal >= failed:
+        low = reached if math.isfinite(reached) else failed - 2 * (last.both_misses - budget)
+        return (low + failed) / 2
+    if proposal <= reached:
+        high = failed if math.isfinite(failed) else reached + 2 * (budget - last.both_misses)
+        return (reached + high) / 2
+    return proposal
 
 
 def _split(frontiers: tuple[Frontier, Frontier], budget: int) -> tuple[int, int]:
