@@ -170,7 +170,7 @@ def references_found(bench: Bench, rows: Rows, scenario: str, skew: float) -> li
         parts.append(
             f"clairvoyant starts with {cv['start_replicas'][0]} P + {cv['start_replicas'][1]} D"
             + ("" if d.get("reached_goal", True) else ", goal not reached")
-            + f" ({len(d.get('rounds', []))} rounds, CPU s: tables "
+            + f" ({_rounds(len(d.get('rounds', [])))}, CPU s: tables "
             f"{seconds.get('tables', 0.0):.1f}, plans {seconds.get('plan', 0.0):.1f}, "
             f"simulations {seconds.get('simulate', 0.0):.1f})"
         )
@@ -189,6 +189,10 @@ def references_found(bench: Bench, rows: Rows, scenario: str, skew: float) -> li
     if parts:
         out.append(f"- References, engines {engines_label(skew)}: " + "; ".join(parts) + ".")
     return out
+
+
+def _rounds(count: int) -> str:
+    return f"{count} round" + ("" if count == 1 else "s")
 
 
 def run_times(bench: Bench, rows: list[dict[str, Any]], wall_s: float, jobs: int) -> str:
