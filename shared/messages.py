@@ -183,6 +183,29 @@ class ForecastStep(_Frozen):
         return self
 
 
+class ModelSelection(_Frozen):
+    """Which model a selecting predictor (``auto``) chose for one series, and how it did in the
+    backtest that chose it."""
+
+    model: str = Field(
+        max_length=64,
+        description="the candidate chosen: constant, smoothing, arima(p,d,q) or seasonal",
+    )
+    period_s: Positive | None = Field(
+        default=None, description="the season the chosen model follows, seconds; null if none"
+    )
+    backtest_mae: NonNegative = Field(
+        description=(
+            "its mean absolute error in the backtest over every step up to the horizon, in the "
+            "series' unit (requests per window, tokens)"
+        )
+    )
+    backtest_mae_constant: NonNegative | None = Field(
+        default=None, description="the same for constant (next = last), the reference"
+    )
+    backtest_origins: int = Field(ge=0, le=1_000_000, description="forecast origins scored")
+
+
 class LoadForecast(Envelope):
     """Predicted load for the next steps, up to the horizon, of one deployment."""
 
@@ -193,9 +216,33 @@ class LoadForecast(Envelope):
     )
     fit_s: NonNegative = Field(default=0.0, description="time spent fitting, seconds")
     steps: list[ForecastStep] = Field(min_length=1, max_length=10_000)
+    step_s: Positive | None = Field(
+        default=None,
+        description=(
+            "seconds each step covers: window_s, or a whole multiple of it when the horizon "
+            "holds more windows than the forecaster publishes steps; such a step carries the "
+            "largest value of its windows, still per window_s (null: window_s)"
+        ),
+    )
+    selection: dict[str, ModelSelection] | None = Field(
+        default=None,
+        description=(
+            "per series (num_requests, isl_avg, ...), the model a selecting predictor chose and "
+            "its backtest error; null for a predictor that does not select"
+        ),
+    )
     observed: MetricSnapshot | None = Field(
         default=None, description="the snapshot this forecast was made from (for corrections)"
     )
+
+    @field_validator("selection")
+    @classmethod
+    def _bounded_selection(
+        cls, value: dict[str, ModelSelection] | None
+    ) -> dict[str, ModelSelection] | None:
+        if value is not None and (len(value) > 16 or any(len(key) > 64 for key in value)):
+            raise ValueError("selection has more than 16 series or a series name over 64 chars")
+        return value
 
 
 class ReplicaTarget(Envelope):
