@@ -346,7 +346,24 @@ def detect_period(values: FloatArray, times: FloatArray, window_s: float) -> int
         lag = min(nearby, key=lambda period: _dispersion(level_free, period))
         if correlation[lag] >= best_correlation:
             best, best_correlation = lag, float(correlation[lag])
-    return _calendar(best, window_s) if best else 0
+    return _calendar(_fundamental(best, correlation), window_s) if best else 0
+
+
+def _fundamental(period_points: int, correlation: FloatArray) -> int:
+    """The shortest whole fraction of the period that is a season of its own: the
+    autocorrelation there about as high (within 0.1), and well above its value half a season
+    earlier (a season's peak, not the slow decay of a smooth series). Every multiple of a
+    season correlates as well as the season itself."""
+    threshold = max(MIN_SEASON_CORRELATION, float(correlation[period_points]) - 0.1)
+    for parts in range(period_points // MIN_PERIOD_POINTS, 1, -1):
+        shorter = round(period_points / parts)
+        if abs(shorter * parts - period_points) > 1:
+            continue
+        trough = float(correlation[max(1, round(shorter / 2))])
+        peak = float(correlation[shorter])
+        if peak >= threshold and peak - trough >= MIN_SEASON_CORRELATION:
+            return shorter
+    return period_points
 
 
 def _calendar(period_points: int, window_s: float) -> int:
