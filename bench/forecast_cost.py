@@ -10,6 +10,10 @@ from the first n windows, the first forecast (which fits every model) is timed o
 the fits, the first forecast's included). A forecast is one LoadForecast: request count, ISL and
 OSL, three series.
 
+With ``--series sine`` the series is Dynamo's sine scenario (``sim.synth.DYNAMO_SINE``) cut into
+1 s windows instead, relabelled the same way: a series with a season of 600 points, where the
+``auto`` predictor runs its seasonal model over three seasons (its costliest case).
+
 Deployments per second is what one thread sustains at the steady-state mean time per forecast.
 A second table measures one process as the shell runs it: ``--deployments`` deployments with a
 1,440-point history each, forecast round after round from a thread pool (Python's default size).
@@ -25,6 +29,7 @@ import statistics
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import numpy as np
 
@@ -33,8 +38,15 @@ from services.forecaster.core import Forecaster
 from services.forecaster.settings import PREDICTOR_NAMES, ForecasterSettings
 from shared import traces
 from shared.messages import DeploymentKey, MetricSnapshot
+from sim import synth
 
 TRACE_FILE = "azure_llm_2023_code.csv"
+
+
+def series_trace(name: str) -> traces.Trace:
+    if name == "azure":
+        return traces.load_trace(traces.bundled_trace_path(TRACE_FILE))
+    return synth.generate(replace(synth.DYNAMO_SINE, duration_s=3600.0))
 
 
 def relabelled(stream: Sequence[MetricSnapshot], window_s: float) -> list[MetricSnapshot]:
@@ -92,14 +104,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--predictors", nargs="+", default=list(PREDICTOR_NAMES))
     parser.add_argument("--repeats", type=int, default=3, help="runs per figure (median kept)")
     parser.add_argument("--deployments", type=int, default=50, help="for the process table")
-    parser.add_argument("--process-predictors", nargs="+", default=["horizon-smoothing", "kalman"])
+    parser.add_argument("--process-predictors", nargs="+", default=["auto", "horizon-smoothing"])
     parser.add_argument("--rounds", type=int, default=10, help="for the process table")
+    parser.add_argument("--series", choices=["azure", "sine"], default="azure")
     args = parser.parse_args(argv)
-    trace = traces.load_trace(traces.bundled_trace_path(TRACE_FILE))
-    stream = relabelled(snapshots(trace, 1.0), 60.0)
+    stream = relabelled(snapshots(series_trace(args.series), 1.0), 60.0)
     needed = max(args.points) + args.forecasts
     if len(stream) < needed:
-        raise SystemExit(f"{TRACE_FILE} gives {len(stream)} windows, {needed} needed")
+        raise SystemExit(f"{args.series} gives {len(stream)} windows, {needed} needed")
     names = [
         name
         for name in args.predictors
