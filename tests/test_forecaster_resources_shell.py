@@ -24,7 +24,7 @@ from shared import bus, embedded_nats
 from shared.messages import DeploymentKey, LoadForecast, Rejected
 from shared.service import Runtime
 from tests.conftest import NatsEndpoint
-from tests.test_forecaster_concurrency import Shell, start, wait_for
+from tests.test_forecaster_concurrency import Shell, close, start, wait_for
 
 T0 = 1_732_345_200.0
 SMALL_PAYLOAD = 64 * 1024
@@ -59,12 +59,7 @@ async def shell_on(url: str, **settings: object) -> AsyncIterator[tuple[Shell, N
     try:
         yield shell, client
     finally:
-        shell.runtime.stop.set()
-        if shell.task is not None and not shell.task.done():
-            shell.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await shell.task
-        await runtime_nc.close()
+        await close(shell)
         await client.close()
 
 
