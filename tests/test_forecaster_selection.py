@@ -187,9 +187,17 @@ def test_a_challenger_must_beat_smoothing_beyond_noise(incumbent, challenger, wi
 # --- the choice ---------------------------------------------------------------------------------
 
 
+def chosen(series: SeriesView, steps: int, now: float = T0) -> predictors.Prediction:
+    """The forecast of a fresh ``auto`` predictor once it has chosen for a long history (which
+    it first forecasts with smoothing, as after a restart, and chooses for within a minute)."""
+    predictor = predictors.make_predictor("auto")
+    predictor.predict(series, steps, now)
+    return predictor.predict(series, steps, now + predictors.AutoPredictor.RESTART_SPREAD_S)
+
+
 def test_a_seasonal_load_gets_the_seasonal_model_and_says_its_period():
     counts = sine_counts(720, 10.0, 600.0)
-    prediction = predictors.make_predictor("auto").predict(view(counts, 10.0), 30, now=T0)
+    prediction = chosen(view(counts, 10.0), 30)
     assert prediction.model == "auto" and prediction.fallback is None
     assert prediction.selection is not None
     assert prediction.selection.model == "seasonal"
@@ -210,7 +218,7 @@ def test_a_seasonal_load_gets_the_seasonal_model_and_says_its_period():
     ],
 )
 def test_a_load_without_a_season_gets_no_seasonal_model(series, allowed):
-    prediction = predictors.make_predictor("auto").predict(view(series, 60.0), 5, now=T0)
+    prediction = chosen(view(series, 60.0), 5)
     assert prediction.selection is not None
     assert prediction.selection.period_s is None
     assert prediction.selection.model in allowed
@@ -219,14 +227,34 @@ def test_a_load_without_a_season_gets_no_seasonal_model(series, allowed):
 def test_the_model_is_chosen_again_only_on_the_refit_schedule():
     predictor = predictors.make_predictor("auto", schedule=predictors.RefitSchedule(3600.0))
     counts = sine_counts(400, 10.0, 600.0)
-    first = predictor.predict(view(counts[:300], 10.0), 30, now=T0 + 3000)
-    assert first.refitted
+    for n in range(12, 300):  # a live deployment, chosen for at 12, 24, 48, 96 and 192 points
+        first = predictor.predict(view(counts[:n], 10.0), 30, now=T0 + 10.0 * n)
     later = [
-        predictor.predict(view(counts[:n], 10.0), 30, now=T0 + 10.0 * n) for n in range(301, 400)
+        predictor.predict(view(counts[:n], 10.0), 30, now=T0 + 10.0 * n) for n in range(300, 384)
     ]
     assert not any(p.refitted for p in later), "under an hour and under twice the points"
     assert {p.selection for p in later} == {first.selection}
-    assert predictor.predict(view(counts, 10.0), 30, now=T0 + 3000 + 3600).refitted
+    assert first.selection is not None and first.selection.model == "seasonal"
+    assert predictor.predict(view(counts, 10.0), 30, now=T0 + 10.0 * 384).refitted, "doubled"
+
+
+def test_after_a_restart_each_deployment_starts_with_smoothing_and_chooses_within_a_minute():
+    # A rebuilt history of 720 points: choosing at once for a thousand of them would be half a
+    # minute of CPU in one interval.
+    counts = sine_counts(800, 10.0, 600.0)
+    predictor = predictors.make_predictor("auto")
+    at_restart = predictor.predict(view(counts[:720], 10.0), 30, now=T0 + 7200)
+    assert at_restart.selection is not None and at_restart.selection.model == "smoothing"
+    models = []
+    for n in range(721, 728):  # six windows of 10 s: the minute of the spread
+        models.append(predictor.predict(view(counts[:n], 10.0), 30, now=T0 + 10.0 * n))
+    assert models[-1].selection is not None and models[-1].selection.model == "seasonal"
+    assert sum(p.refitted for p in models) == 1, "chosen once, at a moment of its own"
+    auto = predictors.AutoPredictor(0.9, predictors.RefitSchedule(), 720)
+    delays = {
+        auto.choice_delay_s(view(sine_counts(720, 10.0, 600.0, seed), 10.0)) for seed in range(20)
+    }
+    assert len(delays) == 20 and all(0.0 <= d < 60.0 for d in delays), "spread, not in step"
 
 
 def forecasts_of(stream: list[MetricSnapshot], **settings: object) -> list[tuple[float, float]]:

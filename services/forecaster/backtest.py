@@ -407,7 +407,7 @@ class Choice:
         return self.model.period_points
 
 
-def challengers(period_points: int, window_s: float, steps: int) -> list[Fit]:
+def candidates(period_points: int, window_s: float, steps: int) -> list[Fit]:
     """The candidates that may displace smoothing, simplest first."""
     fits: list[Fit] = [fit_constant, *(arima_fit(order) for order in ARIMA_ORDERS)]
     if period_points:
@@ -479,10 +479,12 @@ def better_beyond_noise(challenger: Backtest, incumbent: Backtest) -> bool:
 
 def select(
     values: FloatArray, times: FloatArray, window_s: float, steps: int, fit_points: int,
+    challengers: bool = True,
 ) -> Choice:
     """Backtest every candidate on the latest points, keep smoothing unless another is better
-    beyond noise (the best such one), and fit the winner on all the points."""
-    period = detect_period(values, times, window_s)
+    beyond noise (the best such one), and fit the winner on all the points. Without
+    ``challengers``, smoothing alone is fitted and scored (a millisecond)."""
+    period = detect_period(values, times, window_s) if challengers else 0
     window = window_points(values.size, fit_points, period)
     x, t = values[-window:], times[-window:]
     test = backtest_points(window, period)
@@ -491,7 +493,7 @@ def select(
     incumbent = backtest(Smoothing(tune_alpha(x[:train], steps)), x, t, train, steps)
     constant = backtest(Constant(), x, t, train, steps)
     best_fit, best = incumbent_fit, incumbent
-    for fit in challengers(period, window_s, steps):
+    for fit in candidates(period, window_s, steps) if challengers else ():
         model = fit(x[:train], t[:train])
         if model is None:
             continue

@@ -26,6 +26,7 @@ from __future__ import annotations
 import importlib
 import math
 import warnings
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from statistics import NormalDist
@@ -341,6 +342,13 @@ class AutoPredictor:
 
     name = "auto"
     min_points = 12
+    # A history at least this long when first seen was rebuilt after a restart (a live
+    # deployment is first chosen for at min_points). Choosing for every rebuilt deployment at its
+    # first forecast would cost tens of ms each at once (half a minute of CPU for a thousand),
+    # so each starts with smoothing, the incumbent, and is chosen for within RESTART_SPREAD_S of
+    # window time, at a moment of its own.
+    REBUILT_POINTS = 48
+    RESTART_SPREAD_S = 60.0
 
     def __init__(self, confidence: float, schedule: RefitSchedule, fit_points: int) -> None:
         quantile_z(confidence)  # the same range check as every predictor
@@ -348,16 +356,26 @@ class AutoPredictor:
         self._fit_points = fit_points
         self._choice: backtest.Choice | None = None
         self._steps = 0
+        self._choose_at: float | None = None  # a deferred choice, in window time
         self._books = _FitBookkeeping(schedule)
 
     def predict(self, series: SeriesView, steps: int, now: float) -> Prediction:
         choice = self._choice
-        refit = choice is None or self._steps != steps or self._books.refit_due(series, now)
+        deferred_due = self._choose_at is not None and now >= self._choose_at
+        refit = (
+            choice is None
+            or deferred_due
+            or self._steps != steps
+            or self._books.refit_due(series, now)
+        )
         if refit:
+            rebuilt = choice is None and len(series) >= self.REBUILT_POINTS
             choice = backtest.select(
-                series.values, series.times, series.window_s, steps, self._fit_points
+                series.values, series.times, series.window_s, steps, self._fit_points,
+                challengers=not rebuilt,
             )
             self._choice, self._steps = choice, steps
+            self._choose_at = now + self.choice_delay_s(series) if rebuilt else None
         assert choice is not None
         self._books.caught_up(series, now, refit)
         values = series.values[-choice.window_points :]
@@ -376,6 +394,12 @@ class AutoPredictor:
         return Prediction(
             point, point + offsets, self.name, refitted=refit, selection=selection
         )
+
+    def choice_delay_s(self, series: SeriesView) -> float:
+        """A delay in [0, RESTART_SPREAD_S) that differs from one series to the next (a hash of
+        its latest values) and not from one run to the next."""
+        digest = zlib.crc32(series.values[-8:].tobytes())
+        return self.RESTART_SPREAD_S * digest / 2**32
 
 
 @dataclass(frozen=True)
