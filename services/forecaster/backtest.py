@@ -400,7 +400,7 @@ class Choice:
     backtest_mae: float  # in the series' own unit (the square undone), mean over the steps
     constant_mae: float
     origins: int
-    window_points: int
+    window_points: int  # the latest points each forecast runs over (all, while fewer)
 
     @property
     def period_points(self) -> int:
@@ -415,9 +415,10 @@ def candidates(period_points: int, window_s: float, steps: int) -> list[Fit]:
     return fits
 
 
-def window_points(points: int, fit_points: int, period_points: int) -> int:
-    """Points a selection and each forecast run over: ``fit_points``, or three seasons if more."""
-    return min(points, max(fit_points, 3 * period_points))
+def window_points(fit_points: int, period_points: int) -> int:
+    """The latest points a selection and each forecast run over: ``fit_points``, or three seasons
+    if more (all the points, while there are fewer)."""
+    return max(fit_points, 3 * period_points)
 
 
 def backtest_points(window: int, period_points: int) -> int:
@@ -485,7 +486,8 @@ def select(
     beyond noise (the best such one), and fit the winner on all the points. Without
     ``challengers``, smoothing alone is fitted and scored (a millisecond)."""
     period = detect_period(values, times, window_s) if challengers else 0
-    window = window_points(values.size, fit_points, period)
+    longest = window_points(fit_points, period)
+    window = min(values.size, longest)
     x, t = values[-window:], times[-window:]
     test = backtest_points(window, period)
     train = window - test
@@ -504,7 +506,7 @@ def select(
     if winner is None:  # the whole window cannot refit what its head could; keep the head's
         winner = best_fit(x[:train], t[:train])
         assert winner is not None
-    return Choice(winner, best.mae, constant.mae, test, window)
+    return Choice(winner, best.mae, constant.mae, test, longest)
 
 
 def upper_offsets(
