@@ -107,6 +107,26 @@ def test_each_candidate_forecasts_from_its_parameters(model, values, expected):
     np.testing.assert_allclose(forecast, expected)
 
 
+@pytest.mark.parametrize(
+    ("alpha", "beta", "phi"),
+    [(0.3, 0.2, 0.9), (1.0, 0.05, 0.98), (0.05, 0.2, 0.8)],
+    ids=["a middling level and trend", "the last value with a slow trend",
+         "a heavy level with a strongly damped trend"],
+)
+def test_the_damped_trend_filters_equal_its_smoothing_equations(alpha, beta, phi):
+    values = np.cumsum(np.random.default_rng(7).normal(0.5, 1.0, 200)) + 10.0
+    level, trend = values[0], 0.0  # a flat past at the first value
+    expected_level, expected_trend = [], []
+    for value in values:  # Hyndman et al. 2008, table 2.1, error-correction form
+        error = value - (level + phi * trend)
+        level, trend = level + phi * trend + alpha * error, phi * trend + alpha * beta * error
+        expected_level.append(level)
+        expected_trend.append(trend)
+    got_level, got_trend = backtest.DampedTrend(alpha, beta, phi).states(values)
+    np.testing.assert_allclose(got_level, expected_level, atol=1e-9)
+    np.testing.assert_allclose(got_trend, expected_trend, atol=1e-9)
+
+
 def arma_series(points: int, seed: int = 6) -> np.ndarray:
     """ARMA(1,1) around 20: phi 0.6, theta 0.3."""
     noise = np.random.default_rng(seed).normal(0.0, 1.0, points)
@@ -121,9 +141,11 @@ def arma_series(points: int, seed: int = 6) -> np.ndarray:
     [
         (backtest.smoothing_fit(5), np.sqrt(sine_counts(200, 60.0, 600.0))),
         (backtest.seasonal_fit(10, 60.0, 5), np.sqrt(sine_counts(200, 60.0, 600.0))),
+        (backtest.damped_trend_fit(5), np.sqrt(daily_counts(200, 60.0))),
         *((backtest.arima_fit(order), arma_series(200)) for order in backtest.ARIMA_ORDERS),
     ],
-    ids=["smoothing", "seasonal", *(f"arima{order}" for order in backtest.ARIMA_ORDERS)],
+    ids=["smoothing", "seasonal", "damped trend",
+         *(f"arima{order}" for order in backtest.ARIMA_ORDERS)],
 )
 def test_forecasts_from_every_origin_use_only_the_points_up_to_each(fit, values):
     stamps = times(values.size, 60.0)
@@ -222,6 +244,17 @@ def test_a_load_without_a_season_gets_no_seasonal_model(series, allowed):
     assert prediction.selection is not None
     assert prediction.selection.period_s is None
     assert prediction.selection.model in allowed
+
+
+def test_a_steady_ramp_gets_the_damped_trend_which_stays_ahead_of_a_level():
+    # A rise of 10 requests a window per window, with Poisson noise: a level lags it by its
+    # delay plus the horizon, some 60 requests, well over the noise (about 60 at 4,000).
+    ramp = np.random.default_rng(8).poisson(200 + 10.0 * np.arange(400)).astype(float)
+    prediction = chosen(view(ramp, 60.0), 5)
+    assert prediction.selection is not None
+    assert prediction.selection.model == "damped-trend"
+    # Five windows ahead of the last, the ramp is at 200 + 10 x 404 = 4,240.
+    assert abs(prediction.point[-1] - 4240.0) < 100.0, prediction.point
 
 
 def test_the_model_is_chosen_again_only_on_the_refit_schedule():

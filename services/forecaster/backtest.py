@@ -15,6 +15,8 @@ Candidates, simplest first (a tie goes to the simpler):
   ``horizon-smoothing`` predictor's model);
 - ``arima(p,d,q)`` on a small grid of orders, estimated by Hannan-Rissanen regressions
   (statsmodels), which take a millisecond where a likelihood fit takes a second;
+- ``damped-trend``: Holt's smoothing with a damped trend, for ramps such as the daily rise of
+  traffic;
 - ``seasonal``: when the history shows a period (periodogram peak confirmed by the
   autocorrelation), the seasonal profile of a classical decomposition (statsmodels'
   ``seasonal_decompose``) plus smoothing of the seasonally adjusted series; its forecast is the
@@ -38,7 +40,7 @@ from typing import ClassVar, Protocol
 import numpy as np
 import numpy.typing as npt
 from numpy.lib.stride_tricks import sliding_window_view
-from scipy.signal import detrend, lfilter, periodogram
+from scipy.signal import detrend, lfilter, lfiltic, periodogram
 from statsmodels.tsa.arima.estimators.hannan_rissanen import hannan_rissanen
 from statsmodels.tsa.seasonal import seasonal_decompose
 from statsmodels.tsa.stattools import acf
@@ -51,6 +53,11 @@ IntArray = npt.NDArray[np.int64]
 MIN_ERRORS = 8
 # Smoothing constants tried, from heavy smoothing to the last value.
 ALPHAS: FloatArray = np.linspace(0.05, 1.0, 20)
+# The damped trend's grid: smoothing constants, trend smoothing as a share of the level's
+# (Hyndman's beta*), and damping (Gardner & McKenzie's phi; 0.98 is nearly Holt's linear trend).
+TREND_ALPHAS: FloatArray = np.linspace(0.05, 1.0, 10)
+TREND_BETAS = (0.05, 0.2)
+TREND_PHIS = (0.9, 0.98)
 # ARIMA orders tried: stationary AR/ARMA around a mean, and the differenced models that track a
 # wandering level (the grid the ``arima`` predictor searches by AIC).
 ARIMA_ORDERS: tuple[tuple[int, int, int], ...] = ((1, 0, 0), (2, 0, 0), (1, 0, 1), (0, 1, 1),
@@ -156,6 +163,48 @@ class Smoothing:
     ) -> FloatArray:
         levels = smoothed_levels(values, self.alpha)
         return np.repeat(levels[origins][:, None], steps, axis=1)
+
+
+@dataclass(frozen=True)
+class DampedTrend:
+    """Holt's linear smoothing with a damped trend, ETS(A,Ad,N) (Gardner & McKenzie, Management
+    Science 31(10), 1985): a ramp, such as the daily rise of traffic, is followed instead of
+    lagged. The level and trend of every point are two linear filters of the series (the
+    error-correction equations as transfer functions), started from a flat past at the first
+    value."""
+
+    alpha: float
+    beta: float  # trend smoothing as a share of alpha (Hyndman's beta*)
+    phi: float
+    label: ClassVar[str] = "damped-trend"
+    period_points: ClassVar[int] = 0
+    parameters: ClassVar[int] = 3
+
+    def states(self, values: FloatArray) -> tuple[FloatArray, FloatArray]:
+        """(level, trend) after each point."""
+        # x_t = D x_(t-1) + g y_t with D = F - g w', F = [[1, phi], [0, phi]], g = [a, a b],
+        # w = [1, phi]: level and trend over det(I - D/z).
+        gain = self.alpha * self.beta
+        d11, d12 = 1.0 - self.alpha, self.phi * (1.0 - self.alpha)
+        d21, d22 = -gain, self.phi * (1.0 - gain)
+        denominator = [1.0, -(d11 + d22), d11 * d22 - d12 * d21]
+        to_level = [self.alpha, d12 * gain - d22 * self.alpha]
+        to_trend = [gain, d21 * self.alpha - d11 * gain]
+        first = float(values[0])
+        level = lfilter(to_level, denominator, values,
+                        zi=lfiltic(to_level, denominator, [first, first], [first, first]))[0]
+        trend = lfilter(to_trend, denominator, values,
+                        zi=lfiltic(to_trend, denominator, [0.0, 0.0], [first, first]))[0]
+        return level, trend
+
+    def forecasts(
+        self, values: FloatArray, times: FloatArray, origins: IntArray, steps: int
+    ) -> FloatArray:
+        level, trend = self.states(values)
+        # phi + phi^2 + ... + phi^h: the damped trend's sum h steps ahead
+        damped = np.cumsum(self.phi ** np.arange(1, steps + 1))
+        forecast: FloatArray = level[origins][:, None] + trend[origins][:, None] * damped[None, :]
+        return forecast
 
 
 @dataclass(frozen=True)
@@ -290,6 +339,30 @@ def arima_fit(order: tuple[int, int, int]) -> Fit:
     return fit
 
 
+def damped_trend_fit(steps: int) -> Fit:
+    """The damped trend with the smallest in-sample squared error ``steps`` ahead on a small
+    grid (direct multi-step estimation, as ``tune_alpha``)."""
+
+    def fit(values: FloatArray, times: FloatArray) -> Fitted | None:
+        ahead = max(1, min(steps, values.size - MIN_ERRORS))
+        if values.size <= ahead + MIN_ERRORS:
+            return None
+        best: tuple[float, DampedTrend] | None = None
+        for alpha in TREND_ALPHAS:
+            for beta in TREND_BETAS:
+                for phi in TREND_PHIS:
+                    model = DampedTrend(float(alpha), beta, phi)
+                    level, trend = model.states(values)
+                    damped = float(np.sum(phi ** np.arange(1, ahead + 1)))
+                    errors = values[ahead:] - (level[:-ahead] + damped * trend[:-ahead])
+                    score = float(errors @ errors)
+                    if best is None or score < best[0]:
+                        best = (score, model)
+        return None if best is None else best[1]
+
+    return fit
+
+
 def seasonal_fit(period_points: int, window_s: float, steps: int) -> Fit:
     def fit(values: FloatArray, times: FloatArray) -> Fitted | None:
         if values.size < 2 * period_points:
@@ -409,7 +482,9 @@ class Choice:
 
 def candidates(period_points: int, window_s: float, steps: int) -> list[Fit]:
     """The candidates that may displace smoothing, simplest first."""
-    fits: list[Fit] = [fit_constant, *(arima_fit(order) for order in ARIMA_ORDERS)]
+    fits: list[Fit] = [
+        fit_constant, *(arima_fit(order) for order in ARIMA_ORDERS), damped_trend_fit(steps)
+    ]
     if period_points:
         fits.append(seasonal_fit(period_points, window_s, steps))
     return fits
