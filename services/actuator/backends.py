@@ -296,8 +296,15 @@ class ScaleWorkerSets(_KubeWorkerSets):
                 min(MAX_DELETION_COST, max(0, round(inflight)))
             current = (get_path(pod, "metadata.annotations") or {}).get(DELETION_COST)
             if current != str(cost):
-                await self.kube.annotate_pod(where.namespace, get_path(pod, "metadata.name"),
-                                             DELETION_COST, str(cost))
+                try:
+                    await self.kube.annotate_pod(where.namespace, get_path(pod, "metadata.name"),
+                                                 DELETION_COST, str(cost))
+                except BackendError as exc:
+                    # Without the right to patch pods (the default RBAC does not grant it) the
+                    # scale-down goes on; the ReplicaSet then picks the pods itself.
+                    log.warning("%s: pod-deletion-cost not set (%s); scaling down without it",
+                                where.ref(), exc)
+                    return
 
 
 # ----------------------------------------------------------------------------- dynamo
@@ -324,6 +331,7 @@ class _DynamoSeen:
     indexes: dict[Role, int]
     adapters: dict[Role, JSON | None]  # each role's scaling adapter, if the cache has one
     managed: dict[Role, bool]  # the component asks for a scaling adapter
+    replicas: dict[Role, int | None]  # each component's replicas field as read (None: unset)
 
 
 DEFAULT_DGD_KIND = KindInfo(kind="DynamoGraphDeployment", group="nvidia.com",
@@ -510,7 +518,8 @@ class DynamoWorkerSets(_KubeWorkerSets):
         self._involved[key] = dict.fromkeys(ROLES, involved(dgd, target.kind))
         seen = _DynamoSeen(target, str(get_path(dgd, "metadata.resourceVersion")), layout,
                            names, {r: indexes.get(names[r], -1) for r in ROLES}, adapters,
-                           {r: _managed(layout, services[names[r]]) for r in ROLES})
+                           {r: _managed(layout, services[names[r]]) for r in ROLES},
+                           {r: _int_or_none(services[names[r]].get("replicas")) for r in ROLES})
         return Observed(states[Role.PREFILL], states[Role.DECODE], seen)
 
     async def _say_planner_conflict(self, target: DynamoTarget, dgd: JSON, text: str) -> None:
@@ -601,16 +610,23 @@ class DynamoWorkerSets(_KubeWorkerSets):
             }
             return await self.kube.patch_custom_object(where.kind, where.namespace, where.name,
                                                        body, MERGE_PATCH)
-        # The resourceVersion in the patched object makes a concurrent change a 409, as in a
-        # merge patch; each "test" pins the component the index points at.
-        ops: list[JSON] = [{"op": "replace", "path": "/metadata/resourceVersion",
-                            "value": seen.version}]
+        # Each "test" pins the component the index points at and the replicas it was planned
+        # from: a change of someone else's to them fails the patch (a conflict, read again),
+        # while the operator's status updates in between do not. A component without replicas
+        # cannot be tested that way: then the whole object's resourceVersion is the guard.
+        ops: list[JSON] = []
         for role, replicas in step:
             index = seen.indexes[role]
-            ops += [{"op": "test", "path": f"/spec/components/{index}/name",
-                     "value": seen.names[role]},
-                    {"op": "add", "path": f"/spec/components/{index}/replicas",
-                     "value": replicas}]
+            ops.append({"op": "test", "path": f"/spec/components/{index}/name",
+                        "value": seen.names[role]})
+            if seen.replicas[role] is not None:
+                ops.append({"op": "test", "path": f"/spec/components/{index}/replicas",
+                            "value": seen.replicas[role]})
+            elif not ops or ops[0]["path"] != "/metadata/resourceVersion":
+                ops.insert(0, {"op": "replace", "path": "/metadata/resourceVersion",
+                               "value": seen.version})
+            ops.append({"op": "add", "path": f"/spec/components/{index}/replicas",
+                        "value": replicas})
         return await self.kube.patch_custom_object(where.kind, where.namespace, where.name, ops,
                                                    JSON_PATCH)
 

@@ -747,5 +747,7 @@ class Actuator:
                        for role, n in changed]
         await self._record(ws, key, replace(plan, notices=plan.notices + tuple(notices)), now)
         outcome = Outcome.APPLIED if ws.applies else Outcome.DRY_RUN
-        return event(outcome, "; ".join(notes), plan.replicas, observed, after,
+        # ``ready`` is what was ready when the change was made: new replicas take minutes, and
+        # a read right after the write would show the same or a race.
+        return event(outcome, "; ".join(notes), plan.replicas, observed,
                      backend=ws.backend_name, via=via)
