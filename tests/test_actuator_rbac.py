@@ -1,8 +1,8 @@
 """The actuator's RBAC in deploy/: valid manifests, least privilege, and exactly what it uses.
 
 A tour drives every backend and feature against the API test server, which enforces the Roles
-of ``deploy/base/actuator-rbac.yaml`` and ``actuator-workload-role.yaml`` as its authorizer: any call they do not permit answers 403 and
-fails the tour. Then every call is checked against the rules, and every rule must have been used.
+of ``deploy/base/actuator-rbac.yaml`` and ``actuator-workload-role.yaml`` as its authorizer: any
+call they do not permit answers 403 and fails the tour. Then every call is checked against the rules, and every rule must have been used.
 """
 
 from __future__ import annotations
@@ -129,10 +129,27 @@ async def tour(server: srv.KubeApiServer) -> None:
     await election.step(leader.elector, leader.lock, clock.advance(2))
     assert leader.elector.is_leader(clock())
 
-    # dynamo: read the DGD, look for other autoscalers, patch, record Events.
+    # dynamo: watch the DGDs, adapters and other autoscalers, patch, record Events; after a
+    # conflict read the DGD from the API.
     server.add(srv.DGDS, dgd("llama", 1, 2))
     event = await leader.actuator.handle(target(2, 3), clock())
     assert event is not None and event.outcome is Outcome.APPLIED, event
+    server.inject("409", method="PATCH", path_contains="dynamographdeployments/llama")
+    event = await leader.actuator.handle(target(3, 3, window_end=clock() + 120), clock())
+    assert event is not None and event.outcome is Outcome.APPLIED, event
+    # A DGD with Dynamo's own planner (refused, said in a condition), watched pods behind the
+    # mapping's selectors.
+    gemma = dgd("gemma", 1, 1)
+    gemma["spec"]["services"]["Planner"] = {"componentType": "planner", "replicas": 1}
+    server.add(srv.DGDS, gemma)
+    selectors = {"prefill_pod_selector": "app=gemma-prefill",
+                 "decode_pod_selector": "app=gemma-decode"}
+    mapping = {"allow": [{"namespace": NS, "kind": "DynamoGraphDeployment", "name": "gemma"}],
+               "deployment": [{"namespace": NS, "name": "gemma", "backend": "dynamo",
+                               "dynamo": selectors}]}
+    refused = await assemble(kube, mapping).actuator.handle(
+        target(2, 2, key=DeploymentKey(namespace=NS, name="gemma")), clock())
+    assert refused is not None and refused.outcome is Outcome.REFUSED, refused
 
     # scale: a Deployment (with pods to mark before its scale-down) and a StatefulSet, then a
     # LeaderWorkerSet and a DynamoGraphDeploymentScalingAdapter.
