@@ -729,7 +729,10 @@ class KubeApiServer:
         """Store an object as if created by someone else (no request is logged)."""
         with self._lock:
             namespace = obj["metadata"].get("namespace", "")
-            stored = self._prepare_new(rt, self._to_storage(rt, copy.deepcopy(obj)), namespace)
+            obj = copy.deepcopy(obj)
+            if rt.schema is not None:  # what the schema does not know is dropped, as on create
+                obj = k8s_crd.prune(obj, rt.schema, root=True)
+            stored = self._prepare_new(rt, self._to_storage(rt, obj), namespace)
             self._put(self._key(rt, stored), stored, "ADDED")
             self._run_controller(rt, stored)
             return self._in_version(rt, stored)

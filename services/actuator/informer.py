@@ -200,7 +200,8 @@ class Reflector:
                 for event in self._watch.stream(
                         self._call, resource_version=self.resource_version,
                         allow_watch_bookmarks=True, timeout_seconds=self.watch_timeout_s,
-                        deserialize=False,
+                        # Events stay dicts: the lister has no return type to deserialize into.
+                        # (deserialize=False would lose the body of ERROR events.)
                         _request_timeout=(self.request_timeout_s,
                                           self.watch_timeout_s + self.request_timeout_s)):
                     if isinstance(event, dict) and event.get("type") == "ERROR":
@@ -232,9 +233,15 @@ class Reflector:
                     self.health.failed(f"{exc.status} {exc.reason}")
                 backoff = min(self.backoff_max_s, max(0.5, backoff * 2))
             except (urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
+                if self._stop.is_set():
+                    return
                 self.health.failed(f"{type(exc).__name__}: {exc}")
                 if must_list:
                     self.error = BackendError(f"cannot list {self.source}: {exc}")
+                backoff = min(self.backoff_max_s, max(0.5, backoff * 2))
+            except Exception:  # a bug must not end the watch for good: log it, start over
+                log.exception("%s: the watch failed; listing again", self.source)
+                must_list = True
                 backoff = min(self.backoff_max_s, max(0.5, backoff * 2))
             finally:
                 self._watch = None
