@@ -2,7 +2,8 @@
 
 A tour drives every backend and feature against the API test server, which enforces the Roles
 of ``deploy/base/actuator-rbac.yaml`` and ``actuator-workload-role.yaml`` as its authorizer: any
-call they do not permit answers 403 and fails the tour. Then every call is checked against the rules, and every rule must have been used.
+call they do not permit answers 403 and fails the tour. Then every call is checked against the
+rules, and every rule must have been used.
 """
 
 from __future__ import annotations
