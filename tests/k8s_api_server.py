@@ -852,19 +852,19 @@ class KubeApiServer:
         next_bookmark = time.monotonic() + self.bookmark_interval_s
         while True:
             with self._changed:
+                events: list[tuple[str, JSON]] = []
+                expired = None
                 if index < self._log_base:  # history dropped under us
                     expired = self._expired(str(position))
-                    events = None
                 else:
-                    expired = None
-                    events = self._log[index - self._log_base:]
-                    if not events:
+                    taken = self._log[index - self._log_base:]
+                    if not taken:
                         wait = min(deadline, next_bookmark) - time.monotonic()
                         if not self._stopping and epoch == self._watch_epoch and wait > 0:
                             self._changed.wait(wait)
-                        events = self._log[max(0, index - self._log_base):]
-                    index += len(events)
-                    events = [(rv, kind, copy.deepcopy(obj)) for rv, kind, key, obj in events
+                        taken = self._log[max(0, index - self._log_base):]
+                    index += len(taken)
+                    events = [(kind, copy.deepcopy(obj)) for _, kind, key, obj in taken
                               if matches(key, obj)]
                     if self._log:
                         position = max(position, self._log[-1][0])
@@ -872,7 +872,7 @@ class KubeApiServer:
             if expired is not None:
                 yield expired
                 return
-            for _, kind, obj in events:
+            for kind, obj in events:
                 yield {"type": kind, "object": self._in_version(rt, obj)}
             if closed or time.monotonic() >= deadline:
                 return

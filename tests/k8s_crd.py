@@ -24,7 +24,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-import yaml
+import yaml  # type: ignore[import-untyped]
 
 JSON = dict[str, Any]
 DATA = Path(__file__).resolve().parent / "data" / "dynamo"
