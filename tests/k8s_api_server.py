@@ -601,6 +601,13 @@ class _Route:
     subresource: str
 
 
+class _Server(ThreadingHTTPServer):
+    # A real API server accepts many connections at once (watches hold theirs open); the
+    # default backlog of 5 would refuse connections under a burst of requests.
+    request_queue_size = 256
+    allow_reuse_address = True
+
+
 class _Watch:
     """A watch request the HTTP handler streams (``KubeApiServer.stream``)."""
 
@@ -657,7 +664,7 @@ class KubeApiServer:
     def start(self) -> KubeApiServer:
         handler = _make_handler(self)
         self._stopping = False
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", self._requested_port), handler)
+        self._httpd = _Server(("127.0.0.1", self._requested_port), handler)
         self._httpd.daemon_threads = True
         self._requested_port = int(self._httpd.server_address[1])  # a restart keeps the port
         self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.02,),
