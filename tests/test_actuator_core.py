@@ -115,6 +115,19 @@ CASES = {
         (6, 4), seen(2, 6, d=RoleState(6, 6, paused_by="annotation")), remembered(2, 6),
         Outcome.APPLIED, (4, 6), steps=(((P, 4),),),
         reason={P: Reason.GPU_CEILING, D: Reason.PAUSED}),  # (16 - 6*2) // 1 = 4
+    "a role's own minAvailable raises a target below it": Case(
+        (2, 1), seen(2, 3, d=RoleState(3, 3, floor=2)), remembered(2, 3),
+        Outcome.APPLIED, (2, 2), steps=(((D, 2),),),
+        reason={D: Reason.MIN_AVAILABLE}),  # max(1, minAvailable 2)
+    "a workload that is not Ready gets no scale-up": Case(
+        (4, 3), seen(2, 3, p=RoleState(2, 1, not_ready="DGD not Ready")), remembered(2, 3),
+        Outcome.REFUSED, (2, 3), reason={P: Reason.NOT_READY}),
+    "a workload that is not Ready may still scale down": Case(
+        (1, 3), seen(2, 3, p=RoleState(2, 1, not_ready="DGD not Ready")), remembered(2, 3),
+        Outcome.APPLIED, (1, 3), steps=(((P, 1),),)),
+    "a rollout in progress holds every change of that role": Case(
+        (1, 3), seen(2, 3, p=RoleState(2, 2, rollout="rolling update InProgress")),
+        remembered(2, 3), Outcome.REFUSED, (2, 3), reason={P: Reason.ROLLOUT_IN_PROGRESS}),
     "with nothing known of the cluster (a dry run's first target) the target applies as is": Case(
         (3, 4), None, DeploymentMemory(), Outcome.APPLIED, (3, 4), steps=(((P, 3), (D, 4)),)),
 }
