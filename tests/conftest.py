@@ -168,3 +168,12 @@ def wait_until(predicate: object, timeout_s: float = 20.0, interval_s: float = 0
             return
         time.sleep(interval_s)
     raise AssertionError("condition not met in time")
+
+
+@pytest.fixture(autouse=True)
+def _stop_actuator_watches() -> Iterator[None]:
+    """Stop the watch threads of the actuators a test assembled (tests/conftest_k8s.py)."""
+    yield
+    helpers = sys.modules.get("tests.conftest_k8s")
+    if helpers is not None:
+        helpers.close_all()

@@ -16,16 +16,11 @@ import pytest
 from services.actuator.kube import Kube
 from shared.messages import Outcome, ScaleEvent
 from tests import k8s_api_server as srv
-from tests.conftest_k8s import NS, assemble, cached, close_all, dynamo_mapping, kube_for, target
+from tests.conftest_k8s import NS, assemble, cached, dynamo_mapping, kube_for, target
 
 T0 = 1_700_000_000.0
 JSON = dict[str, Any]
 
-
-@pytest.fixture(autouse=True)
-def _stop_watches() -> Iterator[None]:
-    yield
-    close_all()
 
 
 @pytest.fixture

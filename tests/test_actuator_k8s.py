@@ -28,7 +28,6 @@ from tests.conftest_k8s import (
     Clock,
     assemble,
     cached,
-    close_all,
     deployment,
     dgd,
     dynamo_mapping,
@@ -50,11 +49,6 @@ PREFILL = {"kind": "Deployment", "name": "llama-prefill"}
 DECODE = {"kind": "Deployment", "name": "llama-decode"}
 
 
-
-@pytest.fixture(autouse=True)
-def _stop_watches() -> Iterator[None]:
-    yield
-    close_all()
 
 @pytest.fixture
 def k8s() -> Iterator[srv.KubeApiServer]:

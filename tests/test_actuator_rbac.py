@@ -8,7 +8,6 @@ rules, and every rule must have been used.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import kubernetes_validate
@@ -22,7 +21,6 @@ from tests.conftest_k8s import (
     NS,
     Clock,
     assemble,
-    close_all,
     deployment,
     dgd,
     dynamo_mapping,
@@ -31,12 +29,6 @@ from tests.conftest_k8s import (
     pod,
     target,
 )
-
-
-@pytest.fixture(autouse=True)
-def _stop_watches() -> Iterator[None]:
-    yield
-    close_all()
 
 KUBERNETES_VERSIONS = ["1.29.0", "1.31.0", kubernetes_validate.utils.latest_version()]
 
