@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import socket
@@ -177,3 +178,17 @@ def _stop_actuator_watches() -> Iterator[None]:
     helpers = sys.modules.get("tests.conftest_k8s")
     if helpers is not None:
         helpers.close_all()
+
+
+async def wait_for_consumers(nc: NATS, names: set[str], timeout_s: float = 30.0) -> None:
+    """Until the stream has the durable consumers ``names`` (the services create them)."""
+    js = nc.jetstream()
+    async with asyncio.timeout(timeout_s):
+        while True:
+            try:
+                present = {c.name for c in await js.consumers_info("SLAPLANNER")}
+            except Exception:
+                present = set()
+            if names <= present:
+                return
+            await asyncio.sleep(0.05)

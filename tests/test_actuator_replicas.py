@@ -20,7 +20,7 @@ import pytest
 from shared import partition
 from shared.messages import DeploymentKey, Outcome, ReplicaTarget, ScaleEvent
 from tests import k8s_api_server as srv
-from tests.conftest import NatsEndpoint, ServiceProcess, wait_until
+from tests.conftest import NatsEndpoint, ServiceProcess, wait_for_consumers, wait_until
 from tests.conftest_k8s import NS, dgd
 
 T0 = 1_700_000_000.0
@@ -58,19 +58,10 @@ async def publish_round(url: str, interval: int, decode: int) -> None:
         await nc.close()
 
 
-async def consumers_exist(url: str, names: set[str], timeout_s: float = 30.0) -> None:
+async def consumers_exist(url: str, names: set[str]) -> None:
     nc = await nats.connect(url)
     try:
-        js = nc.jetstream()
-        async with asyncio.timeout(timeout_s):
-            while True:
-                try:
-                    present = {c.name for c in await js.consumers_info("SLAPLANNER")}
-                except Exception:
-                    present = set()
-                if names <= present:
-                    return
-                await asyncio.sleep(0.05)
+        await wait_for_consumers(nc, names)
     finally:
         await nc.close()
 
