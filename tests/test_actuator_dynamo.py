@@ -201,3 +201,44 @@ async def test_readiness_follows_whether_the_api_answers(kube: Kube) -> None:
                 break
             await asyncio.sleep(0.02)
         assert assembly.not_ready() is None
+
+
+async def test_the_deprecated_autoscaling_field_no_longer_refuses_a_v1alpha1_dgd(
+        k8s: srv.KubeApiServer, kube: Kube) -> None:
+    obj = {"metadata": {"name": "llama", "namespace": NS}, "spec": {"services": {
+        "Prefill": {"componentType": "worker", "subComponentType": "prefill", "replicas": 1,
+                    "autoscaling": {"enabled": True, "minReplicas": 1, "maxReplicas": 4}},
+        "Decode": {"componentType": "worker", "subComponentType": "decode", "replicas": 1}}}}
+    k8s.add(srv.DGDS, obj)
+    event = await apply(assemble(kube, dynamo_mapping(api_version="nvidia.com/v1alpha1")),
+                        (2, 2))
+    assert event.outcome is Outcome.APPLIED, event.reason  # Dynamo ignores the field too
+
+
+async def test_a_scaling_adapter_mapped_with_the_scale_backend_reads_readiness_from_its_pods(
+        k8s: srv.KubeApiServer, kube: Kube) -> None:
+    k8s.add(srv.DGDS_BETA, beta_dgd("llama", 1, 2, scalingAdapter={}))
+    labels = {"nvidia.com/dynamo-graph-deployment-name": "llama",
+              "nvidia.com/dynamo-component": "VllmDecodeWorker"}
+    for index, ready in enumerate((True, False)):  # one pod ready, one still starting
+        k8s.add(srv.PODS, {"metadata": {"name": f"decode-{index}", "namespace": NS,
+                                        "labels": labels},
+                           "status": {"phase": "Running", "conditions": [
+                               {"type": "Ready", "status": "True" if ready else "False"}]}})
+    k8s.add(srv.DEPLOYMENTS, {"metadata": {"name": "llama-prefill", "namespace": NS},
+                              "spec": {"replicas": 1, "selector": {"matchLabels": {"a": "p"}},
+                                       "template": {"metadata": {"labels": {"a": "p"}}}}})
+    adapter = {"kind": "DynamoGraphDeploymentScalingAdapter", "name": "llama-vllmdecodeworker"}
+    mapping = {"allow": [{"namespace": NS, "kind": "Deployment", "name": "llama-prefill"},
+                         {"namespace": NS, **adapter}],
+               "deployment": [{"namespace": NS, "name": "llama", "backend": "scale", "scale": {
+                   "prefill": {"kind": "Deployment", "name": "llama-prefill"},
+                   "decode": adapter}}]}
+    event = await apply(assemble(kube, mapping, record_events=False), (1, 3))
+    assert event.outcome is Outcome.APPLIED, event.reason
+    # the adapter's status has no ready count (status.readyReplicas does not exist)
+    assert (event.decode.from_, event.decode.ready) == (2, 1)
+    assert event.decode.via == ("DynamoGraphDeploymentScalingAdapter "
+                                "prod/llama-vllmdecodeworker/scale")
+    components = k8s.get(srv.DGDS_BETA, NS, "llama")["spec"]["components"]
+    assert components[2]["replicas"] == 3

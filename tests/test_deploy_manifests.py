@@ -298,7 +298,9 @@ def test_the_services_are_probed_on_healthz_at_the_named_http_port(service: str)
     assert port["name"] == "http"
     assert port["containerPort"] == int(planner_env("base")["SLAPLANNER_HTTP_PORT"])
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "http"}, probe
+        # the actuator is ready only while it can reach the Kubernetes API too
+        path = "/readyz" if (service, probe) == ("actuator", "readinessProbe") else "/healthz"
+        assert container[probe]["httpGet"] == {"path": path, "port": "http"}, probe
 
 
 def test_every_pod_is_locked_down_and_sized() -> None:
