@@ -188,6 +188,8 @@ def test_readyz_fails_while_the_kubernetes_api_is_away_and_the_log_says_so_once(
         wait_until(lambda: all(
             k8s.get(srv.DGDS, NS, n)["spec"]["services"]["VllmDecodeWorker"]["replicas"] == 2
             for n in NAMES), 60.0)
+        # every target reported (its Events recorded before), nothing left in flight
+        wait_until(lambda: len(asyncio.run(scale_events(nats_server.url))) == len(NAMES), 30.0)
         assert status(port, "/readyz") == 200
         k8s.stop()
         wait_until(lambda: status(port, "/readyz") == 503, 30.0)

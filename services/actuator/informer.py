@@ -21,6 +21,7 @@ import asyncio
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -38,15 +39,24 @@ GONE = 410
 
 
 class Health:
-    """Whether the Kubernetes API answered last time it was asked; one log line per change."""
+    """Whether the Kubernetes API answered last time it was asked; one log line per change.
+
+    An answer to a request sent before the last failure says nothing new (requests in flight
+    when the server went away may still be answered): only a request started after the failure
+    brings the state back to reachable. ``started`` is ``time.monotonic()`` when the request (or
+    the watch connection) began.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.reachable = True
         self.last_error: str | None = None
+        self._failed_at = float("-inf")
 
-    def ok(self) -> None:
+    def ok(self, started: float) -> None:
         with self._lock:
+            if started < self._failed_at:
+                return
             changed, self.reachable, self.last_error = not self.reachable, True, None
         if changed:
             log.warning("the Kubernetes API answers again")
@@ -54,6 +64,7 @@ class Health:
     def failed(self, error: str) -> None:
         with self._lock:
             changed, self.reachable, self.last_error = self.reachable, False, error
+            self._failed_at = time.monotonic()
         if changed:
             log.warning("the Kubernetes API does not answer (%s); retrying with backoff, and "
                         "/readyz fails until it answers", error)
@@ -190,11 +201,13 @@ class Reflector:
                 self._stop.wait(backoff)
                 if self._stop.is_set():
                     return
+            started = time.monotonic()
             try:
                 if must_list:
                     self._list()
                     must_list = False
-                    self.health.ok()
+                    self.health.ok(started)
+                started = time.monotonic()
                 self._watch = watch.Watch()
                 self.watches += 1
                 for event in self._watch.stream(
@@ -208,7 +221,7 @@ class Reflector:
                         status = event.get("object") or {}
                         raise ApiException(status=status.get("code"),
                                            reason=status.get("message"))
-                    self.health.ok()
+                    self.health.ok(started)
                     self._apply(event)
                 backoff = 0.0
             except ApiException as exc:
@@ -224,7 +237,7 @@ class Reflector:
                     self.synced.set()
                     return
                 if exc.status is not None and exc.status < 500 and exc.status != 429:
-                    self.health.ok()  # it answered: reachable, but refused
+                    self.health.ok(started)  # it answered: reachable, but refused
                     self.error = BackendError(
                         f"cannot list and watch {self.source}: {exc.status} {exc.reason} "
                         f"(grant list and watch on {self.source.kind.plural} in the actuator's "

@@ -15,6 +15,7 @@ import logging
 import os
 import random
 import socket
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -154,12 +155,13 @@ class Kube:
         for attempt in range(1, self.policy.attempts + 1):
             delay = min(self.policy.max_s, self.policy.base_s * 2 ** (attempt - 1))
             delay *= 0.5 + self.rng.random() / 2  # jitter: two actuators do not retry in step
+            started = time.monotonic()
             try:
                 result = await asyncio.to_thread(fn)
             except ApiException as exc:
                 status = exc.status or 0
                 if status < 500 and status != 429:
-                    self.health.ok()  # it answered
+                    self.health.ok(started)  # it answered
                 if status == 409:
                     raise ConflictError(f"{op}: {_server_message(exc)}") from None
                 if status == 422 and patch_failed(exc):
@@ -176,7 +178,7 @@ class Kube:
                 last = f"{type(exc).__name__}: {exc}"
                 self.health.failed(last)
             else:
-                self.health.ok()
+                self.health.ok(started)
                 return result
             if attempt < self.policy.attempts:
                 # Health logs the change of state once; each attempt only at debug level.
