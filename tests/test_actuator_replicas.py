@@ -128,6 +128,9 @@ def test_two_replicas_share_the_deployments_and_a_killed_one_catches_up_once(
         asyncio.run(consumers_exist(nats_server.url, {"actuator-0", "actuator-1"}))
         asyncio.run(publish_round(nats_server.url, 1, 2))
         wait_until(lambda: all(decode_of(n) == 2 for n in NAMES), 60.0)
+        # Reported too: a replica killed between its write and its report would report that
+        # target again as "unchanged" after its restart (docs/reliability.md).
+        wait_until(lambda: len(asyncio.run(scale_events(nats_server.url))) == len(NAMES), 30.0)
 
         replicas[1].kill()  # SIGKILL, in the middle of a rollout
         asyncio.run(publish_round(nats_server.url, 2, 3))
