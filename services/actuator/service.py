@@ -33,8 +33,8 @@ from shared.service import Runtime
 
 log = logging.getLogger("slaplanner.actuator")
 OUTCOMES = prometheus_client.Counter(
-    "slaplanner_actuator_outcomes", "Targets handled, by backend and outcome",
-    ["backend", "outcome"])
+    "slaplanner_actuator_outcomes", "Targets handled, by deployment, backend and outcome",
+    ["namespace", "deployment", "backend", "outcome"])
 LEADER = prometheus_client.Gauge(
     "slaplanner_actuator_leader", "1 while this actuator holds the Lease (or needs none)")
 CONSUMES = "slaplanner.target.>"
@@ -119,7 +119,8 @@ async def consume(runtime: Runtime, assembly: Assembly, settings: ActuatorSettin
             return None
         # One line per target: the outcome and what was written (or why not).
         log.info("%s %s: %s", target.deployment, event.outcome, event.reason)
-        OUTCOMES.labels(event.backend, event.outcome.value).inc()
+        OUTCOMES.labels(event.deployment.namespace, event.deployment.name, event.backend,
+                        event.outcome.value).inc()
         return [event]
 
     try:

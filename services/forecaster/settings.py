@@ -8,7 +8,7 @@ from typing import Literal, Self, get_args
 from pydantic import Field, field_validator, model_validator
 
 from shared.partition import ReplicaIndex
-from shared.service_settings import ServiceSettings
+from shared.service_settings import DEFAULT_HTTP_PORTS, ServiceSettings, http_port_field
 from shared.settings import CommaList, DurationS
 
 PredictorName = Literal[
@@ -19,6 +19,7 @@ PREDICTOR_NAMES: tuple[str, ...] = get_args(PredictorName)
 
 
 class ForecasterSettings(ServiceSettings):
+    http_port: int = http_port_field(DEFAULT_HTTP_PORTS["forecaster"])
     predictor: PredictorName = Field(
         default="horizon-smoothing",
         description=(
