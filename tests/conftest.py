@@ -168,3 +168,31 @@ def wait_until(predicate: object, timeout_s: float = 20.0, interval_s: float = 0
             return
         time.sleep(interval_s)
     raise AssertionError("condition not met in time")
+
+
+# --- markers: `make test-fast` runs the tests that need no server ---------------------------------
+# A test needs servers when it uses a fixture that starts one (below) or starts a process itself
+# (its module says `pytestmark = pytest.mark.servers`). The guard keeps the marks honest: a test
+# without the mark that starts a process fails, naming what it started.
+SERVER_FIXTURES = frozenset({"nats_server", "nc", "services", "k8s", "kube"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.servers)
+
+
+@pytest.fixture(autouse=True)
+def _server_free_tests_start_no_process(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if request.node.get_closest_marker("servers") is not None:
+        return
+    def refuse(self: subprocess.Popen[bytes], args: object, *rest: object, **kw: object) -> None:
+        raise AssertionError(
+            f"{request.node.nodeid} starts a process ({args!r}): mark it "
+            "pytest.mark.servers, or use a fixture that starts servers"
+        )
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)

@@ -75,7 +75,8 @@ PROFILE = load_profile(default_profile_path())
 
 def make_decider(**knobs: Any) -> Decider:
     """A decider on the bundled profile, loaded once for this module."""
-    values: dict[str, Any] = {"ttft_target_s": 0.1, "itl_target_s": 0.01, **knobs}
+    values: dict[str, Any] = {"policy": "dynamo", "ttft_target_s": 0.1, "itl_target_s": 0.01,
+                              **knobs}
     return Decider(DeciderSettings(**values), {str(default_profile_path()): PROFILE})
 
 
@@ -129,14 +130,14 @@ def test_corrections_carry_over_between_forecasts_of_one_deployment() -> None:
 
 def test_each_deployment_uses_its_own_configuration(tmp_path: Path) -> None:
     path = tmp_path / "deployments.toml"
-    path.write_text('[deployments."prod/llama"]\nmin_prefill_replicas = 3\nmax_gpu_budget = 10\n')
+    path.write_text('[deployments."prod/llama"]\nmin_prefill_replicas = 3\nmax_total_gpus = 10\n')
     decider = make_decider(no_correction=True, deployment_config_file=str(path))
     llama = decider.decide(forecast(forecast_id="l"))
     other = decider.decide(
         forecast(forecast_id="o", deployment=DeploymentKey(namespace="prod", name="other"))
     )
     assert (llama.prefill_replicas, other.prefill_replicas) == (3, 2)
-    assert llama.explanation["config"]["max_gpu_budget"] == 10
+    assert llama.explanation["config"]["max_total_gpus"] == 10
 
 
 def test_gauge_values_read_the_target_and_leave_the_unobserved_empty(decider: Decider) -> None:

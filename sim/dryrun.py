@@ -14,6 +14,11 @@ same ``LoadForecast`` messages the forecaster would publish. For a policy with a
 5 s by default) of the requests that arrived in it, fed to ``Decider.on_snapshot`` as the
 service's second consumer would: a burst inside an interval that the planned replicas cannot
 serve raises them at once, and the short counts measure how bursty arrivals are.
+
+Predictors: ``constant`` is Dynamo's (next = last, 0 before any data), which the reference
+decisions use; every other predictor of the forecaster runs through the forecaster's own core,
+with its horizon and upper quantiles, as the service would run it. The dry run defaults to
+Dynamo's policy (its reference) and, for the same reason, to no GPU budget guard.
 """
 
 from __future__ import annotations
@@ -27,15 +32,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from pydantic import ValidationError
-
-from services.decider import registry
 from services.decider.core import Decider
-from services.decider.settings import DeciderSettings, DeploymentKnobs
+from services.decider.knobs import DeploymentKnobs
+from services.decider.settings import DeciderSettings
+from services.forecaster.core import Forecaster
+from services.forecaster.predictors import PredictorUnavailable
+from services.forecaster.settings import PREDICTOR_NAMES, ForecasterSettings
 from shared import traces
+from shared.explanation import Explanation
 from shared.messages import DeploymentKey, ForecastStep, LoadForecast, MetricSnapshot
 from shared.perf_model import Profile, ProfileError
-from shared.settings import parse_duration_s
+from shared.settings import parse_seconds
+from sim import options
 
 DRY_RUN_DEPLOYMENT = DeploymentKey(namespace="dry-run", name="trace")
 
@@ -116,79 +124,79 @@ def _finite_non_negative(value: float) -> float:
 
 
 def need_of(explanation: dict[str, Any] | None, role: str) -> int | None:
-    """The replicas a decision needed before stabilisation, step limits and the budget."""
+    """The replicas a decision needed before stabilisation, step limits and the budget: Dynamo's
+    rounded need, or the slaplanner need within the role's bounds."""
     if not explanation or explanation.get("held"):
         return None
-    detail = explanation.get(role)
-    if not isinstance(detail, dict):
-        return None
-    if "needed_replicas" in detail:  # dynamo
-        return int(detail["needed_replicas"])
-    for step in detail.get("steps", []):  # slaplanner: the need within the role's bounds
-        if step.get("step") == "role_bounds":
-            return int(step["replicas"])
-    return None
+    part = Explanation.from_dict(explanation).role(role)
+    if "needed_replicas" in part.detail:  # dynamo
+        return int(part.detail["needed_replicas"])
+    return None if part.trail is None else part.trail.replicas_after("role_bounds")
 
 
-def _short_windows(
-    fast_load: traces.IntervalLoad | None, interval_s: float
-) -> tuple[int, dict[int, dict[int, int]]]:
-    """Short windows per interval: ``(windows per interval, {interval index: {offset: row}})``."""
-    if fast_load is None:
-        return 0, {}
-    per_interval = round(interval_s / fast_load.interval_s)
-    rows: dict[int, dict[int, int]] = {}
-    for row, index in enumerate(fast_load.index.tolist()):
-        parent, offset = divmod(int(index), per_interval)
-        rows.setdefault(parent, {})[offset] = row
-    return per_interval, rows
+class _ForecasterLoad:
+    """The forecaster's own core as the dry run's predictor: each interval's observation in,
+    its forecast (every step to the horizon, with upper quantiles) out."""
+
+    def __init__(self, predictor: str) -> None:
+        self.forecaster = Forecaster(ForecasterSettings(predictor=predictor))
+
+    def forecast(self, observed: MetricSnapshot) -> LoadForecast:
+        self.forecaster.observe(observed)
+        return self.forecaster.forecast(observed)
+
+
+def predictor_names() -> list[str]:
+    """Dynamo's one-step predictors (and any registered), then every one of the forecaster."""
+    return [*PREDICTORS, *(name for name in PREDICTOR_NAMES if name not in PREDICTORS)]
 
 
 def run_dry_run(
-    load: traces.IntervalLoad,
+    trace: traces.Trace,
     knobs: DeploymentKnobs,
     predictor: str = "constant",
     start_prefill: int = 1,
     start_decode: int = 1,
     profile: Profile | None = None,
-    fast_load: traces.IntervalLoad | None = None,
+    fast_path_s: float | None = None,
 ) -> DryRunResult:
-    """Decide every interval of ``load`` as Dynamo's dry run does; pure apart from loading the
+    """Decide every interval of ``trace`` as Dynamo's dry run does; pure apart from loading the
     profile (pass ``profile`` to reuse one already loaded from ``knobs.profile_path``).
 
-    ``fast_load``, the same trace bucketed into windows that divide the interval, is replayed
-    through the fast path of a policy that has one (ignored otherwise)."""
+    ``fast_path_s``: windows (dividing the interval) through which each interval is replayed
+    into the fast path of a policy that has one (ignored otherwise)."""
     settings = DeciderSettings.model_validate({**knobs.model_dump(), "no_correction": True})
     decider = Decider(settings, None if profile is None else {knobs.profile_path: profile})
-    interval = load.interval_s
-    predictors = {series: PREDICTORS[predictor]() for series in ("rr", "isl", "osl")}
+    interval = knobs.adjustment_interval_s
+    # Dynamo's dry run skips intervals without a request; time is the position times the interval.
+    windows = [w for w in traces.window_loads(trace, interval, percentiles=False)
+               if w.num_requests]
+    one_step = predictor in PREDICTORS
+    predictors = {s: PREDICTORS[predictor]() for s in ("rr", "isl", "osl")} if one_step else {}
+    forecaster = None if one_step else _ForecasterLoad(predictor)
     result = DryRunResult()
     if not decider.has_fast_path():
-        fast_load = None
-    if fast_load is not None:
-        ratio = interval / fast_load.interval_s
-        if fast_load.interval_s >= interval or abs(ratio - round(ratio)) > 1e-9:
+        fast_path_s = None
+    short: dict[int, traces.WindowLoad] = {}
+    per_interval = 0
+    if fast_path_s:
+        ratio = interval / fast_path_s
+        if fast_path_s >= interval or abs(ratio - round(ratio)) > 1e-9:
             raise ValueError(
-                f"the fast-path interval ({fast_load.interval_s:g} s) must divide the interval "
+                f"the fast-path interval ({fast_path_s:g} s) must divide the interval "
                 f"({interval:g} s) into several windows"
             )
-    per_interval, short_rows = _short_windows(fast_load, interval)
+        per_interval = round(ratio)
+        short = {w.index: w for w in traces.window_loads(trace, fast_path_s, percentiles=False)}
     current = (start_prefill, start_decode)
-    for position in range(len(load)):
-        rr = float(load.num_requests[position])
-        isl = float(load.isl_avg_tokens[position])
-        osl = float(load.osl_avg_tokens[position])
+    for position, window in enumerate(windows):
+        rr = float(window.num_requests)
+        isl, osl = float(window.isl_avg or 0.0), float(window.osl_avg or 0.0)
         now = position * interval
         if position == 0:
             est = (rr, isl, osl)
             num_p, num_d, why = start_prefill, start_decode, None
         else:
-            est = (
-                predictors["rr"].predict_next(),
-                predictors["isl"].predict_next(),
-                predictors["osl"].predict_next(),
-            )
-            rr_hat, isl_hat, osl_hat = (_finite_non_negative(v) for v in est)
             observed = MetricSnapshot(
                 id=f"dry-run-observed-{position - 1}",
                 deployment=DRY_RUN_DEPLOYMENT,
@@ -201,35 +209,25 @@ def run_dry_run(
                 prefill_workers=current[0],
                 decode_workers=current[1],
             )
-            forecast = LoadForecast(
-                id=f"dry-run-forecast-{position}",
-                deployment=DRY_RUN_DEPLOYMENT,
-                window_end=now,
-                window_s=interval,
-                model=predictor,
-                steps=[
-                    ForecastStep(
-                        window_end=now + interval,
-                        num_requests=rr_hat,
-                        num_requests_upper=rr_hat,
-                        isl_avg=isl_hat,
-                        isl_avg_upper=isl_hat,
-                        osl_avg=osl_hat,
-                        osl_avg_upper=osl_hat,
-                    )
-                ],
-                observed=observed,
-            )
+            if forecaster is not None:
+                forecast = forecaster.forecast(observed)
+                first = forecast.steps[0]
+                est = (first.num_requests, first.isl_avg, first.osl_avg)
+            else:
+                est = (predictors["rr"].predict_next(), predictors["isl"].predict_next(),
+                       predictors["osl"].predict_next())
+                forecast = _one_step(position, now, interval, predictor, est, observed)
             target = decider.decide(forecast)
             num_p, num_d, why = target.prefill_replicas, target.decode_replicas, target.explanation
         current = (num_p, num_d)
-        if fast_load is not None:
+        if short:
             current = _replay_short_windows(
-                decider, fast_load, short_rows.get(int(load.index[position]), {}),
-                per_interval, now, current, result,
+                decider, short, window.index * per_interval, per_interval, fast_path_s or 0.0,
+                now, current, result,
             )
         for series, value in (("rr", rr), ("isl", isl), ("osl", osl)):
-            predictors[series].add(value)
+            if series in predictors:
+                predictors[series].add(value)
         result.time.append(now)
         result.rr.append(rr)
         result.isl.append(isl)
@@ -247,19 +245,46 @@ def run_dry_run(
     return result
 
 
+def _one_step(
+    position: int, now: float, interval: float, predictor: str, est: Sequence[float],
+    observed: MetricSnapshot,
+) -> LoadForecast:
+    """The forecast a one-step predictor gives: one step, no quantile (point = upper)."""
+    rr_hat, isl_hat, osl_hat = (_finite_non_negative(v) for v in est)
+    return LoadForecast(
+        id=f"dry-run-forecast-{position}",
+        deployment=DRY_RUN_DEPLOYMENT,
+        window_end=now,
+        window_s=interval,
+        model=predictor,
+        steps=[
+            ForecastStep(
+                window_end=now + interval,
+                num_requests=rr_hat,
+                num_requests_upper=rr_hat,
+                isl_avg=isl_hat,
+                isl_avg_upper=isl_hat,
+                osl_avg=osl_hat,
+                osl_avg_upper=osl_hat,
+            )
+        ],
+        observed=observed,
+    )
+
+
 def _replay_short_windows(
     decider: Decider,
-    fast_load: traces.IntervalLoad,
-    rows: dict[int, int],
+    short: dict[int, traces.WindowLoad],
+    first_index: int,
     per_interval: int,
+    window: float,
     start_s: float,
     current: tuple[int, int],
     result: DryRunResult,
 ) -> tuple[int, int]:
-    """Feed one interval's short windows (empty ones too) to the fast path; the replicas after."""
-    window = fast_load.interval_s
+    """Feed one interval's short windows (idle ones too) to the fast path; the replicas after."""
     for offset in range(per_interval):
-        row = rows.get(offset)
+        load = short.get(first_index + offset)
         end = start_s + (offset + 1) * window
         snapshot = MetricSnapshot(
             id=f"dry-run-short-{end:.6f}",
@@ -267,9 +292,9 @@ def _replay_short_windows(
             window_end=end,
             window_s=window,
             source="trace",
-            num_requests=0.0 if row is None else float(fast_load.num_requests[row]),
-            isl_avg=None if row is None else float(fast_load.isl_avg_tokens[row]),
-            osl_avg=None if row is None else float(fast_load.osl_avg_tokens[row]),
+            num_requests=0.0 if load is None else float(load.num_requests),
+            isl_avg=None if load is None else load.isl_avg,
+            osl_avg=None if load is None else load.osl_avg,
             prefill_workers=current[0],
             decode_workers=current[1],
         )
@@ -414,149 +439,24 @@ def _plot_replicas(axis: Any, result: DryRunResult) -> None:
         )
 
 
-# Planning flag -> settings field, for error messages that name what the user typed.
-_FLAG_OF_FIELD = {
-    "profile_path": "--profile",
-    "policy": "--policy",
-    "ttft_target_s": "--ttft",
-    "itl_target_s": "--itl",
-    "adjustment_interval_s": "--interval",
-    "max_gpu_budget": "--max-gpu-budget",
-    "min_endpoint": "--min-endpoint",
-    "prefill_engine_gpus": "--prefill-engine-gpus",
-    "decode_engine_gpus": "--decode-engine-gpus",
-}
-
-
-def knob_default(name: str) -> Any:
-    """The service's default of one ``DeploymentKnobs`` field."""
-    return DeploymentKnobs.model_fields[name].get_default(call_default_factory=True)
-
-
-def add_planning_arguments(
-    parser: argparse.ArgumentParser,
-    *,
-    policies: Sequence[str],
-    default_policy: str,
-    predictors: Sequence[str],
-    enforce_gpu_budget: bool,
-    trace_default: str | None = None,
-    policy_help: str = "sizing policy (default %(default)s)",
-) -> None:
-    """The options every trace replay shares (``dry-run``, ``simulate``, ``replay``, ``demo``):
-    the trace, the deployment's knobs under the flags of Dynamo's dry run, the start counts and
-    the outputs. ``trace_default`` makes ``--trace`` optional."""
-    parser.add_argument(
-        "--trace", required=trace_default is None, default=trace_default,
-        help="Mooncake .jsonl or Azure .csv trace"
-        + ("" if trace_default is None else " (default: %(default)s)"),
-    )
-    parser.add_argument(
-        "--speedup", type=float, default=1.0,
-        help="divide every arrival time by this (default %(default)s)",
-    )
-    parser.add_argument(
-        "--profile", "--profile-results-dir", dest="profile", default=knob_default("profile_path"),
-        help="profile directory or JSON file (default: the bundled H200 profile)",
-    )
-    parser.add_argument(
-        "--policy", default=default_policy, choices=list(policies), help=policy_help,
-    )
-    parser.add_argument(
-        "--predictor", "--load-predictor", dest="predictor", default="constant",
-        choices=list(predictors), help="load predictor (default %(default)s)",
-    )
-    parser.add_argument(
-        "--interval", "--adjustment-interval", dest="interval",
-        default=f"{knob_default('adjustment_interval_s'):g}s",
-        help="adjustment interval: '30s', '1m' or bare seconds (default %(default)s)",
-    )
-    parser.add_argument(
-        "--ttft", default=f"{knob_default('ttft_target_s') * 1000:g}ms",
-        help="TTFT target with a unit, e.g. 100ms (default %(default)s)",
-    )
-    parser.add_argument(
-        "--itl", default=f"{knob_default('itl_target_s') * 1000:g}ms",
-        help="ITL target with a unit, e.g. 10ms (default %(default)s)",
-    )
-    parser.add_argument(
-        "--max-gpu-budget", type=int, default=knob_default("max_gpu_budget"),
-        help="GPUs at most, prefill and decode together (default %(default)s)",
-    )
-    parser.add_argument("--min-endpoint", type=int, default=knob_default("min_endpoint"))
-    parser.add_argument(
-        "--prefill-engine-gpus", "--prefill-engine-num-gpu", type=int,
-        dest="prefill_engine_gpus", default=knob_default("prefill_engine_gpus"),
-    )
-    parser.add_argument(
-        "--decode-engine-gpus", "--decode-engine-num-gpu", type=int,
-        dest="decode_engine_gpus", default=knob_default("decode_engine_gpus"),
-    )
-    parser.add_argument(
-        "--start-prefill", "--start-num-p", dest="start_prefill", type=int, default=1,
-        help="prefill replicas at the start (default 1)",
-    )
-    parser.add_argument(
-        "--start-decode", "--start-num-d", dest="start_decode", type=int, default=1,
-        help="decode replicas at the start (default 1)",
-    )
-    parser.add_argument(
-        "--enforce-gpu-budget", choices=["true", "false"],
-        default=str(enforce_gpu_budget).lower(),
-        help="the decider's guard where a policy's counts exceed the budget (default "
-        "%(default)s; false reproduces Dynamo's numbers exactly, over the budget if need be)",
-    )
-    parser.add_argument("--json", dest="json_out", help="write the result (JSON) here")
-    parser.add_argument("--plot", dest="plot_out", help="write a PNG of the run here")
-    parser.add_argument("--quiet", action="store_true", help="do not print the interval table")
-
-
-def planning_knobs(
-    args: argparse.Namespace, *, policy: str, no_correction: bool
-) -> DeploymentKnobs:
-    """The deployment's knobs from the options ``add_planning_arguments`` added; raises
-    ``ValueError`` naming each flag that is wrong."""
-    try:
-        return DeploymentKnobs.model_validate(
-            {
-                "profile_path": args.profile,
-                "policy": policy,
-                "ttft_target_s": args.ttft,
-                "itl_target_s": args.itl,
-                "adjustment_interval_s": args.interval,
-                "max_gpu_budget": args.max_gpu_budget,
-                "min_endpoint": args.min_endpoint,
-                "prefill_engine_gpus": args.prefill_engine_gpus,
-                "decode_engine_gpus": args.decode_engine_gpus,
-                "no_correction": no_correction,
-                "enforce_gpu_budget": args.enforce_gpu_budget == "true",
-            }
-        )
-    except ValidationError as exc:
-        problems = []
-        for item in exc.errors():
-            name = str(item["loc"][0]) if item["loc"] else ""
-            flag = _FLAG_OF_FIELD.get(name, name or "settings")
-            problems.append(f"{flag}: {item['msg'].removeprefix('Value error, ')}")
-        raise ValueError("; ".join(problems)) from None
-
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(knobs_cls: type[DeploymentKnobs] = DeploymentKnobs) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="slaplanner dry-run",
         description="Replay a request trace through a load predictor and a sizing policy, and "
-        "report the replicas chosen per interval (as Dynamo's planner dry run does).",
+        "report the replicas chosen per interval (as Dynamo's planner dry run does). It "
+        "defaults to Dynamo's policy with Dynamo's constant predictor and no budget guard, "
+        "which reproduce Dynamo's own dry run; --policy slaplanner runs ours.",
     )
-    # The budget guard is off by default: the dry run reproduces Dynamo's reference numbers.
-    add_planning_arguments(
-        parser, policies=registry.policy_names(), default_policy=registry.DEFAULT_POLICY,
-        predictors=sorted(PREDICTORS), enforce_gpu_budget=False,
-    )
+    options.add_trace_arguments(parser, predictors=predictor_names(), default_predictor="constant")
     parser.add_argument(
         "--fast-path-interval",
         default="5s",
         help="replay each interval as short snapshots of this length through the policy's fast "
         "path ('5s'; it must divide the interval; '0s' turns it off; dynamo has none)",
+    )
+    # Dynamo's policy and numbers by default: the dry run reproduces Dynamo's reference.
+    options.add_knob_arguments(
+        parser, knobs_cls, defaults={"policy": "dynamo", "enforce_gpu_budget": False}
     )
     return parser
 
@@ -571,10 +471,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{prog}: --start-prefill and --start-decode must be >= 0", file=sys.stderr)
         return 2
     try:
-        knobs = planning_knobs(args, policy=args.policy, no_correction=True)
+        knobs = options.knobs_from_args(args, no_correction=True)
+        fast_s = parse_seconds(args.fast_path_interval)
     except ValueError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 2
+    for out in (args.json_out, args.plot_out):
+        if out and not Path(out).resolve().parent.is_dir():
+            print(f"{prog}: {out}: its folder does not exist", file=sys.stderr)
+            return 2
     try:
         trace = traces.load_trace(args.trace).sped_up(args.speedup)
     except (traces.TraceError, OSError) as exc:
@@ -584,32 +489,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{prog}: {args.trace}: the trace has no requests", file=sys.stderr)
         return 2
     try:
-        fast_s = parse_duration_s(args.fast_path_interval)
-    except ValueError as exc:
-        print(f"{prog}: --fast-path-interval: {exc}", file=sys.stderr)
-        return 2
-    fast_load = None
-    if fast_s > 0:
-        ratio = knobs.adjustment_interval_s / fast_s
-        if fast_s >= knobs.adjustment_interval_s or abs(ratio - round(ratio)) > 1e-9:
-            print(
-                f"{prog}: --fast-path-interval: {fast_s:g} s must divide the interval "
-                f"({knobs.adjustment_interval_s:g} s) into several windows",
-                file=sys.stderr,
-            )
-            return 2
-        fast_load = traces.bucket_by_interval(trace, fast_s)
-    try:
         result = run_dry_run(
-            traces.bucket_by_interval(trace, knobs.adjustment_interval_s),
+            trace,
             knobs,
             predictor=args.predictor,
             start_prefill=args.start_prefill,
             start_decode=args.start_decode,
-            fast_load=fast_load,
+            fast_path_s=fast_s or None,
         )
-    except ProfileError as exc:
-        print(f"{prog}: {exc}", file=sys.stderr)
+    except ValueError as exc:  # ProfileError is one; a fast-path interval that does not divide
+        print(f"{prog}: {'' if isinstance(exc, ProfileError) else '--fast-path-interval: '}"
+              f"{exc}", file=sys.stderr)
+        return 2
+    except PredictorUnavailable as exc:
+        print(f"{prog}: --predictor {args.predictor}: {exc}", file=sys.stderr)
         return 2
     if not args.quiet:
         print(format_table(result))
@@ -618,12 +511,12 @@ def main(argv: list[str] | None = None) -> int:
             "trace": Path(args.trace).name,
             "speedup": args.speedup,
             "adjustment_interval_s": knobs.adjustment_interval_s,
-            "max_gpu_budget": knobs.max_gpu_budget,
+            "max_gpu_budget": knobs.max_total_gpus,
             "ttft_s": knobs.ttft_target_s,
             "itl_s": knobs.itl_target_s,
             "min_endpoint": knobs.min_endpoint,
-            "prefill_engine_num_gpu": knobs.prefill_engine_gpus,
-            "decode_engine_num_gpu": knobs.decode_engine_gpus,
+            "prefill_engine_num_gpu": knobs.prefill_engine_num_gpu,
+            "decode_engine_num_gpu": knobs.decode_engine_num_gpu,
             "load_predictor": args.predictor,
             "policy": knobs.policy,
             "profile": knobs.profile_path,
