@@ -507,3 +507,7 @@ def docs_table(cls: type[DeploymentKnobs] = DeploymentKnobs) -> str:
             f"{spec.bounds} | {policies} | {spec.description.replace('|', '/')} |"
         )
     return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(docs_table())
