@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-ROLES = ("prefill", "decode")
+from shared.roles import ROLE_NAMES as ROLES
 
 
 class Rule(StrEnum):
