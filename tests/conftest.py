@@ -171,28 +171,38 @@ def wait_until(predicate: object, timeout_s: float = 20.0, interval_s: float = 0
 
 
 # --- markers: `make test-fast` runs the tests that need no server ---------------------------------
-# A test needs servers when it uses a fixture that starts one (below) or starts a process itself
-# (its module says `pytestmark = pytest.mark.servers`). The guard keeps the marks honest: a test
-# without the mark that starts a process fails, naming what it started.
-SERVER_FIXTURES = frozenset({"nats_server", "nc", "services", "k8s", "kube"})
+# A test needs servers when it uses a fixture that starts one (a nats-server, Prometheus, the
+# Kubernetes API test server, metrics endpoints, the services) or its module starts processes
+# itself (kustomize, promtool, nats-server config checks, the replay). `-m "not servers"` runs
+# with every process start refused, so a test missing from these lists fails, naming what it
+# started, instead of slowing the fast suite down.
+SERVER_FIXTURES = frozenset({
+    "nats_server", "nc", "services", "k8s", "kube", "server", "api", "workers", "stack",
+    "shell", "servers", "replicas", "prometheus", "password_server", "deploy_bus", "collected",
+    "targets", "installed",
+})
+SERVER_MODULES = frozenset({
+    "test_bench_load", "test_demo", "test_deploy_dashboard", "test_deploy_dockerfile",
+    "test_deploy_manifests", "test_deploy_nats", "test_faults", "test_full_loop",
+    "test_security", "test_sim_replay",
+})
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+        module = Path(str(item.path)).stem
+        if module in SERVER_MODULES or SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.servers)
 
 
-@pytest.fixture(autouse=True)
-def _server_free_tests_start_no_process(
-    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    if request.node.get_closest_marker("servers") is not None:
+def pytest_configure(config: pytest.Config) -> None:
+    if config.option.markexpr.replace(" ", "") != "notservers":
         return
+
     def refuse(self: subprocess.Popen[bytes], args: object, *rest: object, **kw: object) -> None:
         raise AssertionError(
-            f"{request.node.nodeid} starts a process ({args!r}): mark it "
-            "pytest.mark.servers, or use a fixture that starts servers"
+            f"a test of the server-free suite starts a process ({args!r}): add its fixture to "
+            "SERVER_FIXTURES or its module to SERVER_MODULES in tests/conftest.py"
         )
 
-    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
+    subprocess.Popen.__init__ = refuse  # type: ignore[assignment, method-assign]

@@ -13,6 +13,7 @@ from services.forecaster.predictors import PredictorUnavailable, ensure_availabl
 from services.forecaster.settings import PREDICTOR_NAMES
 from shared import traces
 from sim import dryrun
+from sim.synth import write_mooncake
 from tests.test_slaplanner_policy_support import PROFILE
 
 AZURE = str(traces.bundled_trace_path("azure_llm_2023_code.csv"))
@@ -52,12 +53,16 @@ def installed(name: str) -> bool:
 
 @pytest.mark.usefixtures("with_erratic_predictor")
 def test_the_slaplanner_dry_run_works_with_every_predictor_it_knows(tmp_path: Path) -> None:
-    # Dynamo's one-step predictors and every one of the forecaster (prophet where installed).
+    # Dynamo's one-step predictors and every one of the forecaster (prophet where installed);
+    # the forecaster's fit models, on the first three minutes of the trace.
     names = dryrun.predictor_names()
     assert {"constant", "erratic", *PREDICTOR_NAMES} <= set(names)
+    short = tmp_path / "first-minutes.jsonl"
+    write_mooncake(traces.load_trace(AZURE).between(0.0, 1800.0), short)  # 3 min at x10
     for name in filter(installed, names):
         out = tmp_path / f"{name}.json"
-        assert dryrun.main([*ARGS, "--predictor", name, "--json", str(out), "--quiet"]) == 0
+        argv = ARGS if name in dryrun.PREDICTORS else [*ARGS, "--trace", str(short)]
+        assert dryrun.main([*argv, "--predictor", name, "--json", str(out), "--quiet"]) == 0
         document = json.loads(out.read_text())
         per_interval = document["per_interval"]
         assert document["policy"] == "slaplanner"
