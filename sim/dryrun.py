@@ -197,17 +197,8 @@ def run_dry_run(
             est = (rr, isl, osl)
             num_p, num_d, why = start_prefill, start_decode, None
         else:
-            observed = MetricSnapshot(
-                id=f"dry-run-observed-{position - 1}",
-                deployment=DRY_RUN_DEPLOYMENT,
-                window_end=now,
-                window_s=interval,
-                source="trace",
-                num_requests=result.rr[-1],
-                isl_avg=result.isl[-1],
-                osl_avg=result.osl[-1],
-                prefill_workers=current[0],
-                decode_workers=current[1],
+            observed = snapshot_of(
+                f"dry-run-observed-{position - 1}", now, interval, windows[position - 1], current
             )
             if forecaster is not None:
                 forecast = forecaster.forecast(observed)
@@ -272,6 +263,26 @@ def _one_step(
     )
 
 
+def snapshot_of(
+    snapshot_id: str, window_end: float, window_s: float, load: traces.WindowLoad | None,
+    current: tuple[int, int],
+) -> MetricSnapshot:
+    """What a collector would report of one window of the trace (``None``: no request in it),
+    with the replicas the dry run has; a trace has no latencies."""
+    return MetricSnapshot(
+        id=snapshot_id,
+        deployment=DRY_RUN_DEPLOYMENT,
+        window_end=window_end,
+        window_s=window_s,
+        source="trace",
+        num_requests=0.0 if load is None else float(load.num_requests),
+        isl_avg=None if load is None else load.isl_avg,
+        osl_avg=None if load is None else load.osl_avg,
+        prefill_workers=current[0],
+        decode_workers=current[1],
+    )
+
+
 def _replay_short_windows(
     decider: Decider,
     short: dict[int, traces.WindowLoad],
@@ -284,19 +295,9 @@ def _replay_short_windows(
 ) -> tuple[int, int]:
     """Feed one interval's short windows (idle ones too) to the fast path; the replicas after."""
     for offset in range(per_interval):
-        load = short.get(first_index + offset)
         end = start_s + (offset + 1) * window
-        snapshot = MetricSnapshot(
-            id=f"dry-run-short-{end:.6f}",
-            deployment=DRY_RUN_DEPLOYMENT,
-            window_end=end,
-            window_s=window,
-            source="trace",
-            num_requests=0.0 if load is None else float(load.num_requests),
-            isl_avg=None if load is None else load.isl_avg,
-            osl_avg=None if load is None else load.osl_avg,
-            prefill_workers=current[0],
-            decode_workers=current[1],
+        snapshot = snapshot_of(
+            f"dry-run-short-{end:.6f}", end, window, short.get(first_index + offset), current
         )
         target = decider.on_snapshot(snapshot)
         if target is not None:

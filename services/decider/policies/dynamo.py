@@ -145,21 +145,23 @@ def size_prefill(
     # the product is the very same float, so Dynamo's numbers hold exactly.
     demand = load.num_requests * load.isl_avg_tokens / load.window_s * applied
     demand *= knobs.prefill_headroom
-    thpt = estimate.thpt_tokens_per_s_per_gpu
-    gpus = knobs.prefill_engine_num_gpu
+    return _sized(demand, estimate.thpt_tokens_per_s_per_gpu, knobs.prefill_engine_num_gpu, {
+        "correction_factor": correction,
+        "correction_applied": applied,
+        "prefill_headroom": knobs.prefill_headroom,
+        "profile": estimate.as_dict(),
+        "isl_clamped": estimate.clamp is not IslClamp.WITHIN_RANGE,
+    })
+
+
+def _sized(demand: float, thpt: float, gpus: int, detail: dict[str, Any]) -> RoleSizing:
+    """Dynamo's ``ceil(demand / throughput per GPU / GPUs per engine)``, explained."""
     raw = demand / thpt / gpus if thpt != 0 else float("inf")
     return RoleSizing(
         replicas=contract.ceil_replicas(raw),
         raw_replicas=raw,
         capacity_per_replica_tokens_per_s=thpt * gpus,
-        detail={
-            "demand_tokens_per_s": demand,
-            "correction_factor": correction,
-            "correction_applied": applied,
-            "prefill_headroom": knobs.prefill_headroom,
-            "profile": estimate.as_dict(),
-            "isl_clamped": estimate.clamp is not IslClamp.WITHIN_RANGE,
-        },
+        detail={"demand_tokens_per_s": demand, **detail},
     )
 
 
@@ -171,21 +173,12 @@ def size_decode(
     context = load.isl_avg_tokens + load.osl_avg_tokens / 2
     point = profile.decode.best_thpt_per_gpu(itl_target, context)
     demand = load.num_requests * load.osl_avg_tokens / load.window_s
-    thpt = point.thpt_tokens_per_s_per_gpu
-    gpus = knobs.decode_engine_num_gpu
-    raw = demand / thpt / gpus if thpt != 0 else float("inf")
-    return RoleSizing(
-        replicas=contract.ceil_replicas(raw),
-        raw_replicas=raw,
-        capacity_per_replica_tokens_per_s=thpt * gpus,
-        detail={
-            "demand_tokens_per_s": demand,
-            "correction_factor": correction,
-            "itl_target_s": knobs.itl_target_s,
-            "corrected_itl_target_s": itl_target,
-            "operating_point": point.as_dict(),
-        },
-    )
+    return _sized(demand, point.thpt_tokens_per_s_per_gpu, knobs.decode_engine_num_gpu, {
+        "correction_factor": correction,
+        "itl_target_s": knobs.itl_target_s,
+        "corrected_itl_target_s": itl_target,
+        "operating_point": point.as_dict(),
+    })
 
 
 def cut_to_gpu_budget(
