@@ -227,3 +227,17 @@ def test_profile_convert_needs_provenance_the_source_lacks(
 def test_profile_show_of_a_bad_path_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert profile_cli.main(["show", "/nonexistent/profile"]) == 2
     assert "no such profile" in capsys.readouterr().err
+
+
+def test_the_decider_names_its_policy_targets_and_profile_for_the_start_log(
+    tmp_path: Path,
+) -> None:
+    overrides = tmp_path / "deployments.toml"
+    overrides.write_text('[deployments."prod/llama"]\npolicy = "dynamo"\nttft_target_s = "2s"\n')
+    settings = DeciderSettings(ttft_target_s=0.3, deployment_config_file=str(overrides))
+    lines = Decider(settings, {str(default_profile_path()): PROFILE}).describe()
+    model = PROFILE.provenance.model
+    assert model and len(lines) == 2
+    assert lines[0].startswith("every deployment: policy slaplanner, TTFT target 0.3 s")
+    assert lines[1].startswith("deployment prod/llama: policy dynamo, TTFT target 2 s")
+    assert all(str(default_profile_path()) in line and model in line for line in lines)
