@@ -23,6 +23,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "replay": ("sim.replay", "main", "the services on NATS driving the simulator in virtual time"),
     "trace": ("services.cli", "trace_main", "trace tools: `slaplanner trace synth ...`"),
     "schema": ("services.cli", "schema_main", "print the JSON Schema of the bus messages"),
+    "status": ("shared.operator_tools", "status_main",
+               "each deployment's counts, last decision and conditions (like describe hpa)"),
+    "watch": ("shared.operator_tools", "watch_main", "one line per decision as it happens"),
+    "publish": ("shared.operator_tools", "publish_main",
+                "publish one body on a subject, checked first (like nats pub)"),
 }
 
 

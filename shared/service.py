@@ -447,8 +447,15 @@ def _http_app(runtime_ref: list[Runtime]) -> Callable[..., Iterable[bytes]]:
 
 
 def start_http(settings: ServiceSettings, runtime_ref: list[Runtime]) -> WSGIServer:
-    server = make_server(settings.http_host, settings.http_port, _http_app(runtime_ref),
-                         handler_class=_QuietHandler)
+    try:
+        server = make_server(settings.http_host, settings.http_port, _http_app(runtime_ref),
+                             handler_class=_QuietHandler)
+    except OSError as exc:
+        raise SystemExit(
+            f"cannot serve /metrics and /healthz on {settings.http_host}:{settings.http_port} "
+            f"({exc.strerror or exc}): set --http-port / SLAPLANNER_HTTP_PORT (0 picks a free "
+            "port)"
+        ) from None
     threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
     return server
 

@@ -36,9 +36,9 @@ from services.decider.core import Decider
 from services.decider.knobs import DeploymentKnobs
 from services.decider.settings import DeciderSettings
 from services.forecaster.core import Forecaster
-from services.forecaster.predictors import PredictorUnavailable
+from services.forecaster.predictors import PredictorUnavailable, ensure_available
 from services.forecaster.settings import PREDICTOR_NAMES, ForecasterSettings
-from shared import traces
+from shared import cli_checks, traces
 from shared.explanation import Explanation
 from shared.messages import DeploymentKey, ForecastStep, LoadForecast, MetricSnapshot
 from shared.perf_model import Profile, ProfileError
@@ -339,15 +339,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{prog}: --start-prefill and --start-decode must be >= 0", file=sys.stderr)
         return 2
     try:
+        cli_checks.output_paths({"--json": args.json_out, "--plot": args.plot_out})
+        if args.predictor not in PREDICTORS:  # the forecaster's: its extra must be installed
+            ensure_available(args.predictor)
         knobs = options.knobs_from_args(args, no_correction=True)
         fast_s = parse_seconds(args.fast_path_interval)
     except ValueError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 2
-    for out in (args.json_out, args.plot_out):
-        if out and not Path(out).resolve().parent.is_dir():
-            print(f"{prog}: {out}: its folder does not exist", file=sys.stderr)
-            return 2
+    except PredictorUnavailable as exc:
+        print(f"{prog}: --predictor {args.predictor}: {exc}", file=sys.stderr)
+        return 2
     try:
         trace = traces.load_trace(args.trace).sped_up(args.speedup)
     except (traces.TraceError, OSError) as exc:
@@ -368,9 +370,6 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # ProfileError is one; a fast-path interval that does not divide
         print(f"{prog}: {'' if isinstance(exc, ProfileError) else '--fast-path-interval: '}"
               f"{exc}", file=sys.stderr)
-        return 2
-    except PredictorUnavailable as exc:
-        print(f"{prog}: --predictor {args.predictor}: {exc}", file=sys.stderr)
         return 2
     if not args.quiet:
         print(format_table(result))

@@ -63,6 +63,8 @@ def format_table(result: DryRunResult) -> str:
         lines.append("! over the GPU budget: Dynamo's own cut (its min_endpoint floor binds)")
     if "~" in marks:
         lines.append("~ Dynamo's cut exceeded the GPU budget; the guard removed replicas")
+    lines.append("rr / est_rr: requests in the interval, observed / forecast (Dynamo's names); "
+                 "isl, osl: mean input, output tokens; num_p, num_d: prefill, decode replicas")
     if any("S" in m for m in policy_marks):
         lines.append("S scale-down held by the stabilisation window (the need was lower)")
     if result.fast_path:

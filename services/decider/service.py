@@ -51,7 +51,7 @@ def routes(decider: Decider) -> list[Route[Any]]:
 
     async def on_forecast(forecast: LoadForecast) -> Iterable[Envelope]:
         target = decider.decide(forecast)
-        gauges.record(target)
+        gauges.record(target, forecast.observed)
         log.info("%s", decision_line(target))
         return [target]
 
@@ -59,7 +59,7 @@ def routes(decider: Decider) -> list[Route[Any]]:
         target = decider.on_snapshot(snapshot)
         if target is None:
             return []
-        gauges.record(target)
+        gauges.record(target, snapshot)
         log.info("%s", decision_line(target))
         return [target]
 

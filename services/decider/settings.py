@@ -28,7 +28,7 @@ from pydantic import Field, ValidationError, model_validator
 from services.decider import knobs as knob_model
 from services.decider.knobs import DeploymentKnobs
 from shared.messages import DNS_LABEL
-from shared.service_settings import ServiceSettings
+from shared.service_settings import DEFAULT_HTTP_PORTS, ServiceSettings, http_port_field
 from shared.settings import explain
 
 
@@ -110,6 +110,7 @@ def load_knobs_file(path: str | Path, base: DeploymentKnobs) -> KnobsByDeploymen
 class DeciderSettings(ServiceSettings, DeploymentKnobs):
     """The decider: where the bus is, and how deployments are sized."""
 
+    http_port: int = http_port_field(DEFAULT_HTTP_PORTS["decider"])
     deployment_config_file: str | None = Field(
         default=None,
         description='TOML file with [defaults] and [deployments."namespace/name"] knob overrides',
