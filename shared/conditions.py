@@ -46,7 +46,7 @@ class Status(StrEnum):
     UNKNOWN = "Unknown"
 
 
-# The decider's binding rules (``services.decider.policy.Reason`` values) that are limits, and
+# The decider's binding rules (``shared.explanation.Rule`` values) that are limits, and
 # the HPA-style reason each one is reported under. Every other rule (a sizing model, a hold, the
 # fast path) is the policy deciding, not a limit.
 LIMIT_REASONS: dict[str, str] = {

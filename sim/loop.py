@@ -5,8 +5,9 @@ published for that window; a planner turns it into replica counts, which the clu
 workers serve after the startup delay). Planners:
 
 - ``ServicePlanner``: the real forecaster, decider and actuator cores, through their public
-  classes and settings, built from the same ``SLAPLANNER_*`` variables the services read, with
-  every message passed through its JSON form as on the bus. This is the code the services run,
+  classes and settings (the decider's knobs as typed by the knob model, the others from the
+  ``SLAPLANNER_*`` variables the services read), with every message passed through its JSON
+  form as on the bus. This is the code the services run,
   so ``slaplanner replay`` (the services over NATS) must decide exactly the same;
 - ``StaticPlanner``: fixed counts (the trace's peak);
 - ``ReactivePlanner``: a plain Kubernetes HPA on queue length, prefill busy time and KV usage.

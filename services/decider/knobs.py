@@ -100,11 +100,13 @@ class DeploymentKnobs(Settings):
         "actuator reads the same variable as its hard ceiling)",
     )
     prefill_engine_num_gpu: int = knob(
-        1, unit="GPUs", ge=1, le=1024, deprecated=("prefill_engine_gpus",),
+        1, unit="GPUs", ge=1, le=1024, dynamo="--prefill-engine-num-gpu",
+        deprecated=("prefill_engine_gpus",),
         description="GPUs per prefill engine (replica)",
     )
     decode_engine_num_gpu: int = knob(
-        1, unit="GPUs", ge=1, le=1024, deprecated=("decode_engine_gpus",),
+        1, unit="GPUs", ge=1, le=1024, dynamo="--decode-engine-num-gpu",
+        deprecated=("decode_engine_gpus",),
         description="GPUs per decode engine (replica)",
     )
     min_prefill_replicas: int = knob(
@@ -122,7 +124,7 @@ class DeploymentKnobs(Settings):
         MAX_REPLICAS, unit="replicas", ge=0, le=MAX_REPLICAS, description="most decode replicas"
     )
     no_correction: bool = knob(
-        False, unit="switch",
+        False, unit="switch", dynamo="--no-correction",
         description="do not correct the profile with observed TTFT/ITL (Dynamo's flag)",
     )
     # --- the dynamo policy's own ----------------------------------------------------------------
