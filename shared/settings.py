@@ -68,6 +68,14 @@ def _duration(value: Any) -> Any:
 
 
 DurationS = Annotated[float, BeforeValidator(_duration), Field(ge=0.0, allow_inf_nan=False)]
+# Latency targets, for every service that reads them: positive, and at most a bound that catches
+# milliseconds written as bare seconds ("500" meant as 500 ms); no interactive target is longer.
+TtftTargetS = Annotated[
+    float, BeforeValidator(_duration), Field(gt=0.0, le=120.0, allow_inf_nan=False)
+]
+ItlTargetS = Annotated[
+    float, BeforeValidator(_duration), Field(gt=0.0, le=10.0, allow_inf_nan=False)
+]
 
 
 def _csv(value: Any) -> Any:

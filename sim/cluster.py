@@ -41,6 +41,7 @@ from enum import StrEnum
 import numpy as np
 import numpy.typing as npt
 
+from shared import window_stats
 from shared.perf_model import Profile
 from shared.roles import Role
 from shared.traces import Trace
@@ -172,6 +173,21 @@ class WindowStats:
     decode_serving: int
     prefill_starting: int
     decode_starting: int
+    # planning v2 (MetricSnapshot version 2): what a collector reads besides the means
+    isl_p50: float | None = None
+    isl_p99: float | None = None
+    arrivals: window_stats.ArrivalStats | None = None  # per-second counts, as a 1 s scrape
+    queue_time_avg_s: float | None = None  # first tokens in the window: waited for a worker
+    queue_time_p90_s: float | None = None
+    prefill_time_avg_s: float | None = None  # ... and computed
+    prefill_time_p90_s: float | None = None
+    decode_time_avg_s: float | None = None  # finished in the window
+    requests_before_first_token: int = 0  # arrived, first token still ahead, at end_s
+    prefill_tokens_pending: float = 0.0  # their input tokens
+    ttft_samples_s: FloatArray = field(default_factory=lambda: np.zeros(0), repr=False,
+                                       compare=False)
+    itl_samples_s: FloatArray = field(default_factory=lambda: np.zeros(0), repr=False,
+                                      compare=False)  # per request, mean over its tokens
 
     @property
     def window_s(self) -> float:
@@ -924,6 +940,10 @@ class Cluster:
             slot for slot, w in enumerate(self.decode.slots) if w.serving(end_s)
         ]
         window = end_s - start_s
+        queue = self.prefill.start[now_first] - self.arrival[now_first]
+        compute = self.prefill.end[now_first] - self.prefill.start[now_first]
+        # first token still ahead at end_s: started (carried) or not started yet
+        pending = np.concatenate([self._carry, np.arange(self.prefill.next, hi)])
         return WindowStats(
             start_s=start_s,
             end_s=end_s,
@@ -957,6 +977,22 @@ class Cluster:
             decode_serving=decode_serving,
             prefill_starting=p_all - prefill_serving,
             decode_starting=d_all - decode_serving,
+            isl_p50=_pct(isl, 50),
+            isl_p99=_pct(isl, 99),
+            arrivals=window_stats.arrival_stats(
+                window_stats.counts_per_bin(self.arrival[lo:hi], start_s, end_s), 1.0
+            )
+            if window > 0
+            else None,
+            queue_time_avg_s=_mean(queue),
+            queue_time_p90_s=_pct(queue, 90),
+            prefill_time_avg_s=_mean(compute),
+            prefill_time_p90_s=_pct(compute, 90),
+            decode_time_avg_s=_mean(decode_time),
+            requests_before_first_token=int(pending.size),
+            prefill_tokens_pending=float(self.isl[pending].sum()),
+            ttft_samples_s=ttft,
+            itl_samples_s=per_request_itl,
         )
 
     def _prefill_busy(self, start_s: float, end_s: float, started: IntArray) -> float:

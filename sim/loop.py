@@ -31,6 +31,7 @@ from services.decider.settings import DeciderSettings
 from services.forecaster.core import Forecaster
 from services.forecaster.settings import ForecasterSettings
 from shared import settings as settings_mod
+from shared import window_stats
 from shared.messages import (
     DeploymentKey,
     LoadForecast,
@@ -134,11 +135,58 @@ _GAPS = {
 }
 
 
+_GAPS_V2 = {
+    "isl_p50": "no requests in window",
+    "isl_p99": "no requests in window",
+    "queue_time_avg_s": "no first token in window",
+    "queue_time_p90_s": "no first token in window",
+    "prefill_time_avg_s": "no first token in window",
+    "prefill_time_p90_s": "no first token in window",
+    "decode_time_avg_s": "no request finished in window",
+    "ttft_under_target_share": "no first token in window",
+    "itl_under_target_share": "no request finished in window",
+}
+
+
+def _v2_values(stats: WindowStats, ttft_target_s: float | None,
+               itl_target_s: float | None) -> tuple[dict[str, Any], dict[str, str]]:
+    """The version 2 fields of the window's snapshot, and why some are null. The simulator
+    knows every request, so the shares under target are exact (``per_request``)."""
+    values: dict[str, Any] = {
+        "isl_p50": stats.isl_p50,
+        "isl_p99": stats.isl_p99,
+        "queue_time_avg_s": stats.queue_time_avg_s,
+        "queue_time_p90_s": stats.queue_time_p90_s,
+        "prefill_time_avg_s": stats.prefill_time_avg_s,
+        "prefill_time_p90_s": stats.prefill_time_p90_s,
+        "decode_time_avg_s": stats.decode_time_avg_s,
+        "requests_before_first_token": float(stats.requests_before_first_token),
+        "prefill_tokens_pending": stats.prefill_tokens_pending,
+        "requests_failed": 0.0,  # the simulated engines never fail a request
+    }
+    gaps = {name: _GAPS_V2[name] for name, value in values.items() if value is None}
+    if stats.arrivals is not None:
+        values.update(stats.arrivals.fields())
+        gaps.update(stats.arrivals.gaps)
+    for role, target, samples in (("ttft", ttft_target_s, stats.ttft_samples_s),
+                                  ("itl", itl_target_s, stats.itl_samples_s)):
+        if target is None:
+            continue
+        share = window_stats.share_per_request(samples, target)
+        values[f"{role}_target_s"] = target
+        values[f"{role}_under_target_share"] = share.share
+        values[f"{role}_share_method"] = share.method
+        if share.share is None:
+            gaps[f"{role}_under_target_share"] = _GAPS_V2[f"{role}_under_target_share"]
+    return values, gaps
+
+
 def snapshot_of(
-    stats: WindowStats, deployment: DeploymentKey = DEPLOYMENT, epoch_s: float = EPOCH_S
+    stats: WindowStats, deployment: DeploymentKey = DEPLOYMENT, epoch_s: float = EPOCH_S,
+    ttft_target_s: float | None = None, itl_target_s: float | None = None,
 ) -> MetricSnapshot:
     """The snapshot a collector would have published for the window (serving workers only:
-    a worker still starting exports no metrics)."""
+    a worker still starting exports no metrics). With the targets, the shares under them."""
     window_end = epoch_s + stats.end_s
     values: dict[str, Any] = {
         "num_requests": float(stats.num_requests),
@@ -157,6 +205,7 @@ def snapshot_of(
         if stats.kv_cache_usage is None
         else min(1.0, stats.kv_cache_usage),
     }
+    v2_values, v2_gaps = _v2_values(stats, ttft_target_s, itl_target_s)
     return MetricSnapshot(
         id=f"sim-{deployment.namespace}-{deployment.name}-{round(window_end * 1000)}",
         deployment=deployment,
@@ -164,11 +213,14 @@ def snapshot_of(
         window_s=stats.window_s,
         source="simulator",
         requests_running=float(stats.prefill_running + stats.decode_running),
+        # the engines' queues: waiting for a prefill worker, and for KV room on a decode one
         requests_waiting=float(stats.prefill_waiting + stats.decode_waiting),
         prefill_workers=stats.prefill_serving,
         decode_workers=stats.decode_serving,
-        gaps={name: _GAPS[name] for name, value in values.items() if value is None},
+        gaps={**{name: _GAPS[name] for name, value in values.items() if value is None},
+              **v2_gaps},
         **values,
+        **v2_values,
     )
 
 
@@ -530,7 +582,8 @@ class ClosedLoop:
         self._pending = stats
         return Observation(
             stats,
-            snapshot_of(stats, self.deployment, self.epoch_s),
+            snapshot_of(stats, self.deployment, self.epoch_s, self.ttft_target_s,
+                        self.itl_target_s),
             self.cluster.replicas(),
             stats.end_s,
         )

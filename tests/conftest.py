@@ -8,10 +8,13 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import nats
 import pytest
@@ -168,6 +171,26 @@ def wait_until(predicate: object, timeout_s: float = 20.0, interval_s: float = 0
             return
         time.sleep(interval_s)
     raise AssertionError("condition not met in time")
+
+
+def serve_exposition(body: Callable[[], bytes]) -> ThreadingHTTPServer:
+    """A /metrics endpoint on a free loopback port serving ``body()`` at each scrape (text
+    format 0.0.4), in a daemon thread; ``shutdown()`` it after use."""
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            text = body()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.send_header("Content-Length", str(len(text)))
+            self.end_headers()
+            self.wfile.write(text)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            return
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
 
 
 # --- markers: `make test-fast` runs the tests that need no server ---------------------------------

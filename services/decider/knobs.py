@@ -26,7 +26,15 @@ from pydantic.fields import FieldInfo
 
 from shared.messages import MAX_REPLICAS
 from shared.perf_model import default_profile_path
-from shared.settings import DurationS, Settings, env_name, field_meta, flag_name
+from shared.settings import (
+    DurationS,
+    ItlTargetS,
+    Settings,
+    TtftTargetS,
+    env_name,
+    field_meta,
+    flag_name,
+)
 
 ALL = ("dynamo", "slaplanner")
 SLAPLANNER = ("slaplanner",)
@@ -75,14 +83,12 @@ class DeploymentKnobs(Settings):
     # planner/defaults.py, ai-dynamo/dynamo, Apache-2.0): TTFT 500 ms, ITL 50 ms (its flags take
     # milliseconds), GPU budget 8, min_endpoint 1, one GPU per engine. Dynamo's adjustment
     # interval default is 180 s; ours is 60 s, which reacts three times sooner.
-    # The upper bounds catch milliseconds written as bare seconds ("500" meant as 500 ms): no
-    # interactive latency target is that long.
-    ttft_target_s: DurationS = knob(
-        0.5, unit="s", gt=0.0, le=120.0, dynamo="--ttft", dynamo_unit="ms",
+    ttft_target_s: TtftTargetS = knob(
+        0.5, unit="s", dynamo="--ttft", dynamo_unit="ms",
         description="time-to-first-token target ('500ms', or bare seconds)",
     )
-    itl_target_s: DurationS = knob(
-        0.05, unit="s", gt=0.0, le=10.0, dynamo="--itl", dynamo_unit="ms",
+    itl_target_s: ItlTargetS = knob(
+        0.05, unit="s", dynamo="--itl", dynamo_unit="ms",
         description="inter-token latency target ('50ms', or bare seconds)",
     )
     adjustment_interval_s: DurationS = knob(

@@ -82,7 +82,8 @@ def with_memory(state: PolicyState, memory: PlannerMemory) -> PolicyState:
 def active(snapshot: MetricSnapshot) -> bool:
     return any(
         value is not None and value > 0
-        for value in (snapshot.num_requests, snapshot.requests_waiting, snapshot.requests_running)
+        for value in (snapshot.num_requests, snapshot.requests_waiting, snapshot.requests_running,
+                      snapshot.requests_before_first_token)
     )
 
 
