@@ -92,9 +92,9 @@ def test_the_dry_run_marks_intervals_where_dynamos_cut_exceeds_the_budget() -> N
 @pytest.mark.parametrize(
     ("flag", "value", "error"),
     [
-        pytest.param("--ttft", "-2s", "--ttft-target-s: must be positive, got -2.0",
+        pytest.param("--ttft", "-2s", "--ttft-target-s: must be positive, got '-2s'",
                      id="a negative target is not positive, whatever its unit"),
-        pytest.param("--ttft", "0", "--ttft-target-s: must be positive, got 0.0",
+        pytest.param("--ttft", "0", "--ttft-target-s: must be positive, got '0ms'",
                      id="a zero target in Dynamo's milliseconds is not positive"),
         pytest.param("--itl-target-s", "soon", "--itl-target-s: 'soon' is not a duration",
                      id="text that is no duration is named with its flag"),

@@ -133,7 +133,7 @@ def test_the_deciders_flags(argv: list[str], expected: dict[str, Any]) -> None:
                      "--ttft-target-s / SLAPLANNER_TTFT_TARGET_S: must be positive",
                      id="a negative target is not positive"),
         pytest.param(["--itl-target-s", "50"],
-                     "must be at most 10.0 s, got 50.0 (a bare number is seconds",
+                     "must be at most 10.0 s, got '50' (a bare number is seconds",
                      id="milliseconds without a unit are caught by the bound"),
     ],
 )

@@ -283,8 +283,8 @@ def test_a_target_whose_name_ends_in_s_takes_seconds_or_a_unit(text: str, second
     ("text", "message"),
     [
         pytest.param("100 apples", "is not a duration", id="an unknown unit is refused"),
-        pytest.param("-2s", "must be positive, got -2.0", id="a negative target"),
-        pytest.param("0", "must be positive, got 0.0", id="a zero target"),
+        pytest.param("-2s", "must be positive, got '-2s'", id="a negative target"),
+        pytest.param("0", "must be positive, got '0'", id="a zero target"),
     ],
 )
 def test_a_bad_target_is_refused_with_what_is_wrong(text: str, message: str) -> None:
