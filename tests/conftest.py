@@ -205,9 +205,10 @@ SERVER_FIXTURES = frozenset({
     "targets", "installed",
 })
 SERVER_MODULES = frozenset({
-    "test_bench_load", "test_cli_output", "test_demo", "test_deploy_dashboard",
-    "test_deploy_dockerfile", "test_deploy_manifests", "test_deploy_monitoring",
-    "test_deploy_nats", "test_docs_commands", "test_faults", "test_full_loop",
+    "test_bench_load", "test_cli_output", "test_collector_arrivals", "test_collector_prometheus",
+    "test_collector_recorded", "test_demo", "test_deploy_dashboard", "test_deploy_dockerfile",
+    "test_deploy_manifests", "test_deploy_monitoring", "test_deploy_nats",
+    "test_deploy_prometheus", "test_docs_commands", "test_faults", "test_full_loop",
     "test_operator_tools", "test_security", "test_sim_replay",
 })
 
