@@ -117,7 +117,8 @@ def target(prefill: int, decode: int, window_end: float = 1_700_000_060.0,
     extra: dict[str, Any] = {"id": id} if id is not None else {}
     return ReplicaTarget(deployment=key, window_end=window_end, policy="slaplanner",
                          prefill_replicas=prefill, decode_replicas=decode,
-                         explanation={"reason": reason}, **extra)
+                         explanation={"prefill_bound_by": reason, "decode_bound_by": reason},
+                         **extra)
 
 
 # ----------------------------------------------------------------------------- objects

@@ -488,10 +488,6 @@ async def test_a_follower_leaves_the_target_to_the_leader() -> None:
     assert await actuator.handle(a_target(2, 3, T0), T0) is None
 
 
-def test_the_reason_of_a_target_comes_from_its_explanation() -> None:
-    target = a_target(2, 3, T0)
-    assert core.target_reason(target) == "policy slaplanner"
-    explained = target.model_copy(update={"explanation": {
-        "reason": "forecast above capacity", "decode": {"reason": "itl above target"}}})
-    assert core.target_reason(explained, Role.DECODE) == "itl above target"
-    assert core.target_reason(explained, Role.PREFILL) == "forecast above capacity"
+def test_a_target_that_names_no_rule_gives_its_policy_as_the_reason() -> None:
+    # Targets built by the real decider: tests/test_explanation.py.
+    assert core.target_reason(a_target(2, 3, T0)) == "policy slaplanner"

@@ -96,9 +96,9 @@ def scenario() -> tuple[Trace, Profile, PlanningSetup, ClusterConfig]:
     profile = load_profile(default_profile_path())
     trace = generate(SineLoad(INTERVALS * 30.0, 4, 24, 300, 3000, 300, isl_cv=0.5, osl_cv=0.5,
                               seed=3))
-    setup = PlanningSetup(
+    setup = PlanningSetup.build(
         policy="dynamo", predictor="kalman", ttft_target_s=0.3, itl_target_s=0.02,
-        interval_s=30.0, max_gpu_budget=16, worker_startup_s=60.0,
+        adjustment_interval_s=30.0, max_total_gpus=16, worker_startup_s=60.0,
     )
     config = ClusterConfig(startup_delay_s=60.0, perf_skew=1.2, noise_cv=0.1, seed=5)
     return trace, profile, setup, config

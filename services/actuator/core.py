@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any, Protocol
 
+from shared import explanation
 from shared.messages import (
     DeploymentKey,
     Outcome,
@@ -477,19 +478,8 @@ class StaticRouter:
 
 def target_reason(target: ReplicaTarget, role: Role | None = None) -> str:
     """The rule that bound the target, from its explanation, for Events and logs."""
-    explanation = target.explanation
-    candidates: list[Any] = []
-    if role is not None:
-        nested = explanation.get(role.value)
-        if isinstance(nested, dict):
-            candidates += [nested.get("reason"), nested.get("rule")]
-        candidates += [explanation.get(f"{role.value}_reason"),
-                       explanation.get(f"{role.value}_rule")]
-    candidates += [explanation.get("reason"), explanation.get("rule"), explanation.get("bound_by")]
-    for candidate in candidates:
-        if isinstance(candidate, str) and candidate:
-            return candidate[:200]
-    return f"policy {target.policy}"
+    reason = explanation.reason_text(target.explanation, None if role is None else role.value)
+    return (reason or f"policy {target.policy}")[:200]
 
 
 # ----------------------------------------------------------------------------- the actuator
