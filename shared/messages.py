@@ -408,6 +408,10 @@ class RoleChange(_Frozen):
     from_: ReplicaCount | None = Field(alias="from", description="replicas before")
     to: ReplicaCount = Field(description="replicas asked for")
     ready: ReplicaCount | None = Field(default=None, description="replicas ready when reported")
+    via: str | None = Field(
+        default=None, max_length=512,
+        description="what was written for this role: the object and subresource (e.g. "
+        "DynamoGraphDeploymentScalingAdapter prod/llama-decode/scale), or the subject")
 
 
 class ScaleEvent(Envelope):

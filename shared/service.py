@@ -146,10 +146,22 @@ class Runtime:
     js: JetStreamContext
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     consuming: int = 0
+    # Readiness beyond NATS: each check returns None when ready, else why not (``/readyz``).
+    readiness_checks: list[Callable[[], str | None]] = field(default_factory=list)
 
     @property
     def ready(self) -> bool:
         return self.nc.is_connected
+
+    def not_ready(self) -> str | None:
+        """Why this service cannot make progress now, or None (``/readyz``)."""
+        if not self.ready:
+            return "not connected to NATS"
+        for check in self.readiness_checks:
+            reason = check()
+            if reason is not None:
+                return reason
+        return None
 
     async def publish(self, message: Envelope) -> None:
         await bus.publish(self.js, message)
@@ -472,6 +484,11 @@ def _http_app(runtime_ref: list[Runtime]) -> Callable[..., Iterable[bytes]]:
             start_response("200 OK" if ok else "503 Service Unavailable",
                            [("Content-Type", "text/plain")])
             return [b"ok\n" if ok else b"not connected to NATS\n"]
+        if environ.get("PATH_INFO") == "/readyz":
+            reason = runtime_ref[0].not_ready() if runtime_ref else "starting"
+            start_response("200 OK" if reason is None else "503 Service Unavailable",
+                           [("Content-Type", "text/plain")])
+            return [b"ok\n" if reason is None else reason.encode() + b"\n"]
         return metrics_app(environ, start_response)
 
     return app
