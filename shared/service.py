@@ -362,7 +362,7 @@ class Runtime:
             await self.publish(message)
         except (nats.errors.MaxPayloadError, nats.js.errors.APIError) as exc:
             size = len(message.to_json())
-            why = _never_publishable(exc, size, self.nc.max_payload)
+            why = _never_publishable(exc, self.nc.max_payload)
             if why is None:
                 raise
             return f"its {type(message).__name__} of {size} bytes {why}"
@@ -415,7 +415,7 @@ class Runtime:
 _STREAM_MESSAGE_TOO_LARGE = 10054
 
 
-def _never_publishable(exc: Exception, size: int, max_payload: int) -> str | None:
+def _never_publishable(exc: Exception, max_payload: int) -> str | None:
     """Why the bus refuses a message for its size (no retry can help), or None."""
     if isinstance(exc, nats.errors.MaxPayloadError):
         return f"exceeds the server's max_payload of {max_payload} bytes"
