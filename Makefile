@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export OPENBLAS_NUM_THREADS ?= 1
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install demo test test-servers lint bench clean
+.PHONY: install demo test test-fast test-servers lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit("Python 3.11+ is required" if sys.version_info < (3, 11) else 0)'
@@ -36,6 +36,10 @@ test-servers:
 
 test: lint test-servers
 	$(BIN)/pytest
+
+# The tests that need no server or process (tests/conftest.py marks the others): under a minute.
+test-fast: $(STAMP)
+	$(BIN)/pytest -m "not servers" -q
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -38,12 +38,13 @@ import numpy as np
 
 from bench import planning_docs, planning_report
 from bench.planning_cache import Cache
+from services.decider import knobs as knob_model
 from services.decider import registry
 from services.forecaster.settings import ForecasterSettings
 from shared import traces
 from shared.perf_model import Profile, default_profile_path, load_profile
 from shared.settings import parse_duration_s
-from sim import clairvoyant, progress, references
+from sim import clairvoyant, options, progress, references
 from sim.cluster import ClusterConfig
 from sim.loop import BASELINES, PlanningSetup, simulate
 from sim.synth import DYNAMO_SINE, SHAPES, generate, shaped_trace
@@ -90,7 +91,9 @@ class Policy:
     name: str
     planner: str
     predictor: str
-    decider_env: tuple[tuple[str, str], ...] = ()
+    # planner knobs by name (docs/decider.md); text may name "{startup_delay_s}" and
+    # "{interval_s}", the scenario's values
+    knobs: tuple[tuple[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -150,11 +153,19 @@ def load_config(path: Path) -> Bench:
     policies = []
     for entry in raw["policy"]:
         predictor = entry.get("predictor", "constant")
+        knobs = dict(entry.get("knobs", {}))
+        # the former spelling: SLAPLANNER_* variables, each a knob's
+        knobs.update(options.knob_assignments(
+            [f"{name}={value}" for name, value in entry.get("decider_env", {}).items()]
+        ))
+        unknown = sorted(set(knobs) - set(knob_model.KNOB_SPECS))
+        if unknown:
+            raise ValueError(f"{path}: policy {entry['name']!r}: unknown knob {unknown[0]!r}")
         policies.append(Policy(
             name=entry["name"],
             planner=entry["planner"],
             predictor=default_predictor if predictor == "default" else predictor,
-            decider_env=tuple(sorted(entry.get("decider_env", {}).items())),
+            knobs=tuple(sorted(knobs.items())),
         ))
     return Bench(
         scenarios=tuple(scenarios),
@@ -196,22 +207,21 @@ def _profile() -> Profile:
 
 
 def _setup(bench: Bench, scenario: Scenario, policy: Policy) -> PlanningSetup:
-    env = {
+    own = {
         key: value.format(startup_delay_s=scenario.startup_delay_s,
-                          interval_s=scenario.interval_s)
-        for key, value in policy.decider_env
+                          interval_s=scenario.interval_s) if isinstance(value, str) else value
+        for key, value in policy.knobs
     }
-    return PlanningSetup(
-        policy=policy.planner if policy.planner in registry.POLICIES else "dynamo",
-        predictor=policy.predictor,
-        ttft_target_s=scenario.ttft_s,
-        itl_target_s=scenario.itl_s,
-        interval_s=scenario.interval_s,
-        max_gpu_budget=bench.max_gpu_budget,
+    knobs: dict[str, Any] = {
+        "policy": policy.planner if policy.planner in registry.POLICIES else "dynamo",
+        "ttft_target_s": scenario.ttft_s,
+        "itl_target_s": scenario.itl_s,
+        "adjustment_interval_s": scenario.interval_s,
+        "max_total_gpus": bench.max_gpu_budget,
         # An operator tells the policy how long its workers take to start (dynamo ignores it).
-        worker_startup_s=scenario.startup_delay_s,
-        decider_env=env,
-    )
+        "worker_startup_s": scenario.startup_delay_s,
+    }
+    return PlanningSetup.build(predictor=policy.predictor, **(knobs | own))
 
 
 def _config(bench: Bench, scenario: Scenario, skew: float) -> ClusterConfig:
@@ -240,7 +250,7 @@ def searched(
     setup, config = _setup(bench, scenario, policy), _config(bench, scenario, skew)
     settings = {"setup": repr(setup), "config": repr(config), "goal": bench.goal,
                 "start": list(start) if start else None}
-    key = cache.key(planner, _trace(scenario), Path(setup.profile_path), settings)
+    key = cache.key(planner, _trace(scenario), Path(setup.knobs.profile_path), settings)
     entry = cache.get(key)
     if entry is not None:
         return {**entry, "cached": True}

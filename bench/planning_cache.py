@@ -29,8 +29,8 @@ CACHE = ROOT / ".cache" / "planning-benchmark"
 SOURCES = (
     "sim/cluster.py", "sim/loop.py", "sim/metrics.py", "sim/fcfs.py", "sim/fluid.py",
     "sim/frontier.py", "sim/clairvoyant.py", "sim/references.py",
-    "services/decider/dynamo_policy.py", "services/decider/policy.py",
-    "services/decider/settings.py", "services/forecaster/core.py",
+    "services/decider/policies/dynamo.py", "services/decider/policies/contract.py",
+    "services/decider/knobs.py", "services/forecaster/core.py",
     "shared/perf_model.py",
 )
 

@@ -146,10 +146,22 @@ class Runtime:
     js: JetStreamContext
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     consuming: int = 0
+    # Readiness beyond NATS: each check returns None when ready, else why not (``/readyz``).
+    readiness_checks: list[Callable[[], str | None]] = field(default_factory=list)
 
     @property
     def ready(self) -> bool:
         return self.nc.is_connected
+
+    def not_ready(self) -> str | None:
+        """Why this service cannot make progress now, or None (``/readyz``)."""
+        if not self.ready:
+            return "not connected to NATS"
+        for check in self.readiness_checks:
+            reason = check()
+            if reason is not None:
+                return reason
+        return None
 
     async def publish(self, message: Envelope) -> None:
         await bus.publish(self.js, message)
@@ -343,6 +355,19 @@ class Runtime:
         retired = await asyncio.gather(*(retire(name) for name in names))
         return [name for name in retired if name is not None]
 
+    async def _publish_or_say_why_never(self, message: Envelope) -> str | None:
+        """Publish; if the bus refuses the message for its size, the reason instead (any
+        other failure propagates, to be retried)."""
+        try:
+            await self.publish(message)
+        except (nats.errors.MaxPayloadError, nats.js.errors.APIError) as exc:
+            size = len(message.to_json())
+            why = _never_publishable(exc, self.nc.max_payload)
+            if why is None:
+                raise
+            return f"its {type(message).__name__} of {size} bytes {why}"
+        return None
+
     async def _skip(self, msg: Msg) -> None:
         MESSAGES_SKIPPED.labels(self.name, _family(msg.subject)).inc()
         try:
@@ -371,7 +396,12 @@ class Runtime:
                     await msg.nak(delay=1.0)
                     return
                 for output in result:
-                    await self.publish(output)
+                    never = await self._publish_or_say_why_never(output)
+                    if never is not None:
+                        # No redelivery could ever publish it: the input is rejected with the
+                        # reason and acked, instead of coming back forever and holding up
+                        # every later message of its key.
+                        await self.reject(msg.subject, msg.data, "unpublishable", never)
             await msg.ack()
         except (TimeoutError, nats.errors.Error) as exc:
             # The bus failed under us: leave the message unacked so it is redelivered; the
@@ -379,6 +409,19 @@ class Runtime:
             log.warning("could not publish or ack (%s); the message will be redelivered", exc)
             with contextlib.suppress(Exception):
                 await msg.nak(delay=1.0)
+
+
+# JetStream's answer to a message over the stream's own max_msg_size.
+_STREAM_MESSAGE_TOO_LARGE = 10054
+
+
+def _never_publishable(exc: Exception, max_payload: int) -> str | None:
+    """Why the bus refuses a message for its size (no retry can help), or None."""
+    if isinstance(exc, nats.errors.MaxPayloadError):
+        return f"exceeds the server's max_payload of {max_payload} bytes"
+    if isinstance(exc, nats.js.errors.APIError) and exc.err_code == _STREAM_MESSAGE_TOO_LARGE:
+        return f"exceeds the stream's max_msg_size ({exc.description})"
+    return None
 
 
 class _PerKeyOrder:
@@ -441,6 +484,11 @@ def _http_app(runtime_ref: list[Runtime]) -> Callable[..., Iterable[bytes]]:
             start_response("200 OK" if ok else "503 Service Unavailable",
                            [("Content-Type", "text/plain")])
             return [b"ok\n" if ok else b"not connected to NATS\n"]
+        if environ.get("PATH_INFO") == "/readyz":
+            reason = runtime_ref[0].not_ready() if runtime_ref else "starting"
+            start_response("200 OK" if reason is None else "503 Service Unavailable",
+                           [("Content-Type", "text/plain")])
+            return [b"ok\n" if reason is None else reason.encode() + b"\n"]
         return metrics_app(environ, start_response)
 
     return app

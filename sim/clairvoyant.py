@@ -302,8 +302,8 @@ def run(
         intervals = min(intervals, max_intervals)
     startup = startup_intervals(config, interval)
     most = (
-        max(1, setup.max_gpu_budget // config.prefill_engine_gpus - 1),
-        max(1, setup.max_gpu_budget // config.decode_engine_gpus - 1),
+        max(1, setup.knobs.max_total_gpus // config.prefill_engine_gpus - 1),
+        max(1, setup.knobs.max_total_gpus // config.decode_engine_gpus - 1),
     )
     requests = int(cluster.arrival.size)
     budget = math.floor((1.0 - goal) * requests + 1e-9)

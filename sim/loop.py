@@ -5,8 +5,9 @@ published for that window; a planner turns it into replica counts, which the clu
 workers serve after the startup delay). Planners:
 
 - ``ServicePlanner``: the real forecaster, decider and actuator cores, through their public
-  classes and settings, built from the same ``SLAPLANNER_*`` variables the services read, with
-  every message passed through its JSON form as on the bus. This is the code the services run,
+  classes and settings (the decider's knobs as typed by the knob model, the others from the
+  ``SLAPLANNER_*`` variables the services read), with every message passed through its JSON
+  form as on the bus. This is the code the services run,
   so ``slaplanner replay`` (the services over NATS) must decide exactly the same;
 - ``StaticPlanner``: fixed counts (the trace's peak);
 - ``ReactivePlanner``: a plain Kubernetes HPA on queue length, prefill busy time and KV usage.
@@ -23,7 +24,9 @@ from typing import Any, Protocol
 
 from services.actuator import wiring
 from services.actuator.settings import ActuatorSettings
+from services.decider import knobs as knob_model
 from services.decider.core import Decider
+from services.decider.knobs import DeploymentKnobs
 from services.decider.settings import DeciderSettings
 from services.forecaster.core import Forecaster
 from services.forecaster.settings import ForecasterSettings
@@ -37,7 +40,7 @@ from shared.messages import (
     ReplicaTarget,
     ScaleEvent,
 )
-from shared.perf_model import Profile, default_profile_path
+from shared.perf_model import Profile
 from shared.traces import Trace
 from sim import metrics
 from sim.cluster import Cluster, ClusterConfig, SimResult, WindowStats
@@ -49,65 +52,70 @@ APPLIED_OUTCOMES = frozenset({Outcome.APPLIED, Outcome.DRY_RUN, Outcome.UNCHANGE
 BASELINES = ("static", "reactive")
 
 
-def _seconds(value: float) -> str:
-    """A duration the settings parse back to exactly ``value`` seconds."""
-    return f"{value!r}s"
+DEFAULT_PREDICTOR = str(ForecasterSettings.model_fields["predictor"].default)
 
 
 @dataclass(frozen=True)
 class PlanningSetup:
-    """How the services are configured for a run; the options of ``slaplanner simulate``."""
+    """How the services are configured for a run: the decider's knobs (typed, from the knob
+    model), the forecaster's predictor, and the planner (a decider policy, the knobs' own by
+    default, or a simulator baseline)."""
 
-    policy: str = "dynamo"
-    predictor: str = "constant"
-    profile_path: str = str(default_profile_path())
-    ttft_target_s: float = 0.5
-    itl_target_s: float = 0.05
-    interval_s: float = 60.0
-    max_gpu_budget: int = 8
-    min_endpoint: int = 1
-    prefill_engine_gpus: int = 1
-    decode_engine_gpus: int = 1
-    no_correction: bool = False
-    enforce_gpu_budget: bool = True
-    worker_startup_s: float | None = None  # what the operator tells the policy (None: default)
-    decider_env: Mapping[str, str] = field(default_factory=dict)  # more SLAPLANNER_* knobs
+    knobs: DeploymentKnobs = field(default_factory=DeploymentKnobs)
+    predictor: str = DEFAULT_PREDICTOR
+    planner: str | None = None  # None: knobs.policy
     forecaster_env: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def build(
+        cls,
+        predictor: str = DEFAULT_PREDICTOR,
+        forecaster_env: Mapping[str, str] | None = None,
+        **knobs: Any,
+    ) -> PlanningSetup:
+        """A setup from knob names (``PlanningSetup.build(policy="dynamo", ttft_target_s=0.3)``);
+        raises ``ValueError`` on an unknown knob, ``ValidationError`` on a bad value."""
+        return cls(knob_model.from_names(knobs), predictor, None, dict(forecaster_env or {}))
+
+    def with_knobs(self, **updates: Any) -> PlanningSetup:
+        return replace(self, knobs=knob_model.from_names(updates, base=self.knobs))
+
+    @property
+    def policy(self) -> str:
+        return self.planner or self.knobs.policy
+
+    @property
+    def interval_s(self) -> float:
+        return self.knobs.adjustment_interval_s
+
+    @property
+    def ttft_target_s(self) -> float:
+        return self.knobs.ttft_target_s
+
+    @property
+    def itl_target_s(self) -> float:
+        return self.knobs.itl_target_s
 
     def service_env(self) -> dict[str, dict[str, str]]:
         """The ``SLAPLANNER_*`` variables of each service (the replay starts them with these)."""
-        decider = {
-            "SLAPLANNER_PROFILE_PATH": self.profile_path,
-            "SLAPLANNER_POLICY": self.policy,
-            "SLAPLANNER_TTFT_TARGET_S": _seconds(self.ttft_target_s),
-            "SLAPLANNER_ITL_TARGET_S": _seconds(self.itl_target_s),
-            "SLAPLANNER_ADJUSTMENT_INTERVAL_S": _seconds(self.interval_s),
-            "SLAPLANNER_MAX_GPU_BUDGET": str(self.max_gpu_budget),
-            "SLAPLANNER_MIN_ENDPOINT": str(self.min_endpoint),
-            "SLAPLANNER_PREFILL_ENGINE_GPUS": str(self.prefill_engine_gpus),
-            "SLAPLANNER_DECODE_ENGINE_GPUS": str(self.decode_engine_gpus),
-            "SLAPLANNER_NO_CORRECTION": str(self.no_correction).lower(),
-            "SLAPLANNER_ENFORCE_GPU_BUDGET": str(self.enforce_gpu_budget).lower(),
-        }
-        if self.worker_startup_s is not None:
-            decider["SLAPLANNER_WORKER_STARTUP_S"] = _seconds(self.worker_startup_s)
-        decider.update(self.decider_env)
+        knobs = self.knobs
         forecaster = {"SLAPLANNER_PREDICTOR": self.predictor, **self.forecaster_env}
-        most = max(self.max_gpu_budget, 1)
+        most = max(knobs.max_total_gpus, 1)
         actuator = {
             # The virtual backend is the actuator's own for orchestrators outside Kubernetes, as
             # the simulator is one: its ScaleEvents say "applied" (so that a policy learns from
             # them); readiness shows in the snapshots' worker counts.
             "SLAPLANNER_BACKEND": "virtual",
             "SLAPLANNER_LEADER_ELECTION": "off",
-            "SLAPLANNER_MAX_TOTAL_GPUS": str(self.max_gpu_budget),
-            "SLAPLANNER_PREFILL_ENGINE_NUM_GPU": str(self.prefill_engine_gpus),
-            "SLAPLANNER_DECODE_ENGINE_NUM_GPU": str(self.decode_engine_gpus),
-            "SLAPLANNER_MIN_PREFILL_REPLICAS": str(min(1, self.min_endpoint)),
-            "SLAPLANNER_MIN_DECODE_REPLICAS": str(min(1, self.min_endpoint)),
+            "SLAPLANNER_MAX_TOTAL_GPUS": str(knobs.max_total_gpus),
+            "SLAPLANNER_PREFILL_ENGINE_NUM_GPU": str(knobs.prefill_engine_num_gpu),
+            "SLAPLANNER_DECODE_ENGINE_NUM_GPU": str(knobs.decode_engine_num_gpu),
+            "SLAPLANNER_MIN_PREFILL_REPLICAS": str(min(1, knobs.min_endpoint)),
+            "SLAPLANNER_MIN_DECODE_REPLICAS": str(min(1, knobs.min_endpoint)),
             "SLAPLANNER_MAX_PREFILL_REPLICAS": str(most),
             "SLAPLANNER_MAX_DECODE_REPLICAS": str(most),
         }
+        decider = knob_model.knob_environment(knobs)
         return {"forecaster": forecaster, "decider": decider, "actuator": actuator}
 
 
@@ -287,7 +295,9 @@ class ServicePlanner:
         self.forecaster = Forecaster(
             settings_mod.settings_from(ForecasterSettings, {}, env["forecaster"])
         )
-        self.decider = Decider(settings_mod.settings_from(DeciderSettings, {}, env["decider"]))
+        # The knobs as they are (no round trip through text): the replay hands the decider
+        # process the same knobs as variables (knob_environment), which read back exactly.
+        self.decider = Decider(DeciderSettings.model_validate(setup.knobs.model_dump()))
         actuator_settings = settings_mod.settings_from(ActuatorSettings, {}, env["actuator"])
         self.virtual = _Captured()
         self.actuator = wiring.assemble(actuator_settings, self.virtual).actuator
@@ -682,7 +692,8 @@ def make_planner(
         return StaticPlanner(prefill, decode)
     if name == "reactive":
         return ReactivePlanner(reactive)
-    return ServicePlanner(replace(setup, policy=name))
+    knobs = setup.knobs if name == setup.knobs.policy else setup.with_knobs(policy=name).knobs
+    return ServicePlanner(replace(setup, knobs=knobs, planner=None))
 
 
 def reactive_for(
@@ -694,7 +705,7 @@ def reactive_for(
     """The HPA as an operator would set it up for this deployment: replicas up to the GPU
     budget, and the KV usage target read from the profile at the ITL target."""
     settings = base or ReactiveSettings(
-        max_replicas=max(1, setup.max_gpu_budget - 1),
+        max_replicas=max(1, setup.knobs.max_total_gpus - 1),
     )
     context = float((trace.isl_tokens + trace.osl_tokens / 2.0).mean()) if len(trace) else 0.0
     return settings.with_kv_target(profile, setup.itl_target_s, context)

@@ -32,9 +32,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from services.decider import dynamo_policy
-from services.decider.policy import PlannedLoad, PolicyConfig, PolicyState
-from services.decider.settings import DeciderSettings
+from services.decider.knobs import DeploymentKnobs
+from services.decider.policies import dynamo
+from services.decider.policies.contract import PlannedLoad, PolicyState
 from services.forecaster.core import Forecaster
 from services.forecaster.settings import ForecasterSettings
 from shared import settings as settings_mod
@@ -178,7 +178,7 @@ def fewest_fixed_prefill(workload: Workload, goal: float, most: int | None = Non
                          cache: dict[int, tuple[BoolArray, FloatArray]] | None = None) -> int:
     """The fewest constant prefill engines whose TTFTs alone reach ``goal`` (more engines
     never miss more), by bisection over exact replays; ``cache`` keeps the replays."""
-    most = most or max(1, workload.setup.max_gpu_budget - 1)
+    most = most or max(1, workload.setup.knobs.max_total_gpus - 1)
     cache = {} if cache is None else cache
     low, high = 1, most
     while low < high:
@@ -203,7 +203,7 @@ def best_fixed(
     reach the goal are run in the simulator, cheapest first, until one does there. If none
     does, the one that came closest is reported, and the detail says so.
     """
-    most = most or max(1, workload.setup.max_gpu_budget - 1)
+    most = most or max(1, workload.setup.knobs.max_total_gpus - 1)
     windows = workload.intervals
     ttft: dict[int, tuple[BoolArray, FloatArray]] = {}
 
@@ -268,14 +268,15 @@ class DynamoKnobs:
     min_decode: int = 1
     planned_itl_share: float = 1.0  # the ITL target planned for, over the real one
 
-    def decider_env(self, itl_target_s: float) -> dict[str, str]:
-        return {
-            "SLAPLANNER_PREFILL_HEADROOM": repr(self.prefill_headroom),
-            "SLAPLANNER_MIN_PREFILL_REPLICAS": str(self.min_prefill),
-            "SLAPLANNER_MIN_DECODE_REPLICAS": str(self.min_decode),
-            "SLAPLANNER_ITL_TARGET_S": f"{itl_target_s * self.planned_itl_share!r}s",
-            "SLAPLANNER_NO_CORRECTION": "true",
-        }
+    def of(self, setup: PlanningSetup) -> PlanningSetup:
+        """Dynamo's policy with these knobs over ``setup``'s (its real ITL target is what the
+        run is scored on; the decider plans for the tighter one)."""
+        tuned = setup.with_knobs(
+            policy="dynamo", no_correction=True, prefill_headroom=self.prefill_headroom,
+            min_prefill_replicas=self.min_prefill, min_decode_replicas=self.min_decode,
+            itl_target_s=setup.itl_target_s * self.planned_itl_share,
+        )
+        return replace(tuned, predictor="constant", planner=None)
 
     def as_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.__dataclass_fields__}
@@ -320,12 +321,10 @@ class DynamoOpenLoop:
 
     def __init__(self, workload: Workload, start: tuple[int, int]) -> None:
         self.workload, self.start = workload, start
-        setup = replace(workload.setup, policy="dynamo", predictor="constant", no_correction=True)
-        env = setup.service_env()
+        setup = DynamoKnobs().of(workload.setup)
         forecaster = Forecaster(
-            settings_mod.settings_from(ForecasterSettings, {}, env["forecaster"])
+            settings_mod.settings_from(ForecasterSettings, {}, setup.service_env()["forecaster"])
         )
-        self.base_env = env["decider"]
         self.steps: list[tuple[PlannedLoad, MetricSnapshot | None]] = []
         for snapshot in trace_snapshots(workload, start):
             forecaster.observe(snapshot)
@@ -335,18 +334,17 @@ class DynamoOpenLoop:
                                forecast)
             self.steps.append((load, forecast.observed))
 
-    def config(self, knobs: DynamoKnobs) -> PolicyConfig:
-        env = {**self.base_env, **knobs.decider_env(self.workload.setup.itl_target_s)}
-        return settings_mod.settings_from(DeciderSettings, {}, env).policy_config()
+    def knobs(self, knobs: DynamoKnobs) -> DeploymentKnobs:
+        return knobs.of(self.workload.setup).knobs
 
     def schedule(self, knobs: DynamoKnobs) -> tuple[IntArray, IntArray]:
         """Replicas asked for at the end of each window (the last window's repeated)."""
-        config, profile = self.config(knobs), self.workload.profile
+        config, profile = self.knobs(knobs), self.workload.profile
         state = PolicyState()
         prefill: list[int] = []
         decode: list[int] = []
         for load, observed in self.steps:
-            decision = dynamo_policy.decide(load, observed, profile, config, state)
+            decision = dynamo.decide(load, observed, profile, config, state)
             state = decision.state
             prefill.append(decision.prefill_replicas)
             decode.append(decision.decode_replicas)
@@ -456,12 +454,7 @@ def dynamo_tuned(
 
 
 def dynamo_planner(workload: Workload, knobs: DynamoKnobs) -> Planner:
-    setup = replace(
-        workload.setup, policy="dynamo", predictor="constant", no_correction=True,
-        decider_env={**workload.setup.decider_env,
-                     **knobs.decider_env(workload.setup.itl_target_s)},
-    )
-    return ServicePlanner(setup)
+    return ServicePlanner(knobs.of(workload.setup))
 
 
 # --------------------------------------------------------------------------------------------
@@ -559,7 +552,7 @@ class TokenAwarePlanner:
 
 
 def token_aware(workload: Workload, start: tuple[int, int]) -> Reference:
-    behaviour = HpaBehaviour(max_replicas=max(1, workload.setup.max_gpu_budget - 1))
+    behaviour = HpaBehaviour(max_replicas=max(1, workload.setup.knobs.max_total_gpus - 1))
     planner = TokenAwarePlanner(workload, behaviour)
     return Reference(workload.run(planner, start), {
         "prefill_tokens_per_s": planner.tokens_per_s, "threshold_s": planner.threshold_s,

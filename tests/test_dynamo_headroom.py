@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from services.decider import dynamo_policy, policy
-from services.decider.policy import PlannedLoad, PolicyConfig
+from services.decider.knobs import DeploymentKnobs
+from services.decider.policies import contract, dynamo
+from services.decider.policies.contract import PlannedLoad
 from services.decider.settings import DeciderSettings
 from shared import settings as settings_mod
 from shared.perf_model import Profile, default_profile_path, load_profile
@@ -33,11 +34,10 @@ LOAD = PlannedLoad(num_requests=1800.0, isl_avg_tokens=3000.0, osl_avg_tokens=30
 def test_the_headroom_multiplies_the_prefill_demand_before_the_ceil(
     profile: Profile, headroom: float, expected_raw_over_plain: float
 ) -> None:
-    plain = dynamo_policy.size_prefill(LOAD, profile, PolicyConfig(), 1.0)
-    sized = dynamo_policy.size_prefill(LOAD, profile, PolicyConfig(prefill_headroom=headroom),
-                                       1.0)
+    plain = dynamo.size_prefill(LOAD, profile, DeploymentKnobs(), 1.0)
+    sized = dynamo.size_prefill(LOAD, profile, DeploymentKnobs(prefill_headroom=headroom), 1.0)
     assert sized.raw_replicas == pytest.approx(plain.raw_replicas * expected_raw_over_plain)
-    assert sized.replicas == policy.ceil_replicas(sized.raw_replicas)
+    assert sized.replicas == contract.ceil_replicas(sized.raw_replicas)
     if headroom == 1.0:
         assert sized.raw_replicas == plain.raw_replicas  # exactly, not approximately
 
@@ -45,7 +45,7 @@ def test_the_headroom_multiplies_the_prefill_demand_before_the_ceil(
 def test_the_headroom_is_a_decider_knob_from_its_environment_variable() -> None:
     settings = settings_mod.settings_from(DeciderSettings, {},
                                           {"SLAPLANNER_PREFILL_HEADROOM": "1.5"})
-    assert settings.policy_config().prefill_headroom == 1.5
+    assert settings.prefill_headroom == 1.5
 
 
 def test_a_headroom_under_one_is_refused() -> None:

@@ -77,7 +77,7 @@ def test_the_scale_event_uses_from_on_the_wire() -> None:
                         "decode": {"from": 5, "to": 5}})
     event = ScaleEvent.from_json(raw)
     assert event.prefill.from_ == 2
-    assert orjson.loads(event.to_json())["prefill"] == {"from": 2, "to": 3, "ready": 2}
+    assert orjson.loads(event.to_json())["prefill"] == {"from": 2, "to": 3, "ready": 2, "via": None}
     with pytest.raises(ValueError, match="outcome"):
         ScaleEvent.from_json(raw.replace(b'"applied"', b'"maybe"'))
 

@@ -138,8 +138,8 @@ def test_on_a_small_trace_no_prefill_schedule_is_cheaper_than_the_clairvoyants(
     # Four 10 s intervals, one-token answers (decode never misses): every prefill schedule of
     # 1 to 5 engines per interval, run in the simulator.
     trace = small_trace(seed, 4, 10.0, osl=2)
-    setup = PlanningSetup(ttft_target_s=0.5, itl_target_s=0.05, interval_s=10.0,
-                          max_gpu_budget=8)
+    setup = PlanningSetup.build(ttft_target_s=0.5, itl_target_s=0.05, adjustment_interval_s=10.0,
+                               max_total_gpus=8)
     config = ClusterConfig(startup_delay_s=startup_s)
     found = clairvoyant.run(trace, profile, setup, config, goal)
     assert found.reached and found.run.scores["sla_attainment"] >= goal
@@ -153,8 +153,8 @@ def test_on_a_small_trace_no_schedule_of_both_roles_is_cheaper_than_the_clairvoy
 ) -> None:
     # Three 10 s intervals of long answers under a tight ITL target: decode matters too.
     trace = small_trace(7, 3, 10.0, osl=200)
-    setup = PlanningSetup(ttft_target_s=0.5, itl_target_s=0.012, interval_s=10.0,
-                          max_gpu_budget=10)
+    setup = PlanningSetup.build(ttft_target_s=0.5, itl_target_s=0.012, adjustment_interval_s=10.0,
+                               max_total_gpus=10)
     config = ClusterConfig(startup_delay_s=10.0)
     found = clairvoyant.run(trace, profile, setup, config, 0.95)
     least = brute_force_gpu_hours(trace, profile, setup, config, 0.95, range(1, 4),
@@ -165,8 +165,8 @@ def test_on_a_small_trace_no_schedule_of_both_roles_is_cheaper_than_the_clairvoy
 
 def test_instant_startup_is_the_pure_bound_and_costs_no_more(profile: Profile) -> None:
     trace = small_trace(5, 6, 10.0, osl=2)
-    setup = PlanningSetup(ttft_target_s=0.5, itl_target_s=0.05, interval_s=10.0,
-                          max_gpu_budget=8)
+    setup = PlanningSetup.build(ttft_target_s=0.5, itl_target_s=0.05, adjustment_interval_s=10.0,
+                               max_total_gpus=8)
     config = ClusterConfig(startup_delay_s=20.0)
     aware = clairvoyant.run(trace, profile, setup, config, 0.99)
     instant = clairvoyant.run(trace, profile, setup, config, 0.99, instant_startup=True)

@@ -139,7 +139,8 @@ def test_the_loop_applies_a_target_at_the_end_of_a_window_and_it_serves_after_th
     profile: Profile,
 ) -> None:
     # 40 requests/s of ISL 3000 need ceil(2400 * 3000 / 60 / 49,846) = 3 prefill engines.
-    setup = PlanningSetup(no_correction=True, max_gpu_budget=16)
+    setup = PlanningSetup.build(policy="dynamo", predictor="constant", no_correction=True,
+                                max_total_gpus=16)
     run = simulate(steady(40, 300), profile, setup, ClusterConfig(startup_delay_s=90.0))
     first, second, third = run.records[:3]
     assert (first.prefill, first.outcome) == (3, "applied")  # t0 + 60 -> 3 prefill asked for
@@ -254,7 +255,9 @@ def test_simulate_writes_a_report_with_the_promised_keys(tmp_path: Path) -> None
 
 def test_simulate_names_the_flag_that_is_wrong(capsys: pytest.CaptureFixture[str]) -> None:
     trace_file = str(traces.bundled_trace_path("azure_llm_2023_code.csv"))
-    assert simulate_cli.main(["--trace", trace_file, "--ttft", "300"]) == 2
-    assert "--ttft" in capsys.readouterr().err
+    assert simulate_cli.main(["--trace", trace_file, "--ttft=-300"]) == 2
+    assert "--ttft-target-s: must be positive" in capsys.readouterr().err
     assert simulate_cli.main(["--trace", trace_file, "--startup-delay", "soon"]) == 2
-    assert "--startup-delay" in capsys.readouterr().err
+    assert "--startup-delay: 'soon' has no unit" in capsys.readouterr().err
+    assert simulate_cli.main(["--trace", trace_file, "--startup-delay", "90"]) == 2
+    assert "(bare seconds: --startup-delay-s 90)" in capsys.readouterr().err

@@ -20,8 +20,9 @@ def _azure() -> tuple[planning_benchmark.Bench, planning_benchmark.Scenario]:
 
 
 def _setup(scenario: planning_benchmark.Scenario) -> PlanningSetup:
-    return PlanningSetup(ttft_target_s=scenario.ttft_s, itl_target_s=scenario.itl_s,
-                         interval_s=scenario.interval_s, max_gpu_budget=32)
+    return PlanningSetup.build(policy="dynamo", predictor="constant",
+                               ttft_target_s=scenario.ttft_s, itl_target_s=scenario.itl_s,
+                               adjustment_interval_s=scenario.interval_s, max_total_gpus=32)
 
 
 def _worst_interval_met(

@@ -9,7 +9,7 @@ from pydantic import Field, field_validator
 from services.collector import promql
 from shared.messages import DNS_LABEL
 from shared.service_settings import DEFAULT_HTTP_PORTS, ServiceSettings, http_port_field
-from shared.settings import CommaList, DurationS
+from shared.settings import CommaList, DurationS, ItlTargetS, TtftTargetS
 
 
 class CollectorSettings(ServiceSettings):
@@ -64,14 +64,14 @@ class CollectorSettings(ServiceSettings):
     )
 
     # --- what every source measures against ---
-    ttft_target_s: DurationS = Field(
-        default=0.5, gt=0.0,
+    ttft_target_s: TtftTargetS = Field(
+        default=0.5,
         description="TTFT target: the snapshot reports the share of first tokens within it "
         "(exact where it is a bucket bound of the TTFT histogram, e.g. vLLM's 0.25/0.5/1 s)",
         json_schema_extra={"flag_aliases": ["--ttft-target"]},
     )
-    itl_target_s: DurationS = Field(
-        default=0.05, gt=0.0,
+    itl_target_s: ItlTargetS = Field(
+        default=0.05,
         description="ITL target: the snapshot reports the share of requests whose mean ITL is "
         "within it (exact where it is a bucket bound, e.g. vLLM's 25/50 ms)",
         json_schema_extra={"flag_aliases": ["--itl-target"]},
