@@ -13,7 +13,6 @@ never seen.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -68,8 +67,9 @@ async def rebuild_from_stream(
     snapshots = []
     async for msg in runtime.read_stream(CONSUMES, DeliverPolicy.BY_START_TIME, since):
         if owns(msg.subject):
-            with contextlib.suppress(ValueError):
-                snapshots.append(MetricSnapshot.from_json(msg.data))
+            snapshot = runtime.stored(MetricSnapshot, msg.subject, msg.data)
+            if snapshot is not None:
+                snapshots.append(snapshot)
     recorded = await asyncio.to_thread(forecaster.rebuild, snapshots)
     log.info("rebuilt history from %d snapshots in the stream (%d recorded)", len(snapshots),
              recorded)
