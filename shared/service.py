@@ -253,7 +253,8 @@ class Runtime:
             return
         reader = bus.history_reader(self.settings.durable_name() or self.name, subject_filter)
         async with self._history_lock:
-            await self._ensure_consumer(reader)
+            if not await self._await_consumer(reader):
+                return  # stopped first
             since = start_time if deliver == DeliverPolicy.BY_START_TIME else None
             async for item in stored_reads.since(self.nc, self.js, stream, reader, since, batch):
                 yield item
@@ -366,23 +367,29 @@ class Runtime:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.stop.wait(), timeout=seconds)
 
-    async def _bind(self, spec: bus.ConsumerSpec) -> JetStreamContext.PullSubscription | None:
-        """A pull subscription on ``spec``'s durable once it is there as needed (None if the
-        service stops first); until then /readyz says what is missing."""
+    async def _await_consumer(self, spec: bus.ConsumerSpec) -> bool:
+        """Wait until ``spec``'s consumer is there as needed (False: stopped first); meanwhile
+        /readyz says what is missing."""
         what = f"consumer {spec.name}"
         while not self.stop.is_set():
             problem = await self._ensure_consumer(spec)
-            if problem is None:
-                try:
-                    sub = await self.js.pull_subscribe_bind(durable=spec.name,
-                                                            stream=self.settings.stream_name)
-                except (TimeoutError, nats.errors.Error) as exc:
-                    problem = f"cannot bind to consumer {spec.name}: {exc}"
-                else:
-                    self.set_problem(what, None)
-                    return sub
             self.set_problem(what, problem)
+            if problem is None:
+                return True
             await self._pause(self.settings.bus_check_interval_s)
+        return False
+
+    async def _bind(self, spec: bus.ConsumerSpec) -> JetStreamContext.PullSubscription | None:
+        """A pull subscription on ``spec``'s durable once it is there as needed (None if the
+        service stops first)."""
+        while await self._await_consumer(spec):
+            try:
+                return await self.js.pull_subscribe_bind(durable=spec.name,
+                                                         stream=self.settings.stream_name)
+            except (TimeoutError, nats.errors.Error) as exc:
+                self.set_problem(f"consumer {spec.name}",
+                                 f"cannot bind to consumer {spec.name}: {exc}")
+                await self._pause(self.settings.bus_check_interval_s)
         return None
 
     async def _ensure_consumer(self, spec: bus.ConsumerSpec) -> str | None:
