@@ -195,14 +195,16 @@ async def connect(
         client = NATS()
         remaining = deadline - time.monotonic()
         try:
-            # One attempt per call: nats-py would otherwise retry the first connection for ever.
-            await client.connect(
+            # A try or two per call (nats-py counts attempts per server and gives up after
+            # the count only when it is positive): left alone it retries the first
+            # connection for ever.
+            await asyncio.wait_for(client.connect(
                 **{**connect_options(settings, name), "allow_reconnect": False,
-                   "max_reconnect_attempts": 0,
+                   "max_reconnect_attempts": 1, "reconnect_time_wait": 0.2,
                    "connect_timeout": max(min(remaining, 5.0), 0.5)},
                 error_cb=events.error, disconnected_cb=events.disconnected,
                 reconnected_cb=events.reconnected,
-            )
+            ), timeout=max(remaining, 1.0))
             break
         except (OSError, TimeoutError, nats.errors.Error, ssl.SSLError) as exc:
             last_error = exc
@@ -220,9 +222,9 @@ async def connect(
             await asyncio.sleep(0.5)
     client.options["allow_reconnect"] = True
     client.options["max_reconnect_attempts"] = -1
+    client.options["reconnect_time_wait"] = settings.nats_reconnect_wait_s
     events.client = client
-    log.info("connected to NATS at %s as %s", display_url(client.connected_url),
-             _who(settings))
+    log.info("connected to NATS at %s (%s)", display_url(client.connected_url), _who(settings))
     return client
 
 

@@ -431,30 +431,30 @@ class Runtime:
             return f"cannot update consumer {spec.name}: {exc}"
         return None
 
-    async def check_streams(self) -> None:
+    async def check_streams(self) -> bus.BusError | None:
         """Look the streams up (re-created if lost, when this service makes its own) and record
-        what is wrong with them; ``bus.ForeignStream`` if one is configured otherwise."""
+        what is wrong with them; the error if one cannot be used at all (no JetStream, or a
+        stream configured otherwise)."""
         create = self.settings.bus_setup == "service"
         for config in (bus.stream_config(self.settings),
                        bus.decisions_stream_config(self.settings)):
-            what = f"stream {config.name}"
             try:
                 problem = await bus.check_stream(self.js, self.settings, config, create)
             except (TimeoutError, nats.errors.Error) as exc:
                 problem = (None if not self.nc.is_connected  # told as "not connected"
                            else f"cannot look up stream {config.name}: {exc}")
             except bus.BusError as exc:
-                self.set_problem(what, str(exc))
-                raise
-            self.set_problem(what, problem)
+                self.set_problem(f"stream {config.name}", str(exc))
+                return exc  # one line is enough: nothing moves until this is mended
+            self.set_problem(f"stream {config.name}", problem)
+        return None
 
     async def watch_streams(self) -> None:
         """``check_streams`` every ``bus_check_interval_s``, so that /readyz tells a lost or
         foreign stream within that time, and a lost one comes back as soon as it may."""
         while not self.stop.is_set():
             await self._pause(self.settings.bus_check_interval_s)
-            with contextlib.suppress(bus.BusError):  # recorded as a problem
-                await self.check_streams()
+            await self.check_streams()
 
     async def retire_durables(self, names: Iterable[str]) -> list[str]:
         """Delete durable consumers an earlier version of this service used, if they exist;
@@ -666,10 +666,7 @@ async def serve(name: str, settings: ServiceSettings,
         return 1
     runtime = Runtime(name=name, settings=settings, nc=nc, js=nc.jetstream(),
                       msg_id_key=bus.message_id_key(settings))
-    try:
-        await runtime.check_streams()
-    except bus.BusError as exc:
-        log.error("%s: %s", name, exc)
+    if await runtime.check_streams() is not None:  # logged as it was found
         await nc.close()
         http.shutdown()
         return 1

@@ -105,7 +105,7 @@ class ServiceSettings(Settings):
         ),
     )
     connect_deadline_s: DurationS = Field(
-        default=8.0,
+        default=5.0,
         description=(
             "how long a service tries to reach NATS at start before it exits with one line "
             "naming the URL (its supervisor restarts it), seconds"
