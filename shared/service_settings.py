@@ -60,7 +60,7 @@ class ServiceSettings(Settings):
         default=1, ge=1, le=5, description="copies of the streams in a NATS cluster (1: one node)"
     )
     decisions_stream_name: str = Field(
-        default="SLAPLANNER_DECISIONS",
+        default="SLAPLANNER-DECISIONS",
         description=(
             "stream that keeps a copy of the targets and ScaleEvents for operators to replay; "
             "its own limits, so nothing published on other subjects can evict a decision"
