@@ -20,6 +20,7 @@ import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import nats
 import nats.errors
@@ -327,7 +328,7 @@ async def test_two_deployments_whose_snapshots_share_an_id_both_get_their_decisi
     pytest.param({"deny_purge": False}, "deny_purge", id="purges allowed"),
 ])
 async def test_a_service_refuses_a_stream_configured_otherwise_in_one_line(
-    nc: NATS, services: dict[str, ServiceProcess], change: dict[str, object], named: str
+    nc: NATS, services: dict[str, ServiceProcess], change: dict[str, Any], named: str
 ) -> None:
     """On main only seven settings were compared: a stream made first by another user with
     rollup headers or a tiny max_msg_size was used as found, every service healthy."""
