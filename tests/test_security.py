@@ -743,6 +743,80 @@ async def run_services_and_forge_targets(deploy_bus: Bus, tmp_path: Path) -> Non
                 proc.kill()
 
 
+# ------------------------------------------------------------ decoys with chosen message ids
+
+
+def pipeline_ids(snapshot_id: str) -> list[str]:
+    """The body ids the pipeline derives from a snapshot: forecast, target and ScaleEvent, and
+    the fast path's target and ScaleEvent."""
+    forecast = derived_id("forecast", snapshot_id)
+    target = derived_id("target", forecast)
+    fast = derived_id("fast-path", snapshot_id)
+    return [forecast, target, derived_id("scaled", target), fast, derived_id("scaled", fast)]
+
+
+async def test_decoys_of_the_collectors_user_suppress_neither_a_scale_event_nor_a_later_target(
+    tmp_path: Path,
+) -> None:
+    """JetStream drops a repeated Nats-Msg-Id across the whole stream. On main every id was
+    derived from the snapshot's, and was the header: the collector's user published the ids to
+    come on its own subjects first, and the actuator's ScaleEvent, then the next target, were
+    dropped as duplicates, without an error anywhere."""
+    server, deploy_bus = start_deploy_nats(tmp_path / "nats", AUTH_CONF.read_text())
+    try:
+        await lay_out(deploy_bus)
+        env = {**os.environ, "SLAPLANNER_NATS_URL": deploy_bus.url,
+               "SLAPLANNER_HTTP_HOST": "127.0.0.1", "SLAPLANNER_HTTP_PORT": "0",
+               "PYTHONUNBUFFERED": "1", "SLAPLANNER_BUS_SETUP": "admin",
+               "SLAPLANNER_LEADER_ELECTION": "off"}
+        procs = [ServiceProcess(name, {**env, "SLAPLANNER_NATS_USER": name,
+                                       "SLAPLANNER_NATS_PASSWORD": deploy_bus.passwords[name]},
+                                tmp_path) for name in ("forecaster", "decider", "actuator")]
+        snapshots = [MetricSnapshot(id=f"window-{i}", deployment=LLAMA, window_end=T0 + 60 * i,
+                                    num_requests=load, isl_avg=3000.0, osl_avg=300.0)
+                     for i, load in ((1, 12_000.0), (2, 600.0))]
+        try:
+            for proc in procs:
+                proc.start()
+            async with connected(deploy_bus.settings("collector"), "collector") as collector:
+                js = collector.nc.jetstream()
+                decoys = 0
+                for snapshot in snapshots:
+                    for family_id in pipeline_ids(snapshot.id):
+                        for family in ("forecast", "target", "scaled"):
+                            subject = family_subject(family)
+                            # the body id itself (main's header), and the unkeyed digest
+                            for header in (family_id, bus.dedup_header(b"", subject, family_id)):
+                                await js.publish(f"slaplanner.metrics.decoy.d{decoys}", b"{}",
+                                                 headers={"Nats-Msg-Id": header})
+                                decoys += 1
+                assert not await collector.refused()
+                for snapshot in snapshots:
+                    await bus.publish(js, snapshot, bus.message_id_key(
+                        deploy_bus.settings("collector")))
+                    async with connected(deploy_bus.settings("admin")) as admin:
+                        for _ in range(600):
+                            events = [ScaleEvent.from_json(b)
+                                      for b in await stored_on(admin.nc, "slaplanner.scaled.>")]
+                            if any(e.window_end == snapshot.window_end for e in events):
+                                break
+                            await asyncio.sleep(0.1)
+                        else:
+                            raise AssertionError("no ScaleEvent stored for window "
+                                                 f"{snapshot.window_end}:\n" + "\n".join(
+                                                     p.log()[-3000:] for p in procs))
+            async with connected(deploy_bus.settings("admin")) as admin:
+                targets = [ReplicaTarget.from_json(b) for b in await stored_on(admin.nc, TARGETS)]
+            assert {t.window_end for t in targets} >= {s.window_end for s in snapshots}
+            for proc in procs:
+                assert proc.stop() == 0, proc.log()
+        finally:
+            for proc in procs:
+                proc.kill()
+    finally:
+        server.stop()
+
+
 # --------------------------------------------------------------------------- TLS refusals
 
 
