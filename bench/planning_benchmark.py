@@ -36,6 +36,7 @@ from services.forecaster.settings import ForecasterSettings
 from shared import traces
 from shared.perf_model import Profile, default_profile_path, load_profile
 from shared.settings import parse_duration_s
+from sim import progress
 from sim.cluster import ClusterConfig
 from sim.loop import BASELINES, PlanningSetup, simulate
 from sim.synth import DYNAMO_SINE, generate
@@ -319,7 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         futures = [pool.submit(run_one, bench, s, k, p) for s, k, p in cells]
         rows = []
-        for future in futures:
+        for done, future in enumerate(futures, 1):
             row = future.result()
             rows.append(row)
             status = row.get("skipped") or (
@@ -327,7 +328,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"({_num(row['gpu_hours_over_lower_bound'], '.2f')} x), "
                 f"{row['scaling_actions']} actions, {row['wall_s']:.1f} s"
             )
-            print(f"{row['scenario']} skew {row['perf_skew']:g} {row['policy']}: {status}",
+            so_far = progress.eta_text(done, len(cells), time.perf_counter() - started, "runs")
+            print(f"[{so_far}] {row['scenario']} skew {row['perf_skew']:g} {row['policy']}: "
+                  f"{status}",
                   flush=True)
     wall = time.perf_counter() - started
     text = render(bench, rows, wall, args.jobs)

@@ -25,6 +25,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "schema": ("services.cli", "schema_main", "print the JSON Schema of the bus messages"),
     "bus": ("shared.bus_admin", "main", "as the NATS admin: create or check the streams and "
             "consumers"),
+    "status": ("shared.operator_tools", "status_main",
+               "each deployment's counts, last decision and conditions (like describe hpa)"),
+    "watch": ("shared.operator_tools", "watch_main", "one line per decision as it happens"),
+    "publish": ("shared.operator_tools", "publish_main",
+                "publish one body on a subject, checked first (like nats pub)"),
 }
 
 

@@ -240,7 +240,7 @@ class Runtime:
     async def read_stream(
         self, subject_filter: str, deliver: DeliverPolicy, start_time: datetime | None = None,
         batch: int = 512,
-    ) -> AsyncIterator[stored_reads.Stored]:
+    ) -> AsyncIterator[Msg]:
         """What the stream holds on a family now: the last message of each subject
         (``LAST_PER_SUBJECT``), or every message from ``start_time`` (``BY_START_TIME``; from
         the start with ``ALL``), read under names this service owns: no consumer is created by
@@ -619,8 +619,15 @@ def _http_app(runtime_ref: list[Runtime], beat: list[float]) -> Callable[..., It
 
 def start_http(settings: ServiceSettings, runtime_ref: list[Runtime],
                beat: list[float]) -> WSGIServer:
-    server = make_server(settings.http_host, settings.http_port, _http_app(runtime_ref, beat),
-                         handler_class=_QuietHandler)
+    try:
+        server = make_server(settings.http_host, settings.http_port,
+                             _http_app(runtime_ref, beat), handler_class=_QuietHandler)
+    except OSError as exc:
+        raise SystemExit(
+            f"cannot serve /metrics, /healthz and /readyz on {settings.http_host}:"
+            f"{settings.http_port} ({exc.strerror or exc}): set --http-port / "
+            "SLAPLANNER_HTTP_PORT (0 picks a free port)"
+        ) from None
     threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
     return server
 

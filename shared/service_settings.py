@@ -3,16 +3,27 @@
 from __future__ import annotations
 
 import re
-from typing import Literal, Self
+from typing import Any, Literal, Self
 
 from pydantic import Field, model_validator
 
 from shared.settings import CommaList, DurationS, Settings
 
+# Each service's own port for /metrics and /healthz, so that the four run side by side on one
+# machine as the README starts them. In Kubernetes every pod sets 8080 (deploy/base/planner.env).
+DEFAULT_HTTP_PORTS = {"collector": 8081, "forecaster": 8082, "decider": 8083, "actuator": 8084}
 # nats-py's own reply prefix, for a connection without a user name to derive one from.
 DEFAULT_INBOX_PREFIX = "_INBOX"
 # A literal subject: dot-separated tokens, none empty, no wildcard and no whitespace.
 _LITERAL_SUBJECT = re.compile(r"[^\s.*>]+(\.[^\s.*>]+)*")
+
+
+def http_port_field(default: int) -> Any:
+    """The ``http_port`` field with a service's own default (a pydantic ``Field``)."""
+    return Field(
+        default=default, ge=0, le=65535,
+        description="port of /metrics, /healthz and /readyz (0: pick one)",
+    )
 
 
 class ServiceSettings(Settings):
@@ -117,9 +128,7 @@ class ServiceSettings(Settings):
     http_host: str = Field(
         default="0.0.0.0", description="address of /metrics, /healthz and /readyz"
     )
-    http_port: int = Field(
-        default=8080, ge=0, le=65535, description="port of /metrics and /healthz (0: pick one)"
-    )
+    http_port: int = http_port_field(8080)
     log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING or ERROR")
 
     @model_validator(mode="after")

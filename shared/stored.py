@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
 from datetime import datetime
 
 import nats.errors
@@ -26,52 +25,43 @@ from shared import bus
 PARALLEL_GETS = 64
 
 
-@dataclass(frozen=True)
-class Stored:
-    """One message as the stream holds it."""
-
-    subject: str
-    data: bytes
-    sequence: int
-    time: datetime | None = None
-
-
 async def subjects(js: JetStreamContext, stream: str, subject_filter: str) -> list[str]:
     """The subjects of ``stream`` that match ``subject_filter`` and hold a message."""
     info = await js.stream_info(stream, subjects_filter=subject_filter)
     return sorted(info.state.subjects or {})
 
 
-async def last_message(nc: NATS, stream: str, subject: str) -> Stored | None:
+async def last_message(nc: NATS, stream: str, subject: str) -> Msg | None:
     """The last message on ``subject``, or None if there is none (a direct get whose subject
-    names the subject, so that permissions on the request subject bind it)."""
+    names the subject, so that permissions on the request subject bind it). The message carries
+    its subject, body, headers and stream metadata as if a consumer had delivered it."""
     try:
         reply = await nc.request(f"$JS.API.DIRECT.GET.{stream}.{subject}", b"",
                                  timeout=bus.API_TIMEOUT_S)
     except nats.errors.NoRespondersError:
         return None
-    headers = reply.headers or {}
+    headers = dict(reply.headers or {})
     if "Status" in headers or "Nats-Sequence" not in headers:
         return None  # 404: nothing on that subject (any longer)
-    return Stored(headers.get("Nats-Subject", subject), reply.data,
-                  int(headers["Nats-Sequence"]))
+    metadata = Msg.Metadata(
+        sequence=Msg.Metadata.SequencePair(consumer=0, stream=int(headers["Nats-Sequence"])),
+        num_pending=0, num_delivered=1, stream=stream, consumer="",
+        timestamp=datetime.fromisoformat(headers["Nats-Time-Stamp"]),
+    )
+    return Msg(_client=nc, subject=headers.get("Nats-Subject", subject), data=reply.data,
+               headers=headers, _metadata=metadata)
 
 
 async def last_per_subject(nc: NATS, js: JetStreamContext, stream: str,
-                           subject_filter: str) -> AsyncIterator[Stored]:
+                           subject_filter: str) -> AsyncIterator[Msg]:
     """The last message of each subject matching ``subject_filter``, in subject order."""
     names = await subjects(js, stream, subject_filter)
     for start in range(0, len(names), PARALLEL_GETS):
         found = await asyncio.gather(*(last_message(nc, stream, name)
                                        for name in names[start:start + PARALLEL_GETS]))
-        for stored in found:
-            if stored is not None:
-                yield stored
-
-
-def _stored(msg: Msg) -> Stored:
-    meta = msg.metadata
-    return Stored(msg.subject, msg.data, meta.sequence.stream, meta.timestamp)
+        for msg in found:
+            if msg is not None:
+                yield msg
 
 
 async def _first_at(nc: NATS, js: JetStreamContext, stream: str, reader: str,
@@ -88,17 +78,17 @@ async def _first_at(nc: NATS, js: JetStreamContext, stream: str, reader: str,
         except TimeoutError:
             high = middle  # nothing on the filter from here on
             continue
-        found = _stored(msg)
-        if found.time is not None and found.time >= start_time:
+        meta = msg.metadata
+        if meta.timestamp is not None and meta.timestamp >= start_time:
             high = middle
         else:
-            low = found.sequence + 1
+            low = meta.sequence.stream + 1
     return low
 
 
 async def since(nc: NATS, js: JetStreamContext, stream: str,
                 reader: bus.ConsumerSpec, start_time: datetime | None,
-                batch: int = 512) -> AsyncIterator[Stored]:
+                batch: int = 512) -> AsyncIterator[Msg]:
     """Every message on the reader's filter from ``start_time`` (everything if None) up to the
     end of the stream as it is when the read starts, in stream order."""
     sub = await js.pull_subscribe_bind(durable=reader.name, stream=stream)
@@ -115,10 +105,9 @@ async def since(nc: NATS, js: JetStreamContext, stream: str,
             except TimeoutError:
                 return
             for msg in msgs:
-                stored = _stored(msg)
-                if stored.sequence > last:
+                if msg.metadata.sequence.stream > last:
                     return
-                yield stored
+                yield msg
                 if msg.metadata.num_pending == 0:
                     return
     finally:

@@ -1,13 +1,13 @@
 """``slaplanner demo`` (``make demo``): the services replaying a real trace slice over NATS.
 
 This is ``slaplanner replay`` with the options below as its defaults: the forecaster, decider
-and actuator run as separate processes on a real nats-server (embedded, unless
-``SLAPLANNER_NATS_URL`` or ``--nats-url`` names one), and the simulator stands in for the cluster
-and for Prometheus, in virtual time. It prints one row per interval as each interval's ScaleEvent
-comes back over the bus (and a line per fast-path scale-up), then the SLA report, and writes a
-PNG of load, forecast, replicas and latencies against their targets (``demo.png`` in the working
-directory unless ``--plot`` names another file). Every option of ``replay`` can be given; the
-list below shows the demo's defaults.
+and actuator run as separate processes on a real nats-server (an embedded one of its own unless
+``--nats-url`` names another; ``SLAPLANNER_NATS_URL`` is not read), and the simulator stands in
+for the cluster and for Prometheus, in virtual time. It prints one row per interval as each
+interval's ScaleEvent comes back over the bus (and a line per fast-path scale-up), then the SLA
+report, and writes a PNG of load, forecast, replicas and latencies against their targets
+(``demo.png`` in the working directory unless ``--plot`` names another file). Every option of
+``replay`` can be given; the list below shows the demo's defaults.
 """
 
 from __future__ import annotations
@@ -53,11 +53,13 @@ DEMO_DEFAULTS: dict[str, Any] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # A server of its own, even where SLAPLANNER_NATS_URL names one for hand-started services:
+    # joined to them, the demo's decisions would be shared out and its numbers would differ.
     parser = argparse.ArgumentParser(
         prog="slaplanner demo", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    replay.add_arguments(parser, trace_default=DEMO_TRACE)
+    replay.add_arguments(parser, trace_default=DEMO_TRACE, nats_url_from_env=False)
     parser.set_defaults(**DEMO_DEFAULTS)
     return parser
 

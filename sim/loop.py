@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -577,8 +577,10 @@ def run_closed_loop(
     itl_target_s: float,
     max_intervals: int | None = None,
     needs: metrics.IntervalNeeds | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> LoopResult:
-    """Simulate ``trace`` with ``planner`` deciding at the end of every window but the last."""
+    """Simulate ``trace`` with ``planner`` deciding at the end of every window but the last;
+    ``progress(done, total)`` is told each window done."""
     loop = ClosedLoop(
         trace, profile, config, interval_s, ttft_target_s, itl_target_s,
         max_intervals=max_intervals, needs=needs,
@@ -589,6 +591,8 @@ def run_closed_loop(
                 loop.apply(Step(None, None))  # no decision after the last window
             else:
                 loop.apply(planner.plan(observation))
+            if progress is not None:
+                progress(len(loop.records), loop.windows)
     finally:
         planner.close()
     return loop.finish(planner.name)
@@ -689,6 +693,7 @@ def simulate(
     reactive: ReactiveSettings | None = None,
     max_intervals: int | None = None,
     start: tuple[int, int] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> LoopResult:
     """One run of ``planner_name`` (default: the setup's policy) on ``trace``."""
     name = planner_name or setup.policy
@@ -699,5 +704,5 @@ def simulate(
     planner = make_planner(name, setup, needs, reactive)
     return run_closed_loop(
         trace, profile, config, planner, setup.interval_s, setup.ttft_target_s,
-        setup.itl_target_s, max_intervals=max_intervals, needs=needs,
+        setup.itl_target_s, max_intervals=max_intervals, needs=needs, progress=progress,
     )

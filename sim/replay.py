@@ -56,6 +56,7 @@ from sim.loop import (
     prepare,
     step_from_events,
 )
+from sim.progress import Progress
 
 SERVICES = ("forecaster", "decider", "actuator")
 STREAM = "SLAPLANNER"
@@ -172,6 +173,7 @@ async def run_replay(
     max_intervals: int | None = None,
     timeout_s: float = 120.0,
     on_interval: Callable[[IntervalRecord], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> ReplayRun:
     """Replay ``trace`` through the services on ``nats_url`` (which must have JetStream)."""
     if setup.policy in BASELINES:
@@ -229,6 +231,8 @@ async def run_replay(
                 ))
             if on_interval is not None:
                 on_interval(loop.records[-1])
+            if progress is not None:
+                progress(len(loop.records), loop.windows)
         run = loop.finish(f"{setup.policy}/{setup.predictor} (replay)")
         return ReplayRun(run, events, targets, time.monotonic() - started)
     finally:
@@ -250,42 +254,45 @@ def nats_url(given: str | None, tmp: Path) -> Iterator[str]:
         server.stop()
 
 
+def server_line(given: str | None, url: str) -> str:
+    """Which NATS server the replay uses, and what that means."""
+    if given is None:
+        return (f"forecaster -> decider -> actuator on an embedded nats-server at {url} "
+                "(--nats-url to use another)")
+    return (f"forecaster -> decider -> actuator on the NATS server at {url} (--nats-url or "
+            "SLAPLANNER_NATS_URL): services already reading its stream share the work, and the "
+            "numbers then differ")
+
+
 def print_row(record: IntervalRecord) -> None:
-    """One row of ``simulate``'s interval table, what the actuator did, and a line per fast-path
-    target the decider sent during the window (a target not made from a forecast)."""
-    s = record.stats
-
-    def num(value: float | None, fmt: str) -> str:
-        return "-" if value is None else format(value, fmt)
-
-    print(
-        f"{s.end_s:>8.0f} {s.num_requests:>6d} {num(record.forecast_requests, '.0f'):>7} "
-        f"{num(s.isl_avg, '.0f'):>6} {num(s.osl_avg, '.0f'):>5} "
-        f"{num(s.ttft_p99_s, '.3f'):>9} {num(s.itl_p99_s, '.4f'):>8} "
-        f"{s.prefill_waiting + s.decode_waiting:>5d} {record.prefill:>3d} {record.decode:>3d} "
-        f"{s.prefill_serving:>4d} {s.decode_serving:>4d}  {record.outcome or '-'}",
-        flush=True,
-    )
+    """One row of the interval table, what the actuator did, and a line per fast-path target the
+    decider sent during the window (a target not made from a forecast)."""
+    print(f"{simulate_cli.format_row(record)}  {record.outcome or '-'}", flush=True)
     for target in record.targets:
         if target.forecast_id is None:
             print(f"{'':>8} fast path: P {target.prefill_replicas}, D {target.decode_replicas}",
                   flush=True)
 
 
-HEADER = (
-    f"{'t_s':>8} {'req':>6} {'fc_req':>7} {'ISL':>6} {'OSL':>5} {'TTFT_p99':>9} "
-    f"{'ITL_p99':>8} {'wait':>5} {'P':>3} {'D':>3} {'P_up':>4} {'D_up':>4}  actuator"
-)
+HEADER = f"{simulate_cli.HEADER}  actuator"
 
 
-def add_arguments(parser: argparse.ArgumentParser, trace_default: str | None = None) -> None:
+def add_arguments(parser: argparse.ArgumentParser, trace_default: str | None = None,
+                  nats_url_from_env: bool = True) -> None:
     """``simulate``'s options, and where the bus is."""
     simulate_cli.add_arguments(parser, trace_default)
-    parser.add_argument(
-        "--nats-url", default=os.environ.get("SLAPLANNER_NATS_URL"),
-        help="NATS server with JetStream (default: $SLAPLANNER_NATS_URL, else an embedded "
-        "nats-server)",
-    )
+    if nats_url_from_env:
+        parser.add_argument(
+            "--nats-url", default=os.environ.get("SLAPLANNER_NATS_URL"),
+            help="NATS server with JetStream (default: $SLAPLANNER_NATS_URL, else an embedded "
+            "nats-server)",
+        )
+    else:
+        parser.add_argument(
+            "--nats-url", default=None,
+            help="NATS server with JetStream (default: an embedded nats-server of its own; "
+            "$SLAPLANNER_NATS_URL is not read)",
+        )
     parser.add_argument(
         "--timeout", type=float, default=120.0,
         help="seconds to wait for each interval's ScaleEvent (default %(default)s)",
@@ -316,24 +323,31 @@ def run_command(args: argparse.Namespace, prog: str) -> int:
     with tempfile.TemporaryDirectory(prefix="slaplanner-replay-") as tmp:
         log_dir = Path(tmp)
         with nats_url(args.nats_url, log_dir) as url:
+            print(server_line(args.nats_url, url), flush=True)
             if not args.quiet:
                 print(f"replaying {simulate_cli.title(args, parsed.setup, parsed.config)}\n"
-                      f"through forecaster -> decider -> actuator on {url}\n{HEADER}", flush=True)
+                      f"{HEADER}", flush=True)
+            # The table shows the progress when it goes to the terminal; else a line on stderr.
+            progress = Progress(prog)
+            progress.enabled &= args.quiet or not sys.stdout.isatty()
             try:
                 replay = asyncio.run(run_replay(
                     parsed.trace, parsed.profile, parsed.setup, parsed.config, url, log_dir,
                     warm_start=args.warm_start, max_intervals=args.max_intervals or None,
                     timeout_s=args.timeout, on_interval=None if args.quiet else print_row,
+                    progress=progress,
                 ))
             except (TimeoutError, RuntimeError) as exc:
+                progress.close()
                 print(f"{prog}: {exc}; service logs follow", file=sys.stderr)
                 for name in SERVICES:
                     log = log_dir / f"{name}.log"
                     text = log.read_text(errors="replace")[-3000:] if log.exists() else ""
                     print(f"--- {name}\n{text}", file=sys.stderr)
                 return 1
+            progress.close()
         if not args.quiet:
-            print()
+            print(f"{simulate_cli.LEGEND};\nactuator: what it did with the window's target\n")
         args.quiet = True  # the table was printed as the run went
         simulate_cli.write_outputs(args, parsed, replay.run)
         fast_path = sum(target.forecast_id is None for target in replay.targets)

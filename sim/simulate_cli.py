@@ -18,11 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from services.decider import dryrun, registry
+from services.forecaster import predictors
 from services.forecaster.settings import PREDICTOR_NAMES
-from shared import perf_model, traces
+from shared import cli_checks, conditions, perf_model, traces
 from shared.settings import parse_duration_s
 from sim.cluster import ClusterConfig, DecodeModel
-from sim.loop import BASELINES, LoopResult, PlanningSetup, simulate
+from sim.loop import BASELINES, IntervalRecord, LoopResult, PlanningSetup, simulate
+from sim.progress import Progress
 
 
 def policy_names() -> list[str]:
@@ -126,6 +128,13 @@ def _duration(value: str, flag: str) -> float:
 
 def parse(args: argparse.Namespace) -> Parsed:
     """Validate the options; raises ``ValueError`` naming the flag."""
+    cli_checks.output_paths({"--json": args.json_out, "--plot": args.plot_out,
+                             "--requests": args.requests_out})
+    if args.policy not in BASELINES:
+        try:
+            predictors.ensure_available(args.predictor)
+        except predictors.PredictorUnavailable as exc:
+            raise ValueError(f"--predictor {args.predictor}: {exc}") from None
     if not args.speedup > 0:
         raise ValueError(f"--speedup: must be positive, got {args.speedup}")
     knobs = dryrun.planning_knobs(
@@ -190,26 +199,57 @@ def _num(value: float | None, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
+# The interval table of simulate, replay and the demo. Latencies in milliseconds, time as the
+# run's clock (minutes:seconds, hours once past one).
+HEADER = (
+    f"{'time':>8} {'req':>6} {'fcast':>6} {'ISL':>6} {'OSL':>5} {'TTFT_p99_ms':>11} "
+    f"{'ITL_p99_ms':>10} {'queued':>6} {'P':>3} {'D':>3} {'P_up':>4} {'D_up':>4}"
+)
+LEGEND = (
+    "time: end of the window; req: requests in it; fcast: requests forecast for the next window;\n"
+    "ISL, OSL: mean input, output tokens; TTFT_p99_ms, ITL_p99_ms: 99th percentiles of the "
+    "window;\nqueued: requests waiting at its end; P, D: prefill, decode replicas asked for; "
+    "P_up, D_up: serving"
+)
+
+
+def run_clock(seconds: float) -> str:
+    """``mm:ss`` of a run's clock, ``h:mm:ss`` past an hour."""
+    hours, rest = divmod(round(seconds), 3600)
+    minutes_seconds = f"{rest // 60:02d}:{rest % 60:02d}"
+    return f"{hours}:{minutes_seconds}" if hours else minutes_seconds
+
+
+def ms(seconds: float | None) -> str:
+    """Milliseconds with three figures or more: ``1482``, ``149``, ``10.4``, ``6.26``."""
+    if seconds is None:
+        return "-"
+    value = seconds * 1000.0
+    return f"{value:.0f}" if value >= 100 else f"{value:.1f}" if value >= 10 else f"{value:.2f}"
+
+
+def format_row(record: IntervalRecord) -> str:
+    s = record.stats
+    return (
+        f"{run_clock(s.end_s):>8} {s.num_requests:>6d} {_num(record.forecast_requests, '.0f'):>6} "
+        f"{_num(s.isl_avg, '.0f'):>6} {_num(s.osl_avg, '.0f'):>5} "
+        f"{ms(s.ttft_p99_s):>11} {ms(s.itl_p99_s):>10} "
+        f"{s.prefill_waiting + s.decode_waiting:>6d} {record.prefill:>3d} {record.decode:>3d} "
+        f"{s.prefill_serving:>4d} {s.decode_serving:>4d}"
+    )
+
+
 def format_table(run: LoopResult) -> str:
-    lines = [
-        f"{'t_s':>8} {'req':>6} {'fc_req':>7} {'ISL':>6} {'OSL':>5} {'TTFT_p99':>9} "
-        f"{'ITL_p99':>8} {'wait':>5} {'P':>3} {'D':>3} {'P_up':>4} {'D_up':>4}"
-    ]
-    for r in run.records:
-        s = r.stats
-        lines.append(
-            f"{s.end_s:>8.0f} {s.num_requests:>6d} {_num(r.forecast_requests, '.0f'):>7} "
-            f"{_num(s.isl_avg, '.0f'):>6} {_num(s.osl_avg, '.0f'):>5} "
-            f"{_num(s.ttft_p99_s, '.3f'):>9} {_num(s.itl_p99_s, '.4f'):>8} "
-            f"{s.prefill_waiting + s.decode_waiting:>5d} {r.prefill:>3d} {r.decode:>3d} "
-            f"{s.prefill_serving:>4d} {s.decode_serving:>4d}"
-        )
-    return "\n".join(lines)
+    return "\n".join([HEADER, *(format_row(r) for r in run.records), LEGEND])
 
 
 def format_summary(report: dict[str, Any]) -> str:
     def pct(value: float | None) -> str:
-        return "-" if value is None else f"{100 * value:.2f}%"
+        return "-" if value is None else conditions.percent(value)
+
+    def latencies(name: str) -> str:
+        values = [ms(report[f"{name}_p{q}_s"]) for q in (50, 90, 99)]
+        return f"{name.upper()} p50/p90/p99 {' / '.join(values)} ms"
 
     ratio = report["gpu_hours_over_lower_bound"]
     return (
@@ -218,10 +258,7 @@ def format_summary(report: dict[str, Any]) -> str:
         f"{report['requests'] - report['finished_requests']} never finished)\n"
         f"SLA attainment {pct(report['sla_attainment'])} "
         f"(TTFT {pct(report['ttft_attainment'])}, ITL {pct(report['itl_attainment'])})\n"
-        f"TTFT p50/p90/p99 {_num(report['ttft_p50_s'], '.3f')} / "
-        f"{_num(report['ttft_p90_s'], '.3f')} / {_num(report['ttft_p99_s'], '.3f')} s; "
-        f"ITL p50/p90/p99 {_num(report['itl_p50_s'], '.4f')} / "
-        f"{_num(report['itl_p90_s'], '.4f')} / {_num(report['itl_p99_s'], '.4f')} s\n"
+        f"{latencies('ttft')}; {latencies('itl')}\n"
         f"{report['gpu_hours']:.3f} GPU-hours, lower bound {report['lower_bound_gpu_hours']:.3f} "
         f"({_num(ratio, '.2f')} x), {report['scaling_actions']} scaling actions"
     )
@@ -317,14 +354,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError) as exc:  # TraceError and ProfileError are ValueErrors
         print(f"{prog}: {exc}", file=sys.stderr)
         return 2
-    run = simulate(
-        parsed.trace,
-        parsed.profile,
-        parsed.setup,
-        parsed.config,
-        warm_start=args.warm_start,
-        max_intervals=args.max_intervals or None,
-    )
+    progress = Progress(prog)
+    try:
+        run = simulate(
+            parsed.trace,
+            parsed.profile,
+            parsed.setup,
+            parsed.config,
+            warm_start=args.warm_start,
+            max_intervals=args.max_intervals or None,
+            progress=progress,
+        )
+    finally:
+        progress.close()
     write_outputs(args, parsed, run)
     return 0
 

@@ -156,17 +156,40 @@ def test_gauges_are_recorded_per_deployment(decider: Decider) -> None:
     recorder = gauges.DeciderGauges(registry)
     target = decider.decide(forecast(forecast_id="rec", ttft_avg_s=None))
     recorder.record(target)
-    labels = {"deployment": "prod/llama"}
-    assert registry.get_sample_value("slaplanner_decider_decode_target_replicas", labels) == 2.0
+    labels = {"namespace": "prod", "deployment": "llama"}
+    decode = {**labels, "role": "decode"}
+    assert registry.get_sample_value("slaplanner_decider_desired_replicas", decode) == 2.0
     assert registry.get_sample_value("slaplanner_decider_itl_target_seconds", labels) == 0.01
     observed_ttft = registry.get_sample_value("slaplanner_decider_observed_ttft_seconds", labels)
     assert observed_ttft is not None and math.isnan(observed_ttft)
     assert registry.get_sample_value("slaplanner_decider_target_held", labels) == 0.0
+    assert registry.get_sample_value("slaplanner_decider_last_decision_timestamp_seconds",
+                                     labels) == target.window_end
+    rule = target.explanation["decode_bound_by"]
+    assert registry.get_sample_value("slaplanner_decider_binding_rule",
+                                     {**decode, "rule": rule}) == 1.0
+
+
+def test_the_binding_rule_of_a_role_is_one_series_that_follows_the_rule(
+    decider: Decider,
+) -> None:
+    registry = CollectorRegistry()
+    recorder = gauges.DeciderGauges(registry)
+    first = decider.decide(forecast(forecast_id="r1"))
+    recorder.record(first)
+    held = first.model_copy(update={"id": "r2", "explanation": {
+        **first.explanation, "prefill_bound_by": "held_stale_metrics"}})
+    recorder.record(held)
+    series = [s.labels for m in registry.collect() if m.name == "slaplanner_decider_binding_rule"
+              for s in m.samples if s.labels["role"] == "prefill"]
+    assert series == [{"namespace": "prod", "deployment": "llama", "role": "prefill",
+                       "rule": "held_stale_metrics"}]
 
 
 def test_every_gauge_is_documented() -> None:
     documented = (Path(__file__).parent.parent / "docs" / "metrics.md").read_text()
-    for key in gauges.GAUGES:
+    for key in [*gauges.GAUGES, *gauges.SNAPSHOT_GAUGES, *gauges.TARGET_GAUGES,
+                *gauges.ROLE_GAUGES, gauges.BINDING_RULE]:
         assert f"`{gauges.PREFIX}{key}`" in documented
 
 

@@ -29,12 +29,17 @@ def test_the_demo_replays_the_bundled_slice_and_prints_the_table_the_report_and_
     )
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
+    assert out.splitlines()[0] == (
+        f"forecaster -> decider -> actuator on the NATS server at {nats_server.url} (--nats-url "
+        "or SLAPLANNER_NATS_URL): services already reading its stream share the work, and the "
+        "numbers then differ")
 
     # One row per 15 s interval of the sped-up trace, every request counted exactly once.
     trace = traces.load_trace(demo.DEMO_TRACE).sped_up(demo.DEMO_DEFAULTS["speedup"])
     intervals = math.floor(float(trace.arrival_s[-1]) / 15.0) + 1  # 23
-    rows = [line.split() for line in out.splitlines() if re.match(r"^\s+\d+\s+\d+\s", line)]
-    assert [row[0] for row in rows] == [str(15 * (i + 1)) for i in range(intervals)]
+    rows = [line.split() for line in out.splitlines() if re.match(r"^\s+\d\d:\d\d\s+\d+\s", line)]
+    assert [row[0] for row in rows] == [f"{15 * (i + 1) // 60:02d}:{15 * (i + 1) % 60:02d}"
+                                        for i in range(intervals)]
     assert sum(int(row[1]) for row in rows) == len(trace) == 8819
     assert rows[0][1] == "63"  # the first 15 s of the code trace at x10 (checked in the trace)
     outcomes = {str(outcome) for outcome in Outcome}
@@ -48,11 +53,11 @@ def test_the_demo_replays_the_bundled_slice_and_prints_the_table_the_report_and_
     requests, clipped = map(int, _match(r"(\d+) requests \((\d+) clipped to the context", out))
     assert requests == len(trace) and 0 <= clipped <= requests
     sla, ttft, itl = (float(v) / 100 for v in _match(
-        rf"SLA attainment {NUMBER}% \(TTFT {NUMBER}%, ITL {NUMBER}%\)", out))
+        rf"SLA attainment {NUMBER} % \(TTFT {NUMBER} %, ITL {NUMBER} %\)", out))
     assert 0.0 <= sla <= min(ttft, itl) <= 1.0 and 0.0 <= max(ttft, itl) <= 1.0
     for name in ("TTFT", "ITL"):
         p50, p90, p99 = map(float, _match(
-            rf"{name} p50/p90/p99 {NUMBER} / {NUMBER} / {NUMBER} s", out))
+            rf"{name} p50/p90/p99 {NUMBER} / {NUMBER} / {NUMBER} ms", out))
         assert 0.0 < p50 <= p90 <= p99
     gpu_hours, lower, ratio, actions = map(float, _match(
         rf"{NUMBER} GPU-hours, lower bound {NUMBER} \({NUMBER} x\), (\d+) scaling actions", out))
@@ -65,6 +70,32 @@ def test_the_demo_replays_the_bundled_slice_and_prints_the_table_the_report_and_
     assert Path(where) == plot.resolve()
     assert plot.read_bytes()[:8] == PNG_SIGNATURE
     assert plot.stat().st_size > 30_000  # four panels of lines, not an empty figure
+
+
+def test_the_demo_keeps_to_its_own_server_whatever_slaplanner_nats_url_names(
+    tmp_path: Path,
+) -> None:
+    # The variable the README exports for hand-started services; the demo must not join them.
+    env = {**os.environ, "SLAPLANNER_NATS_URL": "nats://127.0.0.1:1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "services.cli", "demo", "--max-intervals", "2", "--quiet"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=150,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.match(r"forecaster -> decider -> actuator on an embedded nats-server at "
+                    r"nats://127\.0\.0\.1:\d+ \(--nats-url to use another\)\n", result.stdout)
+
+
+def test_an_output_into_a_missing_folder_fails_at_once_in_one_line(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "services.cli", "demo", "--plot", "plots/demo.png"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2
+    assert result.stdout == ""  # no server started, nothing replayed
+    assert result.stderr.splitlines() == [
+        "slaplanner demo: --plot plots/demo.png: the folder plots does not exist; create it "
+        "(mkdir -p plots) or write elsewhere"]
 
 
 def _match(pattern: str, text: str) -> tuple[str, ...]:

@@ -101,7 +101,7 @@ def test_the_dashboard_is_a_grafana_dashboard() -> None:
     ids = [p["id"] for p in board["panels"]]
     assert len(ids) == len(set(ids))
     variables = {v["name"] for v in board["templating"]["list"]}
-    assert {"datasource", "deployment"} <= variables
+    assert {"datasource", "namespace", "deployment"} <= variables
     for panel in panels():
         assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
         assert {"h", "w", "x", "y"} <= set(panel["gridPos"]), panel["title"]
@@ -126,7 +126,7 @@ def test_every_query_names_only_metrics_the_services_export() -> None:
     exported = exported_metrics()
     # the reading of the registry found the services' metrics, not an empty registry
     assert {"slaplanner_messages_rejected_total", "slaplanner_actuator_outcomes_total",
-            "slaplanner_decider_prefill_target_replicas"} <= exported
+            "slaplanner_decider_desired_replicas"} <= exported
     unknown = {(expr, name) for expr in queries() for name in metric_names(expr)
                if name not in exported and name not in PROMETHEUS_SERIES}
     assert unknown == set()
@@ -135,16 +135,23 @@ def test_every_query_names_only_metrics_the_services_export() -> None:
 @pytest.mark.parametrize(
     ("what", "together"),
     [
-        ("TTFT against its target", {"slaplanner_decider_observed_ttft_seconds",
-                                     "slaplanner_decider_ttft_target_seconds"}),
-        ("ITL against its target", {"slaplanner_decider_observed_itl_seconds",
-                                    "slaplanner_decider_itl_target_seconds"}),
+        ("TTFT p99 and mean against its target", {
+            "slaplanner_decider_observed_ttft_p99_seconds",
+            "slaplanner_decider_observed_ttft_seconds", "slaplanner_decider_ttft_target_seconds"}),
+        ("ITL p99 and mean against its target", {
+            "slaplanner_decider_observed_itl_p99_seconds",
+            "slaplanner_decider_observed_itl_seconds", "slaplanner_decider_itl_target_seconds"}),
+        ("observed attainment: the tails over their targets", {
+            "slaplanner_decider_observed_ttft_p99_seconds",
+            "slaplanner_decider_ttft_target_seconds",
+            "slaplanner_decider_observed_itl_p99_seconds",
+            "slaplanner_decider_itl_target_seconds"}),
+        ("predicted attainment", {"slaplanner_decider_predicted_attainment_ratio"}),
+        ("the binding rule", {"slaplanner_decider_binding_rule"}),
         ("request rate and forecast", {"slaplanner_decider_observed_request_rate_per_second",
                                        "slaplanner_decider_forecast_request_rate_per_second"}),
-        ("prefill replicas, target vs ready", {"slaplanner_decider_prefill_target_replicas",
-                                               "slaplanner_decider_observed_prefill_workers"}),
-        ("decode replicas, target vs ready", {"slaplanner_decider_decode_target_replicas",
-                                              "slaplanner_decider_observed_decode_workers"}),
+        ("replicas, desired vs running", {"slaplanner_decider_desired_replicas",
+                                          "slaplanner_decider_observed_workers"}),
         ("correction factors", {"slaplanner_decider_prefill_correction_factor",
                                 "slaplanner_decider_decode_correction_factor"}),
         ("rejected messages", {"slaplanner_messages_rejected_total"}),
@@ -170,7 +177,8 @@ def test_every_query_is_valid_promql(tmp_path: Path) -> None:
         pytest.skip("promtool is not installed (Debian package prometheus)")
     rules = []
     for i, expr in enumerate(q for q in queries() if not q.startswith("label_values(")):
-        concrete = expr.replace("$__rate_interval", "5m").replace("$deployment", ".*")
+        concrete = (expr.replace("$__rate_interval", "5m").replace("$deployment", ".*")
+                    .replace("$namespace", ".*"))
         rules.append({"record": f"dashboard:query_{i}", "expr": concrete})
     (tmp_path / "rules.json").write_text(json.dumps({"groups": [{"name": "dashboard",
                                                                  "rules": rules}]}))

@@ -12,6 +12,7 @@ loopback interface.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -19,7 +20,7 @@ import subprocess
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -118,8 +119,10 @@ def as_file_sd(config: dict[str, Any], targets: Path) -> dict[str, Any]:
         [discovery] = job.pop("kubernetes_sd_configs")
         assert discovery["role"] == "pod", job["job_name"]
         job["file_sd_configs"] = [{"files": [str(targets)]}]
-        # scrapes fail at once on the loopback ports, and rarely
-        job["scrape_interval"] = job["scrape_timeout"] = "1h"
+        # scrapes fail at once on the loopback ports, and rarely (a caller that scrapes a real
+        # endpoint sets its own interval in the config it passes)
+        job.setdefault("scrape_interval", "1h")
+        job.setdefault("scrape_timeout", job["scrape_interval"])
     return out
 
 
@@ -140,44 +143,66 @@ class Targets:
         return [t["labels"] for t in self.active if t["labels"].get("pod") == pod]
 
 
-@pytest.fixture(scope="module")
-def targets() -> Iterator[Targets]:
+@dataclass
+class RunningPrometheus:
+    port: int
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def until(self, answer: Callable[[], Any], timeout_s: float = 60.0) -> Any:
+        """The first truthy ``answer()`` (an OSError while it starts counts as none)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            assert self.process.poll() is None, self.log.read_text()
+            try:
+                found = answer()
+                if found:
+                    return found
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, self.log.read_text()
+            time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def running_prometheus(config: dict[str, Any], targets: list[dict[str, Any]],
+                       tmp: Path) -> Iterator[RunningPrometheus]:
+    """A real Prometheus with ``config``, its Kubernetes discovery replaced by ``targets``."""
     binary = shutil.which("prometheus")
     if binary is None:
         pytest.skip("the prometheus binary is not installed (Debian package prometheus)")
+    (tmp / "pods.json").write_text(json.dumps(targets))
+    (tmp / "prometheus.yml").write_text(yaml.safe_dump(as_file_sd(config, tmp / "pods.json")))
+    port = embedded_nats.free_port()
+    process = subprocess.Popen(
+        [binary, f"--config.file={tmp / 'prometheus.yml'}",
+         f"--storage.tsdb.path={tmp / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL, stderr=(tmp / "log").open("wb"))
+    try:
+        yield RunningPrometheus(port, process, tmp / "log")
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def targets() -> Iterator[Targets]:
     config = yaml.safe_load(PROMETHEUS_YML.read_text())
     jobs = {job["job_name"] for job in config["scrape_configs"]}
-    with tempfile.TemporaryDirectory(prefix="slaplanner-prom-") as tmp_name:
-        tmp = Path(tmp_name)
-        groups: list[dict[str, Any]] = []
-        for i, pod in enumerate(deploy_pods() + dynamo_pods() + vllm_pods()):
-            groups += pod_target_groups(pod, 20_000 + 10 * i)
-        (tmp / "pods.json").write_text(json.dumps(groups))
-        (tmp / "prometheus.yml").write_text(
-            yaml.safe_dump(as_file_sd(config, tmp / "pods.json")))
-        port = embedded_nats.free_port()
-        process = subprocess.Popen(
-            [binary, f"--config.file={tmp / 'prometheus.yml'}",
-             f"--storage.tsdb.path={tmp / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
-            stdout=subprocess.DEVNULL, stderr=(tmp / "log").open("wb"))
-        try:
-            deadline = time.monotonic() + 60
-            while True:
-                if process.poll() is not None:
-                    raise AssertionError((tmp / "log").read_text())
-                try:
-                    data = get_json(f"http://127.0.0.1:{port}/api/v1/targets?state=any")["data"]
-                    # every job has taken the pods from discovery
-                    if {t["labels"]["job"] for t in data["activeTargets"]} == jobs:
-                        break
-                except OSError:
-                    pass
-                assert time.monotonic() < deadline, (tmp / "log").read_text()
-                time.sleep(0.2)
-            yield Targets(data["activeTargets"], data["droppedTargets"])
-        finally:
-            process.terminate()
-            process.wait(timeout=30)
+    groups: list[dict[str, Any]] = []
+    for i, pod in enumerate(deploy_pods() + dynamo_pods() + vllm_pods()):
+        groups += pod_target_groups(pod, 20_000 + 10 * i)
+    with tempfile.TemporaryDirectory(prefix="slaplanner-prom-") as tmp_name, \
+            running_prometheus(config, groups, Path(tmp_name)) as prometheus:
+
+        def discovered() -> dict[str, Any] | None:
+            data: dict[str, Any] = get_json(
+                f"http://127.0.0.1:{prometheus.port}/api/v1/targets?state=any")["data"]
+            # every job has taken the pods from discovery
+            return data if {t["labels"]["job"] for t in data["activeTargets"]} == jobs else None
+
+        data = prometheus.until(discovered)
+        yield Targets(data["activeTargets"], data["droppedTargets"])
 
 
 def test_the_four_services_are_scraped_on_their_http_port(targets: Targets) -> None:

@@ -30,8 +30,8 @@ from shared.service import Runtime
 
 log = logging.getLogger("slaplanner.actuator")
 OUTCOMES = prometheus_client.Counter(
-    "slaplanner_actuator_outcomes", "Targets handled, by backend and outcome",
-    ["backend", "outcome"])
+    "slaplanner_actuator_outcomes", "Targets handled, by deployment, backend and outcome",
+    ["namespace", "deployment", "backend", "outcome"])
 LEADER = prometheus_client.Gauge(
     "slaplanner_actuator_leader", "1 while this actuator holds the Lease (or needs none)")
 CONSUMES = "slaplanner.target.>"
@@ -98,7 +98,8 @@ async def consume(runtime: Runtime, assembly: Assembly, settings: ActuatorSettin
         if event is None:  # lost the lease meanwhile: leave it to the leader
             return None
         log.info("%s %s: %s", target.deployment, event.outcome, event.reason)
-        OUTCOMES.labels(event.backend, event.outcome.value).inc()
+        OUTCOMES.labels(event.deployment.namespace, event.deployment.name, event.backend,
+                        event.outcome.value).inc()
         return [event]
 
     try:

@@ -11,11 +11,12 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from shared.messages import MAX_REPLICAS
-from shared.service_settings import ServiceSettings
+from shared.service_settings import DEFAULT_HTTP_PORTS, ServiceSettings, http_port_field
 from shared.settings import CommaList, DurationS
 
 
 class ActuatorSettings(ServiceSettings):
+    http_port: int = http_port_field(DEFAULT_HTTP_PORTS["actuator"])
     backend: Literal["dry-run", "dynamo", "virtual", "none"] = Field(
         default="dry-run",
         description="backend for deployments the config file does not list: dry-run (report "

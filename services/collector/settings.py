@@ -8,11 +8,12 @@ from pydantic import Field, field_validator
 
 from services.collector import promql
 from shared.messages import DNS_LABEL
-from shared.service_settings import ServiceSettings
+from shared.service_settings import DEFAULT_HTTP_PORTS, ServiceSettings, http_port_field
 from shared.settings import CommaList, DurationS
 
 
 class CollectorSettings(ServiceSettings):
+    http_port: int = http_port_field(DEFAULT_HTTP_PORTS["collector"])
     source: Literal["scrape", "prometheus", "trace"] = Field(
         default="scrape",
         description="scrape: read /metrics endpoints directly; prometheus: query a Prometheus "

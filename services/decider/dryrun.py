@@ -32,7 +32,7 @@ from pydantic import ValidationError
 from services.decider import registry
 from services.decider.core import Decider
 from services.decider.settings import DeciderSettings, DeploymentKnobs
-from shared import traces
+from shared import cli_checks, traces
 from shared.messages import DeploymentKey, ForecastStep, LoadForecast, MetricSnapshot
 from shared.perf_model import Profile, ProfileError
 from shared.settings import parse_duration_s
@@ -332,6 +332,8 @@ def format_table(result: DryRunResult) -> str:
         lines.append("! over the GPU budget: Dynamo's own cut (its min_endpoint floor binds)")
     if "~" in marks:
         lines.append("~ Dynamo's cut exceeded the GPU budget; the guard removed replicas")
+    lines.append("rr / est_rr: requests in the interval, observed / forecast (Dynamo's names); "
+                 "isl, osl: mean input, output tokens; num_p, num_d: prefill, decode replicas")
     if any("S" in m for m in policy_marks):
         lines.append("S scale-down held by the stabilisation window (the need was lower)")
     if result.fast_path:
@@ -571,6 +573,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{prog}: --start-prefill and --start-decode must be >= 0", file=sys.stderr)
         return 2
     try:
+        cli_checks.output_paths({"--json": args.json_out, "--plot": args.plot_out})
         knobs = planning_knobs(args, policy=args.policy, no_correction=True)
     except ValueError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)

@@ -1,8 +1,13 @@
-"""Prometheus gauges of the decider, one series per deployment (label ``deployment``).
+"""Prometheus gauges of the decider, one series per deployment (labels ``namespace`` and
+``deployment``), and per role where a number is one role's (label ``role``).
 
-The names are documented in ``docs/metrics.md``. Values come from
-``services.decider.core.gauge_values``; a value that was not observed is exported as NaN, never
-as 0 and never as the stale value of an earlier window.
+The names are documented in ``docs/metrics.md``. Values come from the target
+(``services.decider.core.gauge_values``, ``shared.conditions``) and from the snapshot it was
+decided on; a value that was not observed is exported as NaN, never as 0 and never as the stale
+value of an earlier window.
+
+``slaplanner_decider_desired_replicas{role}`` is the decision itself, in the form KEDA's
+Prometheus scaler and an HPA's external metric read (``deploy/examples/keda``).
 """
 
 from __future__ import annotations
@@ -12,9 +17,12 @@ import math
 from prometheus_client import REGISTRY, CollectorRegistry, Gauge
 
 from services.decider.core import gauge_values
-from shared.messages import ReplicaTarget
+from shared import conditions
+from shared.messages import MetricSnapshot, ReplicaTarget
 
 PREFIX = "slaplanner_decider_"
+LABELS = ["namespace", "deployment"]
+ROLES = ("prefill", "decode")
 
 # gauge_values key -> help text (with the unit)
 GAUGES: dict[str, str] = {
@@ -30,36 +38,90 @@ GAUGES: dict[str, str] = {
     "profiled TTFT; slaplanner: the smoothed engine slowdown behind the observed TTFT)",
     "decode_correction_factor": "Observed ITL / profiled ITL at the observed concurrency "
     "(slaplanner: smoothed, weighted by requests)",
-    "observed_prefill_workers": "Prefill workers the cluster reported",
-    "observed_decode_workers": "Decode workers the cluster reported",
-    "prefill_target_replicas": "Prefill replicas the decider asked for",
-    "decode_target_replicas": "Decode replicas the decider asked for",
     "target_held": "1 when the target holds the last one because metrics were missing or stale",
 }
+# From the snapshot the target was decided on: the tail the SLA is judged by. A p99 above its
+# target means fewer than 99 % of the window's requests were within it.
+SNAPSHOT_GAUGES: dict[str, str] = {
+    "observed_ttft_p99_seconds": "Observed 99th percentile time to first token in the last "
+    "window, seconds",
+    "observed_itl_p99_seconds": "Observed 99th percentile inter-token latency in the last "
+    "window, seconds",
+}
+# From the target as a whole.
+TARGET_GAUGES: dict[str, str] = {
+    "predicted_attainment_ratio": "Share of requests the decider predicts within both targets "
+    "where it predicts one (the GPU budget binds); NaN otherwise",
+    "last_decision_timestamp_seconds": "End of the window the last target was decided for, "
+    "seconds since the epoch",
+}
+# Per role (label role): gauge name -> (gauge_values key with {role}, help text).
+ROLE_GAUGES: dict[str, tuple[str, str]] = {
+    "desired_replicas": ("{role}_target_replicas", "Replicas the decider asked for"),
+    "observed_workers": ("observed_{role}_workers", "Workers the cluster reported"),
+}
+BINDING_RULE = "binding_rule"
+BINDING_RULE_HELP = ("1 for the rule that set the role's count in the last target (label rule: "
+                     "a sizing model, a bound, the GPU budget, a hold, ...)")
+
+
+def snapshot_values(snapshot: MetricSnapshot | None) -> dict[str, float | None]:
+    return {
+        "observed_ttft_p99_seconds": None if snapshot is None else snapshot.ttft_p99_s,
+        "observed_itl_p99_seconds": None if snapshot is None else snapshot.itl_p99_s,
+    }
+
+
+def _nan(value: float | None) -> float:
+    return math.nan if value is None else value
 
 
 class DeciderGauges:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         target_registry = REGISTRY if registry is None else registry
-        self._gauges = {
-            key: Gauge(PREFIX + key, help_text, ["deployment"], registry=target_registry)
-            for key, help_text in GAUGES.items()
-        }
 
-    def record(self, target: ReplicaTarget) -> None:
-        deployment = str(target.deployment)
-        for key, value in gauge_values(target).items():
-            gauge = self._gauges.get(key)
-            if gauge is not None:
-                gauge.labels(deployment=deployment).set(math.nan if value is None else value)
+        def gauge(key: str, help_text: str, labels: list[str]) -> Gauge:
+            return Gauge(PREFIX + key, help_text, labels, registry=target_registry)
+
+        self._gauges = {key: gauge(key, text, LABELS)
+                        for key, text in {**GAUGES, **SNAPSHOT_GAUGES, **TARGET_GAUGES}.items()}
+        self._role_gauges = {key: gauge(key, text, [*LABELS, "role"])
+                             for key, (_, text) in ROLE_GAUGES.items()}
+        self._rules = gauge(BINDING_RULE, BINDING_RULE_HELP, [*LABELS, "role", "rule"])
+        self._rule_of: dict[tuple[str, str, str], str] = {}
+
+    def record(self, target: ReplicaTarget, observed: MetricSnapshot | None = None) -> None:
+        """Record a target and the snapshot it was decided on (``None``: not known)."""
+        key = target.deployment
+        labels = {"namespace": key.namespace, "deployment": key.name}
+        values = gauge_values(target)
+        values.update(snapshot_values(observed))
+        values["predicted_attainment_ratio"] = conditions.predicted_attainment(target)
+        values["last_decision_timestamp_seconds"] = target.window_end
+        for name, gauge in self._gauges.items():
+            gauge.labels(**labels).set(_nan(values.get(name)))
+        for role in ROLES:
+            for name, (source, _) in ROLE_GAUGES.items():
+                self._role_gauges[name].labels(**labels, role=role).set(
+                    _nan(values.get(source.format(role=role))))
+        for role, rule in conditions.bound_by(target).items():
+            self._set_rule((key.namespace, key.name, role), rule or "unknown")
+
+    def _set_rule(self, series: tuple[str, str, str], rule: str) -> None:
+        # One series per role: the old rule's goes when the rule changes.
+        previous = self._rule_of.get(series)
+        if previous is not None and previous != rule:
+            self._rules.remove(*series, previous)
+        self._rule_of[series] = rule
+        self._rules.labels(*series, rule).set(1.0)
 
 
 _default: DeciderGauges | None = None
 
 
-def record(target: ReplicaTarget) -> None:
+def record(target: ReplicaTarget, observed: MetricSnapshot | None = None) -> None:
     """Record a target on the process-wide registry (what ``/metrics`` serves)."""
     global _default
     if _default is None:
         _default = DeciderGauges()
-    _default.record(target)
+    _default.record(target, observed)

@@ -49,14 +49,14 @@ def routes(decider: Decider) -> list[Route[Any]]:
 
     async def on_forecast(forecast: LoadForecast) -> Iterable[Envelope]:
         target = decider.decide(forecast)
-        gauges.record(target)
+        gauges.record(target, forecast.observed)
         return [target]
 
     async def on_snapshot(snapshot: MetricSnapshot) -> Iterable[Envelope]:
         target = decider.on_snapshot(snapshot)
         if target is None:
             return []
-        gauges.record(target)
+        gauges.record(target, snapshot)
         return [target]
 
     async def on_scaled(event: ScaleEvent) -> Iterable[Envelope]:

@@ -33,7 +33,7 @@ from services.decider import registry
 from services.decider.policy import PlannerKnobs, PolicyConfig
 from shared.messages import DNS_LABEL, MAX_REPLICAS
 from shared.perf_model import default_profile_path
-from shared.service_settings import ServiceSettings
+from shared.service_settings import DEFAULT_HTTP_PORTS, ServiceSettings, http_port_field
 from shared.settings import DurationS, Settings, parse_duration_s
 
 # Dynamo's SLA-planner defaults (SLAPlannerDefaults in components/planner/src/dynamo/planner/
@@ -473,6 +473,7 @@ class DeciderServiceSettings(DeciderSettings):
     policy, ``slaplanner``. Code that builds settings by hand (tests, the reference dry run) keeps
     ``dynamo`` unless it asks, so Dynamo's hand-computed numbers stay where they are checked."""
 
+    http_port: int = http_port_field(DEFAULT_HTTP_PORTS["decider"])
     policy: str = Field(
         default=registry.DEFAULT_POLICY,
         description="sizing policy: " + ", ".join(registry.policy_names())

@@ -19,8 +19,10 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 
 import prometheus_client
+import prometheus_client.registry
 from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
+from prometheus_client.core import CounterMetricFamily
 
 from services.forecaster import partition
 from services.forecaster.core import Forecaster
@@ -39,9 +41,23 @@ FIT_SECONDS = prometheus_client.Histogram(
 FALLBACKS = prometheus_client.Counter(
     "slaplanner_forecaster_fallbacks", "Forecasts that fell back from the configured model"
 )
-REFITS = prometheus_client.Gauge(
-    "slaplanner_forecaster_refits", "Model refits so far, all deployments and series"
-)
+
+
+class _RefitsTotal(prometheus_client.registry.Collector):
+    """Model refits so far, a counter read from the forecaster core when scraped."""
+
+    def __init__(self) -> None:
+        self.source: Callable[[], int] | None = None
+
+    def collect(self) -> Iterable[CounterMetricFamily]:
+        yield CounterMetricFamily(
+            "slaplanner_forecaster_refits", "Model refits so far, all deployments and series",
+            value=float(self.source()) if self.source is not None else 0.0,
+        )
+
+
+REFITS = _RefitsTotal()
+prometheus_client.REGISTRY.register(REFITS)
 
 
 def owned_by(settings: ForecasterSettings) -> Callable[[str], bool]:
@@ -79,7 +95,7 @@ async def rebuild_from_stream(
 async def run(runtime: Runtime, forecaster: Forecaster, settings: ForecasterSettings) -> None:
     loop = asyncio.get_running_loop()
     owns = owned_by(settings)
-    REFITS.set_function(lambda: float(forecaster.refits_total()))
+    REFITS.source = forecaster.refits_total
     if settings.warm_start_trace:
         trace = await asyncio.to_thread(traces.load_trace, settings.warm_start_trace)
         forecaster.warm_start_new_deployments(trace.arrival_s, trace.isl_tokens, trace.osl_tokens)

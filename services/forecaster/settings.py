@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal, Self, get_args
 
 from pydantic import BeforeValidator, Field, field_validator, model_validator
 
-from shared.service_settings import ServiceSettings
+from shared.service_settings import DEFAULT_HTTP_PORTS, ServiceSettings, http_port_field
 from shared.settings import CommaList, DurationS
 
 PredictorName = Literal[
@@ -30,6 +30,7 @@ ReplicaIndex = Annotated[int, BeforeValidator(_ordinal), Field(ge=0)]
 
 
 class ForecasterSettings(ServiceSettings):
+    http_port: int = http_port_field(DEFAULT_HTTP_PORTS["forecaster"])
     predictor: PredictorName = Field(
         default="horizon-smoothing",
         description=(
