@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
+import json
 import logging
 import ssl
 import time
@@ -496,6 +497,12 @@ class ConsumerSpec:
         )
 
 
+def works_through(config: ConsumerConfig) -> bool:
+    """Whether a consumer is one a service works through (acks what it handled), not a
+    history reader, whose pending count only says how much history there is."""
+    return bool(config.durable_name) and config.ack_policy != AckPolicy.NONE
+
+
 def history_reader(durable: str, subject_filter: str) -> ConsumerSpec:
     """The consumer under which the service of ``durable`` reads stored history."""
     return ConsumerSpec(f"{durable}-history", (subject_filter,), history=True)
@@ -553,12 +560,13 @@ async def update_consumers(js: JetStreamContext, settings: ServiceSettings,
     return done
 
 
-async def reset_consumer(nc: NATS, stream: str, consumer: str, sequence: int) -> None:
+async def reset_consumer(nc: NATS, stream: str, consumer: str, sequence: int) -> int:
     """Rewind a consumer so that the next message it delivers is at or after ``sequence``
-    (nats-server >= 2.14, ADR-60)."""
+    (nats-server >= 2.14, ADR-60); how many messages it has to deliver from there."""
     reply = await nc.request(f"$JS.API.CONSUMER.RESET.{stream}.{consumer}",
                              f'{{"seq": {sequence}}}'.encode(), timeout=API_TIMEOUT_S)
-    answer = reply.data
-    if b'"error"' in answer:
-        raise BusError(f"cannot rewind consumer {consumer}: {answer.decode(errors='replace')}")
+    answer = json.loads(reply.data)
+    if "error" in answer:
+        raise BusError(f"cannot rewind consumer {consumer}: {answer['error']}")
+    return int(answer.get("num_pending") or 0)
 

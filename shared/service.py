@@ -624,9 +624,9 @@ def start_http(settings: ServiceSettings, runtime_ref: list[Runtime],
                              _http_app(runtime_ref, beat), handler_class=_QuietHandler)
     except OSError as exc:
         raise SystemExit(
-            f"cannot serve /metrics, /healthz and /readyz on {settings.http_host}:"
-            f"{settings.http_port} ({exc.strerror or exc}): set --http-port / "
-            "SLAPLANNER_HTTP_PORT (0 picks a free port)"
+            f"cannot serve /metrics and /healthz on {settings.http_host}:{settings.http_port} "
+            f"({exc.strerror or exc}): set --http-port / SLAPLANNER_HTTP_PORT (0 picks a free "
+            "port)"
         ) from None
     threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
     return server
@@ -656,7 +656,7 @@ async def serve(name: str, settings: ServiceSettings,
     beat = [time.monotonic()]
     runtime_ref: list[Runtime] = []
     http = start_http(settings, runtime_ref, beat)
-    log.info("%s: /metrics, /healthz and /readyz on %s:%d", name, settings.http_host,
+    log.info("%s: /metrics and /healthz on %s:%d (and /readyz)", name, settings.http_host,
              http.server_port)
     fatal: list[str] = []
 

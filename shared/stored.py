@@ -69,15 +69,13 @@ async def _first_at(nc: NATS, js: JetStreamContext, stream: str, reader: str,
     """The first stream sequence whose next message on the reader's filter is not older than
     ``start_time``: a binary search over the stream, one rewind and one fetch per step."""
     state = (await js.stream_info(stream)).state
-    low, high = state.first_seq, state.last_seq + 1
+    low, high = max(state.first_seq, 1), state.last_seq + 1  # seq 0 would mean "ack floor"
     while low < high:
         middle = (low + high) // 2
-        await bus.reset_consumer(nc, stream, reader, middle)
-        try:
-            [msg] = await sub.fetch(batch=1, timeout=bus.API_TIMEOUT_S)
-        except TimeoutError:
+        if await bus.reset_consumer(nc, stream, reader, middle) == 0:
             high = middle  # nothing on the filter from here on
             continue
+        [msg] = await sub.fetch(batch=1, timeout=bus.API_TIMEOUT_S)
         meta = msg.metadata
         if meta.timestamp is not None and meta.timestamp >= start_time:
             high = middle
@@ -96,9 +94,8 @@ async def since(nc: NATS, js: JetStreamContext, stream: str,
         last = (await js.stream_info(stream)).state.last_seq
         first = 1 if start_time is None else await _first_at(nc, js, stream, reader.name, sub,
                                                               start_time)
-        if first > last:
+        if first > last or await bus.reset_consumer(nc, stream, reader.name, first) == 0:
             return
-        await bus.reset_consumer(nc, stream, reader.name, first)
         while True:
             try:
                 msgs: Sequence[Msg] = await sub.fetch(batch=batch, timeout=bus.API_TIMEOUT_S)
