@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export OPENBLAS_NUM_THREADS ?= 1
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install lock demo test test-servers lint bench clean
+.PHONY: install lock demo test test-fast test-servers lint bench clean
 
 # Every package comes from the lock files, each file checked against its hash: pip, the build
 # backend (build.lock), the project's and the tests' dependencies (dev.lock); then the project
@@ -55,6 +55,10 @@ test-servers:
 
 test: lint test-servers
 	$(BIN)/pytest
+
+# The tests that need no server or process (tests/conftest.py marks the others): under a minute.
+test-fast: $(STAMP)
+	$(BIN)/pytest -m "not servers" -q
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

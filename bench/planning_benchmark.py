@@ -31,12 +31,13 @@ from pathlib import Path
 from typing import Any
 
 from bench import planning_docs
+from services.decider import knobs as knob_model
 from services.decider import registry
 from services.forecaster.settings import ForecasterSettings
 from shared import traces
 from shared.perf_model import Profile, default_profile_path, load_profile
 from shared.settings import parse_duration_s
-from sim import progress
+from sim import options, progress
 from sim.cluster import ClusterConfig
 from sim.loop import BASELINES, PlanningSetup, simulate
 from sim.synth import DYNAMO_SINE, generate
@@ -74,7 +75,9 @@ class Policy:
     name: str
     planner: str
     predictor: str
-    decider_env: tuple[tuple[str, str], ...] = ()
+    # planner knobs by name (docs/decider.md); text may name "{startup_delay_s}" and
+    # "{interval_s}", the scenario's values
+    knobs: tuple[tuple[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -138,11 +141,19 @@ def load_config(path: Path) -> Bench:
     policies = []
     for entry in raw["policy"]:
         predictor = entry.get("predictor", "constant")
+        knobs = dict(entry.get("knobs", {}))
+        # the former spelling: SLAPLANNER_* variables, each a knob's
+        knobs.update(options.knob_assignments(
+            [f"{name}={value}" for name, value in entry.get("decider_env", {}).items()]
+        ))
+        unknown = sorted(set(knobs) - set(knob_model.KNOB_SPECS))
+        if unknown:
+            raise ValueError(f"{path}: policy {entry['name']!r}: unknown knob {unknown[0]!r}")
         policies.append(Policy(
             name=entry["name"],
             planner=entry["planner"],
             predictor=default_predictor if predictor == "default" else predictor,
-            decider_env=tuple(sorted(entry.get("decider_env", {}).items())),
+            knobs=tuple(sorted(knobs.items())),
         ))
     return Bench(
         scenarios=tuple(scenarios),
@@ -178,22 +189,21 @@ def run_one(bench: Bench, scenario: Scenario, skew: float, policy: Policy) -> di
             f"policy {policy.planner!r} is not registered in services/decider/registry.py"
         )
         return row
-    env = {
+    own = {
         key: value.format(startup_delay_s=scenario.startup_delay_s,
-                          interval_s=scenario.interval_s)
-        for key, value in policy.decider_env
+                          interval_s=scenario.interval_s) if isinstance(value, str) else value
+        for key, value in policy.knobs
     }
-    setup = PlanningSetup(
-        policy="dynamo" if policy.planner in BASELINES else policy.planner,
-        predictor=policy.predictor,
-        ttft_target_s=scenario.ttft_s,
-        itl_target_s=scenario.itl_s,
-        interval_s=scenario.interval_s,
-        max_gpu_budget=bench.max_gpu_budget,
+    knobs: dict[str, Any] = {
+        "policy": "dynamo" if policy.planner in BASELINES else policy.planner,
+        "ttft_target_s": scenario.ttft_s,
+        "itl_target_s": scenario.itl_s,
+        "adjustment_interval_s": scenario.interval_s,
+        "max_total_gpus": bench.max_gpu_budget,
         # An operator tells the policy how long its workers take to start (dynamo ignores it).
-        worker_startup_s=scenario.startup_delay_s,
-        decider_env=env,
-    )
+        "worker_startup_s": scenario.startup_delay_s,
+    }
+    setup = PlanningSetup.build(predictor=policy.predictor, **(knobs | own))
     config = ClusterConfig(
         startup_delay_s=scenario.startup_delay_s,
         perf_skew=skew,

@@ -59,9 +59,10 @@ class Reference:
 
 
 def _setup(scenario: Scenario, bench: Bench) -> PlanningSetup:
-    return PlanningSetup(
-        ttft_target_s=scenario.ttft_s, itl_target_s=scenario.itl_s,
-        interval_s=scenario.interval_s, max_gpu_budget=bench.max_gpu_budget,
+    return PlanningSetup.build(
+        policy="dynamo", predictor="constant", ttft_target_s=scenario.ttft_s,
+        itl_target_s=scenario.itl_s, adjustment_interval_s=scenario.interval_s,
+        max_total_gpus=bench.max_gpu_budget,
     )
 
 

@@ -62,8 +62,9 @@ def simulator_alone(trace: Trace, slice_s: float) -> Timing:
 
 def closed_loop(trace: Trace, slice_s: float, policy: str, predictor: str) -> Timing:
     profile = load_profile(default_profile_path())
-    setup = PlanningSetup(policy=policy, predictor=predictor, ttft_target_s=0.3,
-                          itl_target_s=0.02, interval_s=INTERVAL_S, max_gpu_budget=32)
+    setup = PlanningSetup.build(policy=policy, predictor=predictor, ttft_target_s=0.3,
+                                itl_target_s=0.02, adjustment_interval_s=INTERVAL_S,
+                                max_total_gpus=32)
     started = time.perf_counter(), time.process_time()
     simulate(trace, profile, setup, ClusterConfig(decode_slice_s=slice_s), warm_start=True)
     return _since(*started)

@@ -16,7 +16,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "forecaster": ("services.forecaster.__main__", "main", "run the forecaster service"),
     "decider": ("services.decider.__main__", "main", "run the decider service"),
     "actuator": ("services.actuator.__main__", "main", "run the actuator service"),
-    "dry-run": ("services.decider.dryrun", "main", "replay a trace through a planning policy"),
+    "dry-run": ("sim.dryrun", "main", "replay a trace through a planning policy"),
     "profile": ("shared.profile_cli", "main", "convert, show or plot a performance profile"),
     "demo": ("sim.demo", "main", "`replay` of a bundled real trace slice: table, SLA report, plot"),
     "simulate": ("sim.simulate_cli", "main", "closed-loop simulation of a policy on a trace"),

@@ -64,7 +64,8 @@ DECISION_SUBJECTS = (TARGETS, SCALED)
 REJECTED_RAW_BYTES = 4096
 # How long to wait for the server when a service starts and checks JetStream, seconds.
 API_TIMEOUT_S = 5.0
-# The most forecaster replicas deploy's NATS users provide durables for (docs/forecaster.md).
+# The most forecaster (and actuator) replicas deploy's NATS users provide durables for
+# (docs/forecaster.md).
 MAX_FORECASTER_REPLICAS = 8
 ACK_WAIT_S = 60.0
 MAX_ACK_PENDING = 1000
@@ -508,19 +509,24 @@ def history_reader(durable: str, subject_filter: str) -> ConsumerSpec:
     return ConsumerSpec(f"{durable}-history", (subject_filter,), history=True)
 
 
-def forecaster_durables(replicas: int) -> list[str]:
-    return ["forecaster"] if replicas == 1 else [f"forecaster-{i}" for i in range(replicas)]
+def replica_durables(service: str, replicas: int) -> list[str]:
+    """A service's durables: its name alone, or ``<service>-<i>`` for each of several
+    replicas (as the forecaster's and the actuator's settings name them)."""
+    return [service] if replicas == 1 else [f"{service}-{i}" for i in range(replicas)]
 
 
-def pipeline_consumers(forecaster_replicas: int = 1) -> list[ConsumerSpec]:
+def pipeline_consumers(forecaster_replicas: int = 1,
+                       actuator_replicas: int = 1) -> list[ConsumerSpec]:
     """Every consumer the services use, as the admin creates them: a durable per service (one
-    per forecaster replica) and the forecasters' history readers. The decider's durable reads
-    all three of its families; a policy that needs fewer acks the others unread."""
+    per forecaster and actuator replica) and the forecasters' history readers. The decider's
+    durable reads all three of its families; a policy that needs fewer acks the others
+    unread."""
     specs = []
-    for durable in forecaster_durables(forecaster_replicas):
+    for durable in replica_durables("forecaster", forecaster_replicas):
         specs += [ConsumerSpec(durable, (METRICS,)), history_reader(durable, METRICS)]
     specs.append(ConsumerSpec("decider", (FORECASTS, METRICS, SCALED)))
-    specs.append(ConsumerSpec("actuator", (TARGETS,)))
+    specs += [ConsumerSpec(durable, (TARGETS,))
+              for durable in replica_durables("actuator", actuator_replicas)]
     return specs
 
 

@@ -39,6 +39,11 @@ class BusAdminSettings(ServiceSettings):
         description=("forecaster replicas to make durables for: `forecaster` for one, "
                      "`forecaster-0` ... for several (the forecaster's SLAPLANNER_REPLICA_COUNT)"),
     )
+    actuator_replicas: int = Field(
+        default=1, ge=1, le=bus.MAX_FORECASTER_REPLICAS,
+        description=("actuator replicas to make durables for: `actuator` for one, `actuator-0` "
+                     "... for several (the actuator's SLAPLANNER_REPLICA_COUNT)"),
+    )
     keep_interval_s: DurationS = Field(
         default=0.0,
         description=("0: set up once and exit; else stay and set up again at this period, "
@@ -50,7 +55,8 @@ async def setup_once(js: JetStreamContext, settings: BusAdminSettings) -> list[s
     """Create or put back the streams and the consumers; what was done."""
     done = await bus.update_streams(js, settings)
     done += await bus.update_consumers(js, settings,
-                                       bus.pipeline_consumers(settings.forecaster_replicas))
+                                       bus.pipeline_consumers(settings.forecaster_replicas,
+                                                settings.actuator_replicas))
     for line in done:
         log.info("%s", line)
     return done
@@ -67,7 +73,8 @@ async def check(js: JetStreamContext, settings: BusAdminSettings) -> list[str]:
             continue
         found += [f"stream {config.name}: {d}"
                   for d in bus.stream_differences(info.config, config)]
-    for spec in bus.pipeline_consumers(settings.forecaster_replicas):
+    for spec in bus.pipeline_consumers(settings.forecaster_replicas,
+                                                settings.actuator_replicas):
         try:
             consumer = await js.consumer_info(settings.stream_name, spec.name)
         except NotFoundError:

@@ -23,7 +23,9 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
+from shared.explanation import Explanation
 from shared.messages import MetricSnapshot, Outcome, ReplicaTarget, ScaleEvent
+from shared.roles import ROLE_NAMES as ROLES
 
 # A snapshot older than this many of its windows is stale: the collector skipped two intervals.
 STALE_AFTER_WINDOWS = 3.0
@@ -44,7 +46,7 @@ class Status(StrEnum):
     UNKNOWN = "Unknown"
 
 
-# The decider's binding rules (``services.decider.policy.Reason`` values) that are limits, and
+# The decider's binding rules (``shared.explanation.Rule`` values) that are limits, and
 # the HPA-style reason each one is reported under. Every other rule (a sizing model, a hold, the
 # fast path) is the policy deciding, not a limit.
 LIMIT_REASONS: dict[str, str] = {
@@ -61,7 +63,6 @@ LIMIT_REASONS: dict[str, str] = {
     "no_shrink_missing_metrics": "NoScaleDownWithoutMetrics",
 }
 STABILISED = "scale_down_stabilised"
-ROLES = ("prefill", "decode")
 
 
 @dataclass(frozen=True)
@@ -89,19 +90,18 @@ class Condition:
 
 def bound_by(target: ReplicaTarget) -> dict[str, str | None]:
     """The rule that set each role's count (``None`` where the explanation does not say)."""
-    why = target.explanation
-    return {role: _text(why.get(f"{role}_bound_by")) for role in ROLES}
+    why = Explanation.from_dict(target.explanation)
+    return {role: _text(why.role(role).bound_by) for role in ROLES}
 
 
 def predicted_attainment(target: ReplicaTarget) -> float | None:
     """The share of requests the policy predicts within both targets, where it says."""
-    why = target.explanation
-    for source in (why, why.get("gpu_budget")):
-        if isinstance(source, dict):
-            value = source.get("predicted_attainment")
-            if isinstance(value, (int, float)) and not isinstance(value, bool) \
-                    and math.isfinite(value):
-                return float(value)
+    value = Explanation.from_dict(target.explanation).predicted_attainment
+    budget = target.explanation.get("gpu_budget")
+    if value is None and isinstance(budget, dict):
+        value = budget.get("predicted_attainment")
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
     return None
 
 

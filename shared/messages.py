@@ -85,13 +85,15 @@ class Envelope(_Frozen):
             raise ValueError(f"window_s {value:g} is shorter than {MIN_WINDOW_S:g} s")
         return value
 
+    # the contract versions of this message that this build reads
+    schema_versions: ClassVar[tuple[int, ...]] = (SCHEMA_VERSION,)
+
     @field_validator("schema_version", mode="before")
     @classmethod
     def _known_version(cls, value: Any) -> Any:
-        if value != SCHEMA_VERSION:
-            raise ValueError(
-                f"unknown schema_version {value!r}; this build understands {SCHEMA_VERSION}"
-            )
+        if value not in cls.schema_versions:
+            known = " and ".join(str(v) for v in cls.schema_versions)
+            raise ValueError(f"unknown schema_version {value!r}; this build understands {known}")
         return value
 
     def subject(self) -> str:
@@ -120,18 +122,67 @@ class Envelope(_Frozen):
         return cls.model_validate(data)
 
 
+class ShareMethod(StrEnum):
+    """How a share of requests under a latency target was worked out."""
+
+    BUCKET_EDGE = "bucket_edge"  # the target is a bucket bound of the histogram: exact
+    INTERPOLATED = "interpolated"  # linear inside the bucket that holds the target
+    BEYOND_BUCKETS = "beyond_buckets"  # target above the last finite bound: a lower bound
+    PER_REQUEST = "per_request"  # every request's latency known (simulator, replay): exact
+
+
+class ArrivalSignal(StrEnum):
+    """When the counter the arrival statistics were read from counts a request."""
+
+    REQUEST_START = "request_start"  # when the frontend accepts it: the arrivals themselves
+    FIRST_TOKEN = "first_token"  # at its first token: arrivals delayed by their TTFT
+    REQUEST_END = "request_end"  # when it ends: completions, smoothed by the durations' spread
+
+
+Share = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
+
+# The fields a MetricSnapshot gained in schema version 2 (planning v2): a body of version 1 may
+# not carry them, so that a v1 body means exactly what it meant.
+SNAPSHOT_V2_FIELDS = (
+    "arrival_bin_s", "arrival_dispersion", "arrivals_peak_1s", "arrivals_peak_10s",
+    "arrival_peaks_exact", "arrival_signal", "isl_p50", "isl_p99", "queue_time_avg_s",
+    "queue_time_p90_s",
+    "prefill_time_avg_s", "prefill_time_p90_s", "decode_time_avg_s",
+    "ttft_target_s", "ttft_under_target_share", "ttft_target_bucket_s", "ttft_share_method",
+    "itl_target_s", "itl_under_target_share", "itl_target_bucket_s", "itl_share_method",
+    "prefill_tokens_pending", "requests_before_first_token", "requests_failed",
+)
+
+
 class MetricSnapshot(Envelope):
-    """What the collector saw of one deployment over one window."""
+    """What the collector saw of one deployment over one window.
+
+    Version 2 adds what one mean per window hides (docs/collector.md): how bursty arrivals were
+    inside the window, how much of TTFT was queueing and how much compute, what share of
+    requests met each target, and the prefill work still ahead. A version 1 body is read as it
+    always was (its new fields are null).
+    """
 
     subject_pattern: ClassVar[str] = METRICS_SUBJECT
+    schema_versions: ClassVar[tuple[int, ...]] = (1, 2)
+    schema_version: Literal[1, 2] = Field(  # type: ignore[assignment]
+        default=2, description="contract version: 2 (1 is still read; its new fields are null)"
+    )
     source: str = Field(default="nats", max_length=64, description="prometheus, scrape, trace, ...")
     stale: bool = Field(default=False, description="true when the source could not be read")
     num_requests: Observed | None = Field(
-        default=None, description="requests in the window (increase of the counter), not a rate"
+        default=None, description="requests in the window (increase of the counter), not a rate; "
+        "from version 2 without the failed ones (requests_failed)"
+    )
+    requests_failed: Observed | None = Field(
+        default=None, description="requests that failed in the window (Dynamo status=\"error\"), "
+        "counted apart from num_requests"
     )
     isl_avg: Observed | None = Field(default=None, description="mean input tokens per request")
     osl_avg: Observed | None = Field(default=None, description="mean output tokens per request")
+    isl_p50: Observed | None = Field(default=None, description="median input tokens")
     isl_p90: Observed | None = Field(default=None, description="90th pct input tokens")
+    isl_p99: Observed | None = Field(default=None, description="99th pct input tokens")
     osl_p90: Observed | None = Field(default=None, description="90th pct output tokens")
     ttft_avg_s: Observed | None = None
     itl_avg_s: Observed | None = None
@@ -140,8 +191,76 @@ class MetricSnapshot(Envelope):
     itl_p90_s: Observed | None = None
     ttft_p99_s: Observed | None = None
     itl_p99_s: Observed | None = None
+
+    # --- arrivals inside the window ---
+    arrival_bin_s: Positive | None = Field(
+        default=None, le=86_400.0,
+        description="width of the bins the arrival statistics were counted in, seconds (1: "
+        "per-second counts; more when the source is scraped less often)",
+    )
+    arrival_dispersion: Observed | None = Field(
+        default=None, description="index of dispersion (variance / mean) of the arrival counts "
+        "per bin in the window: 1 for Poisson arrivals, above 1 when bursty",
+    )
+    arrivals_peak_1s: Observed | None = Field(
+        default=None, description="most arrivals in one second of the window",
+    )
+    arrivals_peak_10s: Observed | None = Field(
+        default=None, description="most arrivals in ten consecutive seconds of the window "
+        "(in steps of arrival_bin_s)",
+    )
+    arrival_peaks_exact: bool | None = Field(
+        default=None, description="false when the bins are coarser than the peaks' spans: the "
+        "peaks are then lower bounds (the busiest bin's count scaled to the span)",
+    )
+    arrival_signal: ArrivalSignal | None = Field(
+        default=None, description="what the arrival statistics count: request_start (requests "
+        "as they arrive), first_token (first tokens: arrivals delayed by their TTFT) or "
+        "request_end (completions: arrivals smoothed by the spread of request durations)",
+    )
+
+    # --- where TTFT went (engine view) ---
+    queue_time_avg_s: Observed | None = Field(
+        default=None, description="mean time a request waited in a prefill engine's queue")
+    queue_time_p90_s: Observed | None = None
+    prefill_time_avg_s: Observed | None = Field(
+        default=None, description="mean prefill compute time of a request (engine busy on it)")
+    prefill_time_p90_s: Observed | None = None
+    decode_time_avg_s: Observed | None = Field(
+        default=None, description="mean decode time of a request on its decode engine")
+
+    # --- the SLA as observed ---
+    ttft_target_s: Positive | None = Field(
+        default=None, description="the TTFT target the share below was measured against")
+    ttft_under_target_share: Share | None = Field(
+        default=None, description="share of the window's first tokens with TTFT <= target")
+    ttft_target_bucket_s: Positive | None = Field(
+        default=None, description="the histogram bucket bound that stood for the target "
+        "(equal to it when the share is exact)")
+    ttft_share_method: ShareMethod | None = None
+    itl_target_s: Positive | None = Field(
+        default=None, description="the ITL target the share below was measured against")
+    itl_under_target_share: Share | None = Field(
+        default=None, description="share of the requests finished in the window whose mean "
+        "ITL <= target")
+    itl_target_bucket_s: Positive | None = None
+    itl_share_method: ShareMethod | None = None
+
+    # --- state at the window's end ---
     requests_running: Observed | None = Field(default=None, description="requests in flight")
-    requests_waiting: Observed | None = Field(default=None, description="requests queued")
+    requests_waiting: Observed | None = Field(
+        default=None, description="requests in the engines' queues at the window's end (vLLM "
+        "num_requests_waiting summed over the workers); version 1 bodies from a Dynamo frontend "
+        "carried requests_before_first_token here"
+    )
+    requests_before_first_token: Observed | None = Field(
+        default=None, description="requests the frontend holds that have not had their first "
+        "token (queued or in prefill: Dynamo's queued_requests gauge); not an engine queue"
+    )
+    prefill_tokens_pending: Observed | None = Field(
+        default=None, description="input tokens of requests whose prefill has not finished "
+        "(queued or being computed) at the window's end"
+    )
     kv_cache_usage: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] | None = None
     prefill_workers: ReplicaCount | None = None
     decode_workers: ReplicaCount | None = None
@@ -155,6 +274,25 @@ class MetricSnapshot(Envelope):
         if len(value) > 64:
             raise ValueError("gaps has more than 64 entries")
         return value
+
+    @field_validator("ttft_share_method", "itl_share_method", mode="before")
+    @classmethod
+    def _method_from_text(cls, value: Any) -> Any:
+        # strict mode refuses plain strings for enums; the wire carries strings
+        return ShareMethod(value) if isinstance(value, str) else value
+
+    @field_validator("arrival_signal", mode="before")
+    @classmethod
+    def _signal_from_text(cls, value: Any) -> Any:
+        return ArrivalSignal(value) if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _v1_means_v1(self) -> Self:
+        if self.schema_version == 1:
+            extra = [f for f in SNAPSHOT_V2_FIELDS if getattr(self, f) is not None]
+            if extra:
+                raise ValueError(f"{', '.join(extra)} need schema_version 2")
+        return self
 
 
 class ForecastStep(_Frozen):
@@ -221,6 +359,10 @@ class RoleChange(_Frozen):
     from_: ReplicaCount | None = Field(alias="from", description="replicas before")
     to: ReplicaCount = Field(description="replicas asked for")
     ready: ReplicaCount | None = Field(default=None, description="replicas ready when reported")
+    via: str | None = Field(
+        default=None, max_length=512,
+        description="what was written for this role: the object and subresource (e.g. "
+        "DynamoGraphDeploymentScalingAdapter prod/llama-decode/scale), or the subject")
 
 
 class ScaleEvent(Envelope):

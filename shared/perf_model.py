@@ -253,6 +253,11 @@ class PrefillModel:
     def ttft_s(self, isl_tokens: float) -> float:
         return self.estimate(isl_tokens).ttft_s
 
+    def ttft_s_many(self, isl_tokens: FloatArray) -> FloatArray:
+        """``ttft_s`` of many lengths at once: the same spline, the lengths clamped the same way."""
+        clamped = np.clip(isl_tokens, self.min_isl_tokens, self.max_isl_tokens)
+        return np.asarray(self._ttft(clamped), dtype=np.float64)
+
     def thpt_per_gpu(self, isl_tokens: float) -> float:
         return self.estimate(isl_tokens).thpt_tokens_per_s_per_gpu
 
@@ -307,6 +312,7 @@ class DecodeModel:
                 f"decode points too sparse for cubic scattered interpolation ({first_line})",
             ) from None
         self.itl_grid_s: FloatArray = grids[..., 0] / _MS_PER_S
+        self._lookup_cache: tuple[float, float, list[list[float]]] | None = None
         self.thpt_grid: FloatArray = np.ascontiguousarray(grids[..., 1])
         self.itl_holes_filled, self.thpt_holes_filled = int(holes[0]), int(holes[1])
 
@@ -346,6 +352,34 @@ class DecodeModel:
 
     def itl_s(self, concurrency: float, context_tokens: float) -> float:
         return self.at(concurrency, context_tokens).itl_s
+
+    def itl_s_at_kv(self, kv_tokens: FloatArray, context_tokens: FloatArray) -> FloatArray:
+        """ITL at the grid point nearest to each (KV tokens in use, mean context): ``at`` for
+        many engines at once, with ``kv_tokens / max_kv_tokens`` as the KV usage."""
+        last, (kv_step, context_step, grid) = self.resolution - 1, self._steps_and_rows()
+        if kv_tokens.size <= 16:
+            # A few engines: plain floats are faster than a dozen numpy calls, and round() is
+            # numpy's rint (half to even), on the same operations in the same order.
+            max_kv = float(self.max_kv_tokens)
+            return np.asarray([
+                grid[min(round(c / context_step), last)][min(round(k / max_kv / kv_step), last)]
+                for k, c in zip(kv_tokens.tolist(), context_tokens.tolist(), strict=True)
+            ])
+        column = np.rint(kv_tokens / float(self.max_kv_tokens) / kv_step)
+        np.minimum(column, last, out=column)
+        row = np.rint(context_tokens / context_step)
+        np.minimum(row, last, out=row)
+        return self.itl_grid_s[row.astype(np.intp), column.astype(np.intp)]
+
+    def _steps_and_rows(self) -> tuple[float, float, list[list[float]]]:
+        """The grid's steps and its rows as lists, made once (the simulator asks per slice)."""
+        if self._lookup_cache is None:
+            self._lookup_cache = (
+                float(self.kv_axis[1] - self.kv_axis[0]),
+                float(self.context_axis[1] - self.context_axis[0]),
+                self.itl_grid_s.tolist(),
+            )
+        return self._lookup_cache
 
     def thpt_per_gpu(self, concurrency: float, context_tokens: float) -> float:
         return self.at(concurrency, context_tokens).thpt_tokens_per_s_per_gpu

@@ -162,6 +162,9 @@ class Runtime:
     clock: Callable[[], float] = time.time
     msg_id_key: bytes = b""
     problems: dict[str, str] = field(default_factory=dict)
+    # Readiness beyond the bus (the actuator's Kubernetes API): each check returns None when
+    # ready, else why not.
+    readiness_checks: list[Callable[[], str | None]] = field(default_factory=list)
     # the newest window handled per subject, to drop a redelivery that comes behind newer ones
     _newest: dict[str, float] = field(default_factory=dict)
     _history_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -173,7 +176,9 @@ class Runtime:
     def not_ready(self) -> list[str]:
         """Why the service cannot make progress now; empty when it can."""
         found = [] if self.nc.is_connected else ["not connected to NATS"]
-        return found + list(self.problems.values())
+        found += self.problems.values()
+        return found + [reason for check in self.readiness_checks
+                        if (reason := check()) is not None]
 
     def set_problem(self, what: str, problem: str | None) -> None:
         """Record (or clear, with None) why ``what`` stops progress; logged once per change."""

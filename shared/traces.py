@@ -212,3 +212,52 @@ def bucket_by_interval(trace: Trace, interval_s: float) -> IntervalLoad:
         isl_avg_tokens=isl_sum / counts,
         osl_avg_tokens=osl_sum / counts,
     )
+
+
+@dataclass(frozen=True)
+class WindowLoad:
+    """One window of a trace as a collector counts it: the requests that arrived in it, their
+    mean lengths (the same doubles as ``bucket_by_interval``'s) and p90 lengths; the averages
+    are ``None`` for an idle window (a real 0 requests)."""
+
+    index: int  # floor(arrival / window)
+    num_requests: int
+    isl_avg: float | None
+    osl_avg: float | None
+    isl_p90: float | None
+    osl_p90: float | None
+
+    def end_s(self, window_s: float) -> float:
+        return (self.index + 1) * window_s
+
+
+def window_loads(trace: Trace, window_s: float, percentiles: bool = True) -> list[WindowLoad]:
+    """Every window from the first request's to the last's, idle ones included: the one way a
+    trace becomes per-window loads (the collector's trace source, the forecaster's warm start,
+    the dry run)."""
+    if len(trace) == 0:
+        return []
+    load = bucket_by_interval(trace, window_s)
+    p90: dict[int, tuple[float, float]] = {}
+    if percentiles:
+        window_of_request = np.floor_divide(trace.arrival_s, window_s).astype(np.int64)
+        order = np.argsort(window_of_request, kind="stable")
+        starts = np.searchsorted(window_of_request[order], load.index)
+        isl, osl = trace.isl_tokens[order], trace.osl_tokens[order]
+        for start, index, count in zip(starts, load.index, load.num_requests, strict=True):
+            group = slice(int(start), int(start + count))
+            p90[int(index)] = (float(np.percentile(isl[group], 90)),
+                               float(np.percentile(osl[group], 90)))
+    present = {int(index): row for row, index in enumerate(load.index)}
+    windows = []
+    for index in range(int(load.index[0]), int(load.index[-1]) + 1):
+        row = present.get(index)
+        if row is None:
+            windows.append(WindowLoad(index, 0, None, None, None, None))
+            continue
+        isl_p90, osl_p90 = p90.get(index, (None, None))
+        windows.append(WindowLoad(
+            index, int(load.num_requests[row]), float(load.isl_avg_tokens[row]),
+            float(load.osl_avg_tokens[row]), isl_p90, osl_p90,
+        ))
+    return windows

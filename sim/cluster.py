@@ -40,9 +40,10 @@ from enum import StrEnum
 
 import numpy as np
 import numpy.typing as npt
-from scipy import interpolate
 
+from shared import window_stats
 from shared.perf_model import Profile
+from shared.roles import Role
 from shared.traces import Trace
 
 FloatArray = npt.NDArray[np.float64]
@@ -52,11 +53,6 @@ BoolArray = npt.NDArray[np.bool_]
 # The shortest prefill the simulator accepts from the profile's cubic spline: a guard against an
 # overshoot below zero, far below any profiled point (the H200 profile starts at 19.5 ms).
 _MIN_PREFILL_S = 1e-4
-
-
-class Role(StrEnum):
-    PREFILL = "prefill"
-    DECODE = "decode"
 
 
 class DecodeModel(StrEnum):
@@ -105,45 +101,23 @@ class ClusterConfig:
 
 
 class ServiceTimes:
-    """Vectorised look-ups in a profile, identical to ``shared.perf_model``'s scalar ones.
+    """The profile's look-ups (``shared.perf_model``) for many requests or engines at once.
 
-    Prefill: the same cubic spline over the profiled input lengths, the length clamped to the
-    profiled range. Decode: the same 100 x 100 grid, the nearest grid point to (KV usage, context).
+    Prefill: the profile's cubic spline over input lengths, the length clamped to the profiled
+    range. Decode: its 100 x 100 grid, the nearest grid point to (KV usage, context).
     """
 
     def __init__(self, profile: Profile) -> None:
-        points = profile.data.prefill
-        self._ttft = interpolate.interp1d(points.isl_tokens, points.ttft_s, kind="cubic")
-        self.min_isl_tokens = float(points.isl_tokens[0])
-        self.max_isl_tokens = float(points.isl_tokens[-1])
-        decode = profile.decode
-        self.max_kv_tokens = float(decode.max_kv_tokens)
-        self.itl_grid_s: FloatArray = decode.itl_grid_s
-        self._kv_step = float(decode.kv_axis[1] - decode.kv_axis[0])
-        self._context_step = float(decode.context_axis[1] - decode.context_axis[0])
-        self._last = decode.resolution - 1
-        self._grid_rows: list[list[float]] = self.itl_grid_s.tolist()
+        self._prefill = profile.prefill
+        self._decode = profile.decode
+        self.max_kv_tokens = float(profile.decode.max_kv_tokens)
 
     def prefill_s(self, isl_tokens: FloatArray) -> FloatArray:
-        clamped = np.clip(isl_tokens, self.min_isl_tokens, self.max_isl_tokens)
-        return np.maximum(np.asarray(self._ttft(clamped), dtype=np.float64), _MIN_PREFILL_S)
+        return np.maximum(self._prefill.ttft_s_many(isl_tokens), _MIN_PREFILL_S)
 
     def itl_s(self, kv_tokens: FloatArray, mean_context_tokens: FloatArray) -> FloatArray:
         """ITL of engines holding ``kv_tokens`` over requests of ``mean_context_tokens`` each."""
-        if kv_tokens.size <= 16:
-            # A few engines: plain floats are faster than a dozen numpy calls, and round() is
-            # numpy's rint (half to even), on the same operations in the same order.
-            grid, last = self._grid_rows, self._last
-            max_kv, kv_step, context_step = self.max_kv_tokens, self._kv_step, self._context_step
-            return np.asarray([
-                grid[min(round(c / context_step), last)][min(round(k / max_kv / kv_step), last)]
-                for k, c in zip(kv_tokens.tolist(), mean_context_tokens.tolist(), strict=True)
-            ])
-        column = np.rint(kv_tokens / self.max_kv_tokens / self._kv_step)
-        np.minimum(column, self._last, out=column)
-        row = np.rint(mean_context_tokens / self._context_step)
-        np.minimum(row, self._last, out=row)
-        return self.itl_grid_s[row.astype(np.intp), column.astype(np.intp)]
+        return self._decode.itl_s_at_kv(kv_tokens, mean_context_tokens)
 
 
 @dataclass
@@ -199,6 +173,21 @@ class WindowStats:
     decode_serving: int
     prefill_starting: int
     decode_starting: int
+    # planning v2 (MetricSnapshot version 2): what a collector reads besides the means
+    isl_p50: float | None = None
+    isl_p99: float | None = None
+    arrivals: window_stats.ArrivalStats | None = None  # per-second counts, as a 1 s scrape
+    queue_time_avg_s: float | None = None  # first tokens in the window: waited for a worker
+    queue_time_p90_s: float | None = None
+    prefill_time_avg_s: float | None = None  # ... and computed
+    prefill_time_p90_s: float | None = None
+    decode_time_avg_s: float | None = None  # finished in the window
+    requests_before_first_token: int = 0  # arrived, first token still ahead, at end_s
+    prefill_tokens_pending: float = 0.0  # their input tokens
+    ttft_samples_s: FloatArray = field(default_factory=lambda: np.zeros(0), repr=False,
+                                       compare=False)
+    itl_samples_s: FloatArray = field(default_factory=lambda: np.zeros(0), repr=False,
+                                      compare=False)  # per request, mean over its tokens
 
     @property
     def window_s(self) -> float:
@@ -951,6 +940,10 @@ class Cluster:
             slot for slot, w in enumerate(self.decode.slots) if w.serving(end_s)
         ]
         window = end_s - start_s
+        queue = self.prefill.start[now_first] - self.arrival[now_first]
+        compute = self.prefill.end[now_first] - self.prefill.start[now_first]
+        # first token still ahead at end_s: started (carried) or not started yet
+        pending = np.concatenate([self._carry, np.arange(self.prefill.next, hi)])
         return WindowStats(
             start_s=start_s,
             end_s=end_s,
@@ -984,6 +977,22 @@ class Cluster:
             decode_serving=decode_serving,
             prefill_starting=p_all - prefill_serving,
             decode_starting=d_all - decode_serving,
+            isl_p50=_pct(isl, 50),
+            isl_p99=_pct(isl, 99),
+            arrivals=window_stats.arrival_stats(
+                window_stats.counts_per_bin(self.arrival[lo:hi], start_s, end_s), 1.0
+            )
+            if window > 0
+            else None,
+            queue_time_avg_s=_mean(queue),
+            queue_time_p90_s=_pct(queue, 90),
+            prefill_time_avg_s=_mean(compute),
+            prefill_time_p90_s=_pct(compute, 90),
+            decode_time_avg_s=_mean(decode_time),
+            requests_before_first_token=int(pending.size),
+            prefill_tokens_pending=float(self.isl[pending].sum()),
+            ttft_samples_s=ttft,
+            itl_samples_s=per_request_itl,
         )
 
     def _prefill_busy(self, start_s: float, end_s: float, started: IntArray) -> float:

@@ -27,15 +27,15 @@ from sim import replay
 DEMO_TRACE = str(traces.bundled_trace_path("azure_llm_2023_code.csv"))
 DEMO_DEFAULTS: dict[str, Any] = {
     "speedup": 10.0,  # 26 requests/s on average, from 0.2 to 59 in a 15 s window
-    "interval": "15s",  # short enough that the slice has 23 decisions
+    "adjustment_interval_s": 15.0,  # short enough that the slice has 23 decisions
     # Four intervals: slow enough that the planner has to scale ahead of the load, fast enough
     # that a scale-up still lands inside the slice.
-    "startup_delay": "60s",
+    "startup_delay_default": "60s",
     # The code trace's prompts are ~2k tokens and its answers ~30: a TTFT target that a burst
     # queued for a few seconds breaks, and an ITL target the decode workers meet with headroom.
-    "ttft": "2s",
-    "itl": "30ms",
-    "max_gpu_budget": 32,  # well above what the slice needs, so the budget never decides
+    "ttft_target_s": 2.0,
+    "itl_target_s": 0.03,
+    "max_total_gpus": 32,  # well above what the slice needs, so the budget never decides
     "policy": "slaplanner",
     # The forecaster service's default predictor. Its warm start from a recorded trace is not
     # used: warming it with the trace being replayed would show it the future.

@@ -5,8 +5,9 @@ published for that window; a planner turns it into replica counts, which the clu
 workers serve after the startup delay). Planners:
 
 - ``ServicePlanner``: the real forecaster, decider and actuator cores, through their public
-  classes and settings, built from the same ``SLAPLANNER_*`` variables the services read, with
-  every message passed through its JSON form as on the bus. This is the code the services run,
+  classes and settings (the decider's knobs as typed by the knob model, the others from the
+  ``SLAPLANNER_*`` variables the services read), with every message passed through its JSON
+  form as on the bus. This is the code the services run,
   so ``slaplanner replay`` (the services over NATS) must decide exactly the same;
 - ``StaticPlanner``: fixed counts (the trace's peak);
 - ``ReactivePlanner``: a plain Kubernetes HPA on queue length, prefill busy time and KV usage.
@@ -23,11 +24,14 @@ from typing import Any, Protocol
 
 from services.actuator import wiring
 from services.actuator.settings import ActuatorSettings
+from services.decider import knobs as knob_model
 from services.decider.core import Decider
+from services.decider.knobs import DeploymentKnobs
 from services.decider.settings import DeciderSettings
 from services.forecaster.core import Forecaster
 from services.forecaster.settings import ForecasterSettings
 from shared import settings as settings_mod
+from shared import window_stats
 from shared.messages import (
     DeploymentKey,
     LoadForecast,
@@ -36,7 +40,7 @@ from shared.messages import (
     ReplicaTarget,
     ScaleEvent,
 )
-from shared.perf_model import Profile, default_profile_path
+from shared.perf_model import Profile
 from shared.traces import Trace
 from sim import metrics
 from sim.cluster import Cluster, ClusterConfig, SimResult, WindowStats
@@ -48,65 +52,70 @@ APPLIED_OUTCOMES = frozenset({Outcome.APPLIED, Outcome.DRY_RUN, Outcome.UNCHANGE
 BASELINES = ("static", "reactive")
 
 
-def _seconds(value: float) -> str:
-    """A duration the settings parse back to exactly ``value`` seconds."""
-    return f"{value!r}s"
+DEFAULT_PREDICTOR = str(ForecasterSettings.model_fields["predictor"].default)
 
 
 @dataclass(frozen=True)
 class PlanningSetup:
-    """How the services are configured for a run; the options of ``slaplanner simulate``."""
+    """How the services are configured for a run: the decider's knobs (typed, from the knob
+    model), the forecaster's predictor, and the planner (a decider policy, the knobs' own by
+    default, or a simulator baseline)."""
 
-    policy: str = "dynamo"
-    predictor: str = "constant"
-    profile_path: str = str(default_profile_path())
-    ttft_target_s: float = 0.5
-    itl_target_s: float = 0.05
-    interval_s: float = 60.0
-    max_gpu_budget: int = 8
-    min_endpoint: int = 1
-    prefill_engine_gpus: int = 1
-    decode_engine_gpus: int = 1
-    no_correction: bool = False
-    enforce_gpu_budget: bool = True
-    worker_startup_s: float | None = None  # what the operator tells the policy (None: default)
-    decider_env: Mapping[str, str] = field(default_factory=dict)  # more SLAPLANNER_* knobs
+    knobs: DeploymentKnobs = field(default_factory=DeploymentKnobs)
+    predictor: str = DEFAULT_PREDICTOR
+    planner: str | None = None  # None: knobs.policy
     forecaster_env: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def build(
+        cls,
+        predictor: str = DEFAULT_PREDICTOR,
+        forecaster_env: Mapping[str, str] | None = None,
+        **knobs: Any,
+    ) -> PlanningSetup:
+        """A setup from knob names (``PlanningSetup.build(policy="dynamo", ttft_target_s=0.3)``);
+        raises ``ValueError`` on an unknown knob, ``ValidationError`` on a bad value."""
+        return cls(knob_model.from_names(knobs), predictor, None, dict(forecaster_env or {}))
+
+    def with_knobs(self, **updates: Any) -> PlanningSetup:
+        return replace(self, knobs=knob_model.from_names(updates, base=self.knobs))
+
+    @property
+    def policy(self) -> str:
+        return self.planner or self.knobs.policy
+
+    @property
+    def interval_s(self) -> float:
+        return self.knobs.adjustment_interval_s
+
+    @property
+    def ttft_target_s(self) -> float:
+        return self.knobs.ttft_target_s
+
+    @property
+    def itl_target_s(self) -> float:
+        return self.knobs.itl_target_s
 
     def service_env(self) -> dict[str, dict[str, str]]:
         """The ``SLAPLANNER_*`` variables of each service (the replay starts them with these)."""
-        decider = {
-            "SLAPLANNER_PROFILE_PATH": self.profile_path,
-            "SLAPLANNER_POLICY": self.policy,
-            "SLAPLANNER_TTFT_TARGET_S": _seconds(self.ttft_target_s),
-            "SLAPLANNER_ITL_TARGET_S": _seconds(self.itl_target_s),
-            "SLAPLANNER_ADJUSTMENT_INTERVAL_S": _seconds(self.interval_s),
-            "SLAPLANNER_MAX_GPU_BUDGET": str(self.max_gpu_budget),
-            "SLAPLANNER_MIN_ENDPOINT": str(self.min_endpoint),
-            "SLAPLANNER_PREFILL_ENGINE_GPUS": str(self.prefill_engine_gpus),
-            "SLAPLANNER_DECODE_ENGINE_GPUS": str(self.decode_engine_gpus),
-            "SLAPLANNER_NO_CORRECTION": str(self.no_correction).lower(),
-            "SLAPLANNER_ENFORCE_GPU_BUDGET": str(self.enforce_gpu_budget).lower(),
-        }
-        if self.worker_startup_s is not None:
-            decider["SLAPLANNER_WORKER_STARTUP_S"] = _seconds(self.worker_startup_s)
-        decider.update(self.decider_env)
+        knobs = self.knobs
         forecaster = {"SLAPLANNER_PREDICTOR": self.predictor, **self.forecaster_env}
-        most = max(self.max_gpu_budget, 1)
+        most = max(knobs.max_total_gpus, 1)
         actuator = {
             # The virtual backend is the actuator's own for orchestrators outside Kubernetes, as
             # the simulator is one: its ScaleEvents say "applied" (so that a policy learns from
             # them); readiness shows in the snapshots' worker counts.
             "SLAPLANNER_BACKEND": "virtual",
             "SLAPLANNER_LEADER_ELECTION": "off",
-            "SLAPLANNER_MAX_TOTAL_GPUS": str(self.max_gpu_budget),
-            "SLAPLANNER_PREFILL_ENGINE_NUM_GPU": str(self.prefill_engine_gpus),
-            "SLAPLANNER_DECODE_ENGINE_NUM_GPU": str(self.decode_engine_gpus),
-            "SLAPLANNER_MIN_PREFILL_REPLICAS": str(min(1, self.min_endpoint)),
-            "SLAPLANNER_MIN_DECODE_REPLICAS": str(min(1, self.min_endpoint)),
+            "SLAPLANNER_MAX_TOTAL_GPUS": str(knobs.max_total_gpus),
+            "SLAPLANNER_PREFILL_ENGINE_NUM_GPU": str(knobs.prefill_engine_num_gpu),
+            "SLAPLANNER_DECODE_ENGINE_NUM_GPU": str(knobs.decode_engine_num_gpu),
+            "SLAPLANNER_MIN_PREFILL_REPLICAS": str(min(1, knobs.min_endpoint)),
+            "SLAPLANNER_MIN_DECODE_REPLICAS": str(min(1, knobs.min_endpoint)),
             "SLAPLANNER_MAX_PREFILL_REPLICAS": str(most),
             "SLAPLANNER_MAX_DECODE_REPLICAS": str(most),
         }
+        decider = knob_model.knob_environment(knobs)
         return {"forecaster": forecaster, "decider": decider, "actuator": actuator}
 
 
@@ -126,11 +135,58 @@ _GAPS = {
 }
 
 
+_GAPS_V2 = {
+    "isl_p50": "no requests in window",
+    "isl_p99": "no requests in window",
+    "queue_time_avg_s": "no first token in window",
+    "queue_time_p90_s": "no first token in window",
+    "prefill_time_avg_s": "no first token in window",
+    "prefill_time_p90_s": "no first token in window",
+    "decode_time_avg_s": "no request finished in window",
+    "ttft_under_target_share": "no first token in window",
+    "itl_under_target_share": "no request finished in window",
+}
+
+
+def _v2_values(stats: WindowStats, ttft_target_s: float | None,
+               itl_target_s: float | None) -> tuple[dict[str, Any], dict[str, str]]:
+    """The version 2 fields of the window's snapshot, and why some are null. The simulator
+    knows every request, so the shares under target are exact (``per_request``)."""
+    values: dict[str, Any] = {
+        "isl_p50": stats.isl_p50,
+        "isl_p99": stats.isl_p99,
+        "queue_time_avg_s": stats.queue_time_avg_s,
+        "queue_time_p90_s": stats.queue_time_p90_s,
+        "prefill_time_avg_s": stats.prefill_time_avg_s,
+        "prefill_time_p90_s": stats.prefill_time_p90_s,
+        "decode_time_avg_s": stats.decode_time_avg_s,
+        "requests_before_first_token": float(stats.requests_before_first_token),
+        "prefill_tokens_pending": stats.prefill_tokens_pending,
+        "requests_failed": 0.0,  # the simulated engines never fail a request
+    }
+    gaps = {name: _GAPS_V2[name] for name, value in values.items() if value is None}
+    if stats.arrivals is not None:
+        values.update(stats.arrivals.fields())
+        gaps.update(stats.arrivals.gaps)
+    for role, target, samples in (("ttft", ttft_target_s, stats.ttft_samples_s),
+                                  ("itl", itl_target_s, stats.itl_samples_s)):
+        if target is None:
+            continue
+        share = window_stats.share_per_request(samples, target)
+        values[f"{role}_target_s"] = target
+        values[f"{role}_under_target_share"] = share.share
+        values[f"{role}_share_method"] = share.method
+        if share.share is None:
+            gaps[f"{role}_under_target_share"] = _GAPS_V2[f"{role}_under_target_share"]
+    return values, gaps
+
+
 def snapshot_of(
-    stats: WindowStats, deployment: DeploymentKey = DEPLOYMENT, epoch_s: float = EPOCH_S
+    stats: WindowStats, deployment: DeploymentKey = DEPLOYMENT, epoch_s: float = EPOCH_S,
+    ttft_target_s: float | None = None, itl_target_s: float | None = None,
 ) -> MetricSnapshot:
     """The snapshot a collector would have published for the window (serving workers only:
-    a worker still starting exports no metrics)."""
+    a worker still starting exports no metrics). With the targets, the shares under them."""
     window_end = epoch_s + stats.end_s
     values: dict[str, Any] = {
         "num_requests": float(stats.num_requests),
@@ -149,6 +205,7 @@ def snapshot_of(
         if stats.kv_cache_usage is None
         else min(1.0, stats.kv_cache_usage),
     }
+    v2_values, v2_gaps = _v2_values(stats, ttft_target_s, itl_target_s)
     return MetricSnapshot(
         id=f"sim-{deployment.namespace}-{deployment.name}-{round(window_end * 1000)}",
         deployment=deployment,
@@ -156,11 +213,14 @@ def snapshot_of(
         window_s=stats.window_s,
         source="simulator",
         requests_running=float(stats.prefill_running + stats.decode_running),
+        # the engines' queues: waiting for a prefill worker, and for KV room on a decode one
         requests_waiting=float(stats.prefill_waiting + stats.decode_waiting),
         prefill_workers=stats.prefill_serving,
         decode_workers=stats.decode_serving,
-        gaps={name: _GAPS[name] for name, value in values.items() if value is None},
+        gaps={**{name: _GAPS[name] for name, value in values.items() if value is None},
+              **v2_gaps},
         **values,
+        **v2_values,
     )
 
 
@@ -235,7 +295,9 @@ class ServicePlanner:
         self.forecaster = Forecaster(
             settings_mod.settings_from(ForecasterSettings, {}, env["forecaster"])
         )
-        self.decider = Decider(settings_mod.settings_from(DeciderSettings, {}, env["decider"]))
+        # The knobs as they are (no round trip through text): the replay hands the decider
+        # process the same knobs as variables (knob_environment), which read back exactly.
+        self.decider = Decider(DeciderSettings.model_validate(setup.knobs.model_dump()))
         actuator_settings = settings_mod.settings_from(ActuatorSettings, {}, env["actuator"])
         self.virtual = _Captured()
         self.actuator = wiring.assemble(actuator_settings, self.virtual).actuator
@@ -520,7 +582,8 @@ class ClosedLoop:
         self._pending = stats
         return Observation(
             stats,
-            snapshot_of(stats, self.deployment, self.epoch_s),
+            snapshot_of(stats, self.deployment, self.epoch_s, self.ttft_target_s,
+                        self.itl_target_s),
             self.cluster.replicas(),
             stats.end_s,
         )
@@ -629,7 +692,8 @@ def make_planner(
         return StaticPlanner(prefill, decode)
     if name == "reactive":
         return ReactivePlanner(reactive)
-    return ServicePlanner(replace(setup, policy=name))
+    knobs = setup.knobs if name == setup.knobs.policy else setup.with_knobs(policy=name).knobs
+    return ServicePlanner(replace(setup, knobs=knobs, planner=None))
 
 
 def reactive_for(
@@ -641,7 +705,7 @@ def reactive_for(
     """The HPA as an operator would set it up for this deployment: replicas up to the GPU
     budget, and the KV usage target read from the profile at the ITL target."""
     settings = base or ReactiveSettings(
-        max_replicas=max(1, setup.max_gpu_budget - 1),
+        max_replicas=max(1, setup.knobs.max_total_gpus - 1),
     )
     context = float((trace.isl_tokens + trace.osl_tokens / 2.0).mean()) if len(trace) else 0.0
     return settings.with_kv_target(profile, setup.itl_target_s, context)

@@ -42,7 +42,7 @@ from nats.js import JetStreamContext
 from shared import bus, embedded_nats, traces
 from shared.messages import LoadForecast, ReplicaTarget, ScaleEvent
 from shared.perf_model import Profile
-from sim import simulate_cli
+from sim import options, simulate_cli
 from sim.cluster import ClusterConfig
 from sim.loop import (
     BASELINES,
@@ -293,9 +293,8 @@ def add_arguments(parser: argparse.ArgumentParser, trace_default: str | None = N
             help="NATS server with JetStream (default: an embedded nats-server of its own; "
             "$SLAPLANNER_NATS_URL is not read)",
         )
-    parser.add_argument(
-        "--timeout", type=float, default=120.0,
-        help="seconds to wait for each interval's ScaleEvent (default %(default)s)",
+    options.add_duration(
+        parser, "timeout", "120s", "how long to wait for each interval's ScaleEvent"
     )
 
 
@@ -317,6 +316,7 @@ def run_command(args: argparse.Namespace, prog: str) -> int:
         return 2
     try:
         parsed = simulate_cli.parse(args)
+        timeout_s = options.seconds(args, "timeout") or 120.0
     except (ValueError, OSError) as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 2
@@ -334,7 +334,7 @@ def run_command(args: argparse.Namespace, prog: str) -> int:
                 replay = asyncio.run(run_replay(
                     parsed.trace, parsed.profile, parsed.setup, parsed.config, url, log_dir,
                     warm_start=args.warm_start, max_intervals=args.max_intervals or None,
-                    timeout_s=args.timeout, on_interval=None if args.quiet else print_row,
+                    timeout_s=timeout_s, on_interval=None if args.quiet else print_row,
                     progress=progress,
                 ))
             except (TimeoutError, RuntimeError) as exc:

@@ -1,9 +1,10 @@
 """``slaplanner simulate``: a trace through the simulated cluster and the planning loop, in process.
 
-The options and defaults are the dry run's (``slaplanner dry-run``), plus what a simulated cluster
-needs (startup delay, engine speed, context limit). Unlike the dry run, latencies are simulated,
-so the decider's correction factors are on (as in the service) and the GPU budget guard is on (as
-in the service; the dry run turns it off only to reproduce Dynamo's reference numbers).
+The options are the trace tools' (``sim/options.py``: every planner knob, with the service's
+defaults: the slaplanner policy, the forecaster's default predictor, corrections and the GPU
+budget guard on), plus what a simulated cluster needs (startup delay, engine speed, context
+limit). The dry run differs only where it reproduces Dynamo's reference (Dynamo's policy and
+predictor, no correction, no budget guard).
 """
 
 from __future__ import annotations
@@ -17,61 +18,60 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from services.decider import dryrun, registry
+from services.decider import registry
+from services.decider.knobs import DeploymentKnobs
 from services.forecaster import predictors
-from services.forecaster.settings import PREDICTOR_NAMES
+from services.forecaster.settings import PREDICTOR_NAMES, ForecasterSettings
 from shared import cli_checks, conditions, perf_model, traces
-from shared.settings import parse_duration_s
+from sim import options
 from sim.cluster import ClusterConfig, DecodeModel
 from sim.loop import BASELINES, IntervalRecord, LoopResult, PlanningSetup, simulate
 from sim.progress import Progress
+
+DEFAULT_PREDICTOR = str(ForecasterSettings.model_fields["predictor"].default)
 
 
 def policy_names() -> list[str]:
     return [*registry.policy_names(), *BASELINES]
 
 
-def add_arguments(parser: argparse.ArgumentParser, trace_default: str | None = None) -> None:
-    """The options ``simulate``, ``replay`` and ``demo`` share: the dry run's, and the cluster's.
-
-    Unlike the dry run, the GPU budget guard is on by default, as the service runs."""
-    dryrun.add_planning_arguments(
-        parser, policies=policy_names(), default_policy=dryrun.knob_default("policy"),
-        predictors=PREDICTOR_NAMES, enforce_gpu_budget=True, trace_default=trace_default,
-        policy_help="a decider policy, or a baseline: static (the trace's peak, all the time), "
+def add_arguments(
+    parser: argparse.ArgumentParser,
+    trace_default: str | None = None,
+    knobs_cls: type[DeploymentKnobs] = DeploymentKnobs,
+) -> None:
+    """The options ``simulate``, ``replay`` and ``demo`` share: the trace, every planner knob
+    (with the service's defaults: the slaplanner policy, the budget guard on), the forecaster's
+    default predictor, and the simulated cluster."""
+    options.add_trace_arguments(
+        parser, predictors=PREDICTOR_NAMES, default_predictor=DEFAULT_PREDICTOR,
+        trace_default=trace_default,
+    )
+    parser.add_argument(
+        "--policy", default=registry.DEFAULT_POLICY, choices=policy_names(),
+        help="a decider policy, or a baseline: static (the trace's peak, all the time), "
         "reactive (a plain HPA on queue length, prefill busy time and KV usage); default "
         "%(default)s",
     )
-    parser.add_argument(
-        "--start", default="0s",
-        help="replay from this time of the (sped-up) trace on: '20m' or seconds (default 0)",
+    options.add_duration(
+        parser, "start", "0s", "replay from this time of the (sped-up) trace on ('20m')"
     )
-    parser.add_argument(
-        "--duration", default=None,
-        help="replay this much of the (sped-up) trace: '1h' or seconds (default: all)",
+    options.add_duration(
+        parser, "duration", None, "replay this much of the (sped-up) trace ('1h'; default: all)"
     )
     parser.add_argument(
         "--warm-start", action=argparse.BooleanOptionalAction, default=False,
         help="start with what an oracle would run at time 0 (overrides --start-*)",
     )
-    parser.add_argument(
-        "--no-correction", action="store_true",
-        help="do not correct the profile with observed TTFT/ITL (Dynamo's flag)",
-    )
-    parser.add_argument(
-        "--startup-delay", default="180s",
-        help="a new worker serves this long after it is requested (and is billed meanwhile); "
-        "'90s', '3m' or bare seconds (default %(default)s)",
-    )
-    parser.add_argument(
-        "--worker-startup", default=None,
-        help="the startup time the policy is told (its worker_startup_s; learnt from the "
-        "ScaleEvents afterwards); default: the --startup-delay",
+    options.add_duration(
+        parser, "startup-delay", "180s",
+        "a new worker serves this long after it is requested (and is billed meanwhile); the "
+        "policy's worker_startup_s too, unless given",
     )
     parser.add_argument(
         "--decider-env", action="append", default=[], metavar="SLAPLANNER_KNOB=VALUE",
-        help="another decider knob as its environment variable (repeatable), e.g. "
-        "SLAPLANNER_LOAD_CONFIDENCE=0.95",
+        help="a planner knob as its environment variable (repeatable); the knob's flag does "
+        "the same",
     )
     parser.add_argument(
         "--perf-skew", type=float, default=1.0,
@@ -90,9 +90,9 @@ def add_arguments(parser: argparse.ArgumentParser, trace_default: str | None = N
         "--decode-model", choices=[m.value for m in DecodeModel], default="sliced",
         help="sliced (default, fast) or token (one event per engine iteration, slow)",
     )
-    parser.add_argument(
-        "--decode-slice", default="0.25s",
-        help="longest decode time slice of the sliced model, at most 1 s (default %(default)s)",
+    options.add_duration(
+        parser, "decode-slice", "250ms",
+        "longest decode time slice of the sliced model, at most 1 s",
     )
     parser.add_argument(
         "--max-intervals", type=int, default=0, help="stop after N intervals (0: all)"
@@ -101,6 +101,10 @@ def add_arguments(parser: argparse.ArgumentParser, trace_default: str | None = N
         "--requests", dest="requests_out",
         help="write one CSV row per request here: arrival, lengths (after clipping), TTFT, "
         "mean ITL, finish (seconds; empty where not reached)",
+    )
+    # worker_startup_s defaults to the startup delay, not to the knob's own default
+    options.add_knob_arguments(
+        parser, knobs_cls, defaults={"worker_startup_s": None}, exclude=("policy",)
     )
 
 
@@ -112,21 +116,9 @@ class Parsed:
     profile: perf_model.Profile
 
 
-def _duration(value: str, flag: str) -> float:
-    """Seconds from '90s', '3m' or bare seconds (as the dry run's --interval takes them)."""
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            seconds = parse_duration_s(value)
-        except ValueError as exc:
-            raise ValueError(f"{flag}: {exc}") from None
-    if not seconds >= 0:
-        raise ValueError(f"{flag}: must be >= 0, got {value!r}")
-    return seconds
-
-
-def parse(args: argparse.Namespace) -> Parsed:
+def parse(
+    args: argparse.Namespace, knobs_cls: type[DeploymentKnobs] = DeploymentKnobs
+) -> Parsed:
     """Validate the options; raises ``ValueError`` naming the flag."""
     cli_checks.output_paths({"--json": args.json_out, "--plot": args.plot_out,
                              "--requests": args.requests_out})
@@ -137,37 +129,17 @@ def parse(args: argparse.Namespace) -> Parsed:
             raise ValueError(f"--predictor {args.predictor}: {exc}") from None
     if not args.speedup > 0:
         raise ValueError(f"--speedup: must be positive, got {args.speedup}")
-    knobs = dryrun.planning_knobs(
-        args, policy="dynamo" if args.policy in BASELINES else args.policy,
-        no_correction=args.no_correction,
+    startup_delay_s = options.seconds(args, "startup-delay")
+    assert startup_delay_s is not None  # it has a default
+    overrides: dict[str, Any] = options.knob_assignments(args.decider_env)
+    if args.worker_startup_s is None and "worker_startup_s" not in overrides:
+        # the operator tells the policy how long a start takes: the simulated cluster's delay
+        overrides["worker_startup_s"] = startup_delay_s
+    knobs = options.knobs_from_args(
+        args, knobs_cls, policy="dynamo" if args.policy in BASELINES else args.policy,
+        **overrides,
     )
-    decider_env: dict[str, str] = {}
-    for item in args.decider_env:
-        name, sep, value = item.partition("=")
-        if not sep or not name.startswith("SLAPLANNER_"):
-            raise ValueError(f"--decider-env: expected SLAPLANNER_KNOB=VALUE, got {item!r}")
-        decider_env[name] = value
-    startup_delay_s = _duration(args.startup_delay, "--startup-delay")
-    worker_startup_s = (
-        startup_delay_s if args.worker_startup is None
-        else _duration(args.worker_startup, "--worker-startup")
-    )
-    setup = PlanningSetup(
-        policy=args.policy,
-        predictor=args.predictor,
-        profile_path=knobs.profile_path,
-        ttft_target_s=knobs.ttft_target_s,
-        itl_target_s=knobs.itl_target_s,
-        interval_s=knobs.adjustment_interval_s,
-        max_gpu_budget=knobs.max_gpu_budget,
-        min_endpoint=knobs.min_endpoint,
-        prefill_engine_gpus=knobs.prefill_engine_gpus,
-        decode_engine_gpus=knobs.decode_engine_gpus,
-        no_correction=knobs.no_correction,
-        enforce_gpu_budget=knobs.enforce_gpu_budget,
-        worker_startup_s=worker_startup_s,
-        decider_env=decider_env,
-    )
+    setup = PlanningSetup(knobs=knobs, predictor=args.predictor, planner=args.policy)
     try:
         config = ClusterConfig(
             startup_delay_s=startup_delay_s,
@@ -175,19 +147,20 @@ def parse(args: argparse.Namespace) -> Parsed:
             noise_cv=args.noise,
             seed=args.seed,
             max_context_tokens=args.max_context,
-            prefill_engine_gpus=knobs.prefill_engine_gpus,
-            decode_engine_gpus=knobs.decode_engine_gpus,
+            prefill_engine_gpus=knobs.prefill_engine_num_gpu,
+            decode_engine_gpus=knobs.decode_engine_num_gpu,
             start_prefill=args.start_prefill,
             start_decode=args.start_decode,
             decode_model=DecodeModel(args.decode_model),
-            decode_slice_s=_duration(args.decode_slice, "--decode-slice"),
+            decode_slice_s=options.seconds(args, "decode-slice") or 0.0,
         )
     except ValueError as exc:
         raise ValueError(str(exc)) from None
     profile = perf_model.load_profile(knobs.profile_path)
     trace = traces.load_trace(args.trace).sped_up(args.speedup)
-    start = _duration(args.start, "--start")
-    end = math.inf if args.duration is None else start + _duration(args.duration, "--duration")
+    start = options.seconds(args, "start") or 0.0
+    duration = options.seconds(args, "duration")
+    end = math.inf if duration is None else start + duration
     if start > 0 or math.isfinite(end):
         trace = trace.between(start, end, rebase=True)
     if len(trace) == 0:
@@ -269,15 +242,15 @@ def document(args: argparse.Namespace, parsed: Parsed, run: LoopResult) -> dict[
     return {
         "trace": Path(args.trace).name,
         "speedup": args.speedup,
-        "start_s": _duration(args.start, "--start"),
-        "duration_s": None if args.duration is None else _duration(args.duration, "--duration"),
-        "policy": setup.policy,
+        "start_s": options.seconds(args, "start"),
+        "duration_s": options.seconds(args, "duration"),
+        "policy": setup.planner,
         "predictor": setup.predictor,
-        "profile": setup.profile_path,
+        "profile": setup.knobs.profile_path,
         "adjustment_interval_s": setup.interval_s,
         "ttft_target_s": setup.ttft_target_s,
         "itl_target_s": setup.itl_target_s,
-        "max_gpu_budget": setup.max_gpu_budget,
+        "max_gpu_budget": setup.knobs.max_total_gpus,
         "startup_delay_s": config.startup_delay_s,
         "perf_skew": config.perf_skew,
         "noise_cv": config.noise_cv,
@@ -292,7 +265,7 @@ def document(args: argparse.Namespace, parsed: Parsed, run: LoopResult) -> dict[
 def title(args: argparse.Namespace, setup: PlanningSetup, config: ClusterConfig) -> str:
     """Two lines: the trace and the planner, then the interval, the cluster and the targets."""
     return (
-        f"{Path(args.trace).name} x{args.speedup:g}, policy {setup.policy}, predictor "
+        f"{Path(args.trace).name} x{args.speedup:g}, policy {setup.planner}, predictor "
         f"{setup.predictor}\ninterval {setup.interval_s:g} s, startup "
         f"{config.startup_delay_s:g} s, skew {config.perf_skew:g}, targets TTFT "
         f"{setup.ttft_target_s:g} s and ITL {setup.itl_target_s * 1000:g} ms"

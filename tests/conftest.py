@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import nats
 import pytest
@@ -168,3 +172,86 @@ def wait_until(predicate: object, timeout_s: float = 20.0, interval_s: float = 0
             return
         time.sleep(interval_s)
     raise AssertionError("condition not met in time")
+
+
+@pytest.fixture(autouse=True)
+def _stop_actuator_watches() -> Iterator[None]:
+    """Stop the watch threads of the actuators a test assembled (tests/conftest_k8s.py)."""
+    yield
+    helpers = sys.modules.get("tests.conftest_k8s")
+    if helpers is not None:
+        helpers.close_all()
+
+
+async def wait_for_consumers(nc: NATS, names: set[str], timeout_s: float = 30.0) -> None:
+    """Until the stream has the durable consumers ``names`` (the services create them)."""
+    js = nc.jetstream()
+    async with asyncio.timeout(timeout_s):
+        while True:
+            try:
+                present = {c.name for c in await js.consumers_info("SLAPLANNER")}
+            except Exception:
+                present = set()
+            if names <= present:
+                return
+            await asyncio.sleep(0.05)
+
+
+def serve_exposition(body: Callable[[], bytes]) -> ThreadingHTTPServer:
+    """A /metrics endpoint on a free loopback port serving ``body()`` at each scrape (text
+    format 0.0.4), in a daemon thread; ``shutdown()`` it after use."""
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            text = body()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.send_header("Content-Length", str(len(text)))
+            self.end_headers()
+            self.wfile.write(text)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            return
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+# --- markers: `make test-fast` runs the tests that need no server ---------------------------------
+# A test needs servers when it uses a fixture that starts one (a nats-server, Prometheus, the
+# Kubernetes API test server, metrics endpoints, the services) or its module starts processes
+# itself (kustomize, promtool, nats-server config checks, the replay). `-m "not servers"` runs
+# with every process start refused, so a test missing from these lists fails, naming what it
+# started, instead of slowing the fast suite down.
+SERVER_FIXTURES = frozenset({
+    "nats_server", "nc", "services", "k8s", "kube", "server", "api", "workers", "stack",
+    "shell", "servers", "replicas", "prometheus", "password_server", "deploy_bus", "collected",
+    "targets", "installed",
+})
+SERVER_MODULES = frozenset({
+    "test_bench_load", "test_cli_output", "test_collector_arrivals", "test_collector_prometheus",
+    "test_collector_recorded", "test_demo", "test_deploy_dashboard", "test_deploy_dockerfile",
+    "test_deploy_manifests", "test_deploy_monitoring", "test_deploy_nats",
+    "test_deploy_prometheus", "test_docs_commands", "test_faults", "test_full_loop",
+    "test_operator_tools", "test_security", "test_sim_replay",
+})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        module = Path(str(item.path)).stem
+        if module in SERVER_MODULES or SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.servers)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if config.option.markexpr.replace(" ", "") != "notservers":
+        return
+
+    def refuse(self: subprocess.Popen[bytes], args: object, *rest: object, **kw: object) -> None:
+        raise AssertionError(
+            f"a test of the server-free suite starts a process ({args!r}): add its fixture to "
+            "SERVER_FIXTURES or its module to SERVER_MODULES in tests/conftest.py"
+        )
+
+    subprocess.Popen.__init__ = refuse  # type: ignore[assignment, method-assign]

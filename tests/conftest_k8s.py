@@ -4,6 +4,8 @@ controllers show them."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Any
 
 from kubernetes import client
@@ -14,7 +16,7 @@ from services.actuator.inflight import InflightProbe
 from services.actuator.kube import Kube, RetryPolicy
 from services.actuator.settings import ActuatorSettings
 from shared.messages import DeploymentKey, ReplicaTarget
-from tests.k8s_api_server import KubeApiServer, RecordedRequest
+from tests.k8s_api_server import KubeApiServer, RecordedRequest, ResourceType
 
 JSON = dict[str, Any]
 NS = "prod"
@@ -65,13 +67,43 @@ def settings(**overrides: Any) -> ActuatorSettings:
     return ActuatorSettings.model_validate(values)
 
 
+# Every assembly made by ``assemble``; ``close_all`` stops their watch threads (a fixture calls
+# it after each test of the modules that assemble actuators).
+ASSEMBLED: list[wiring.Assembly] = []
+
+
 def assemble(kube: Kube | None, mapping: JSON, probe: InflightProbe | None = None,
              publish: Publish | None = None, identity: str = "actuator-test",
              **overrides: Any) -> wiring.Assembly:
     """An actuator for ``mapping`` (what the mapping file would hold) against the test server."""
-    return wiring.assemble(settings(**overrides), publish, kube_client=kube,
-                           probe=probe or _NoProbe(), identity=identity,
-                           mapping=config.parse(mapping, "test mapping"))
+    assembly = wiring.assemble(settings(**overrides), publish, kube_client=kube,
+                               probe=probe or _NoProbe(), identity=identity,
+                               mapping=config.parse(mapping, "test mapping"))
+    ASSEMBLED.append(assembly)
+    return assembly
+
+
+async def cached(assembly: wiring.Assembly, server: KubeApiServer, rt: ResourceType, name: str,
+                 namespace: str = NS, timeout_s: float = 10.0) -> None:
+    """Wait until the actuator's watch cache holds ``name`` at the server's resourceVersion (a
+    change made behind the actuator's back reaches it through its watch, a moment later)."""
+    wanted = server.get(rt, namespace, name)["metadata"]["resourceVersion"]
+    assert assembly.backends is not None and assembly.backends._informers is not None
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for reflector in assembly.backends._informers.all():
+            source = reflector.source
+            if (source.kind.plural, source.namespace) == (rt.plural, namespace):
+                obj = reflector.get(name)
+                if obj is not None and obj["metadata"]["resourceVersion"] == wanted:
+                    return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"the watch cache never saw {rt.plural} {namespace}/{name} at {wanted}")
+
+
+def close_all() -> None:
+    while ASSEMBLED:
+        ASSEMBLED.pop().close()
 
 
 class _NoProbe:
@@ -85,7 +117,8 @@ def target(prefill: int, decode: int, window_end: float = 1_700_000_060.0,
     extra: dict[str, Any] = {"id": id} if id is not None else {}
     return ReplicaTarget(deployment=key, window_end=window_end, policy="slaplanner",
                          prefill_replicas=prefill, decode_replicas=decode,
-                         explanation={"reason": reason}, **extra)
+                         explanation={"prefill_bound_by": reason, "decode_bound_by": reason},
+                         **extra)
 
 
 # ----------------------------------------------------------------------------- objects

@@ -16,7 +16,15 @@ actuator relies on, exactly as a real API server answers them:
 - ``Status`` bodies with the real reasons and messages for 400, 401, 403, 404, 409, 415, 422, 429,
   500 and 503;
 - ``MicroTime`` fields (a Lease's ``acquireTime``/``renewTime``, an Event's ``eventTime``) must
-  carry exactly six fractional digits, or the request answers 400 as a real server does.
+  carry exactly six fractional digits, or the request answers 400 as a real server does;
+- watch (``?watch=true``): chunked JSON events (ADDED, MODIFIED, DELETED, and BOOKMARK when
+  ``allowWatchBookmarks`` is set) from a ``resourceVersion`` on, and an ERROR event with a 410
+  ``Expired`` Status when that version is older than the history kept (``compact()`` drops it);
+- custom resources from real CRDs (``tests/k8s_crd.py``): Dynamo's DynamoGraphDeployment and its
+  scaling adapter in both served versions, stored in the storage version and converted, with
+  unknown fields pruned, schema defaults, schema and CEL validation (422 ``Invalid``), the
+  ``status`` subresource, and the operator's admission webhook (direct replica edits of
+  adapter-managed components answer 422 for anyone but the operator and a planner).
 
 Tests can inject faults (the next N matching requests, or every matching request for a period,
 answer 500, 503, 409, 429, 403, 401, 404 or time out, or are served and then never answered, as
@@ -27,6 +35,7 @@ simulate controllers (status follows spec at once, or by hand), and read the log
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import copy
 import itertools
@@ -37,11 +46,14 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
+
+from tests import k8s_crd
 
 JSON = dict[str, Any]
 
@@ -72,6 +84,13 @@ class ResourceType:
     builtin: bool = True  # built-in kinds accept strategic merge patches; custom resources do not
     scale: ScalePaths | None = None
     micro_time_fields: tuple[str, ...] = ()
+    # From a CRD: the version's OpenAPI schema (prune, default, validate), whether writes to the
+    # object leave its status alone (a ``status`` subresource), and, for a kind served in several
+    # versions, the storage version and the conversion into any version.
+    schema: JSON | None = field(default=None, compare=False, repr=False)
+    status_subresource: bool = False
+    storage_version: str | None = None
+    convert: Callable[[JSON, str], JSON] | None = field(default=None, compare=False, repr=False)
 
     @property
     def api_version(self) -> str:
@@ -101,20 +120,42 @@ LEASES = ResourceType(
 HPAS = ResourceType("autoscaling", "v2", "horizontalpodautoscalers", "HorizontalPodAutoscaler")
 SCALED_OBJECTS = ResourceType("keda.sh", "v1alpha1", "scaledobjects", "ScaledObject",
                               builtin=False)
-DGDS = ResourceType("nvidia.com", "v1alpha1", "dynamographdeployments", "DynamoGraphDeployment",
-                    builtin=False)
-DGDSAS = ResourceType(
-    "nvidia.com", "v1alpha1", "dynamographdeploymentscalingadapters",
-    "DynamoGraphDeploymentScalingAdapter", builtin=False,
-    scale=ScalePaths(label_selector="status.selector"),
-)
+
+
+def from_crd(path: Path) -> dict[str, ResourceType]:
+    """One resource type per served version of a CRD file, by version."""
+    versions = k8s_crd.load(path)
+    storage = next(v.version for v in versions if v.storage)
+    converter = k8s_crd.dgd_convert if versions[0].plural == "dynamographdeployments" else \
+        k8s_crd.dgdsa_convert
+    types = {}
+    for v in versions:
+        scale = v.subresources.get("scale")
+        paths = None if scale is None else ScalePaths(
+            scale["specReplicasPath"].lstrip("."), scale["statusReplicasPath"].lstrip("."),
+            (scale.get("labelSelectorPath") or "").lstrip(".") or None)
+        types[v.version] = ResourceType(
+            v.group, v.version, v.plural, v.kind, builtin=False, scale=paths, schema=v.schema,
+            status_subresource="status" in v.subresources, storage_version=storage,
+            convert=converter if len(versions) > 1 else None)
+    return types
+
+
+_DGD_VERSIONS = from_crd(k8s_crd.DGD_CRD)
+_DGDSA_VERSIONS = from_crd(k8s_crd.DGDSA_CRD)
+# Dynamo's own CRDs: v1alpha1 (deprecated, ``spec.services``) and v1beta1 (storage,
+# ``spec.components``).
+DGDS = _DGD_VERSIONS["v1alpha1"]
+DGDS_BETA = _DGD_VERSIONS["v1beta1"]
+DGDSAS = _DGDSA_VERSIONS["v1alpha1"]
+DGDSAS_BETA = _DGDSA_VERSIONS["v1beta1"]
 LEADER_WORKER_SETS = ResourceType(
     "leaderworkerset.x-k8s.io", "v1", "leaderworkersets", "LeaderWorkerSet", builtin=False,
     scale=ScalePaths(label_selector="status.hpaPodSelector"),
 )
 
 DEFAULT_TYPES = (DEPLOYMENTS, STATEFULSETS, PODS, EVENTS, EVENTS_V1, LEASES, HPAS,
-                 SCALED_OBJECTS, DGDS, DGDSAS, LEADER_WORKER_SETS)
+                 SCALED_OBJECTS, DGDS, DGDS_BETA, DGDSAS, DGDSAS_BETA, LEADER_WORKER_SETS)
 
 
 @dataclass(frozen=True)
@@ -400,6 +441,11 @@ class ReplicaController:
     (Running and ready, or Pending and unschedulable for the workloads named in
     ``unschedulable``); extra ones are removed the way a ReplicaSet chooses them, lowest
     ``controller.kubernetes.io/pod-deletion-cost`` first (a StatefulSet: highest ordinal first).
+
+    DynamoGraphDeployments get what Dynamo's operator reports: per component ``replicas``,
+    ``updatedReplicas``, ``readyReplicas`` and ``availableReplicas``, ``observedGeneration``, the
+    ``state`` and the ``Ready`` condition; a scaling adapter for every component with
+    ``scalingAdapter``, whose replicas the adapter's controller then writes into the DGD.
     """
 
     def __init__(self, unschedulable: set[str] | None = None, ready: bool = True) -> None:
@@ -407,6 +453,12 @@ class ReplicaController:
         self.ready = ready
 
     def __call__(self, server: KubeApiServer, rt: ResourceType, obj: JSON) -> None:
+        if rt.plural == "dynamographdeployments":
+            self._dgd(server, obj)
+            return
+        if rt.plural == "dynamographdeploymentscalingadapters":
+            self._adapter(server, obj)
+            return
         if rt in (DEPLOYMENTS, STATEFULSETS):
             self._pods(server, rt, obj)
         if rt.scale is not None:
@@ -419,14 +471,79 @@ class ReplicaController:
             status = obj.setdefault("status", {})
             status.update({"replicas": replicas, "readyReplicas": ready,
                            "availableReplicas": ready, "updatedReplicas": replicas})
-        elif rt is DGDS:
-            statuses = obj.setdefault("status", {}).setdefault("services", {})
-            for name, service in (get_path(obj, "spec.services") or {}).items():
-                replicas = service.get("replicas", 1)
-                ready = replicas if self.ready else 0
-                statuses[name] = {"componentKind": "Deployment", "componentName": name,
-                                  "replicas": replicas, "updatedReplicas": replicas,
-                                  "readyReplicas": ready, "availableReplicas": ready}
+
+    def _dgd(self, server: KubeApiServer, obj: JSON) -> None:
+        """``obj`` in the storage version (v1beta1)."""
+        name = obj["metadata"]["name"]
+        status = obj.setdefault("status", {})
+        components = status.setdefault("components", {})
+        all_ready = True
+        for component in get_path(obj, "spec.components") or []:
+            replicas = component.get("replicas", 1)
+            ready = replicas if self.ready else 0
+            all_ready = all_ready and ready == replicas
+            components[component["name"]] = {
+                "componentKind": "Deployment",
+                "componentNames": [f"{name}-{component['name'].lower()}"],
+                "replicas": replicas, "updatedReplicas": replicas,
+                "readyReplicas": ready, "availableReplicas": ready}
+            if "scalingAdapter" in component:
+                self._ensure_adapter(server, obj, component)
+        status["observedGeneration"] = obj["metadata"].get("generation", 1)
+        status["state"] = "successful" if all_ready else "pending"
+        reason = "all_resources_are_ready" if all_ready else "pods_not_ready"
+        others = [c for c in status.get("conditions") or [] if c.get("type") != "Ready"]
+        status["conditions"] = [*others, {
+            "type": "Ready", "status": "True" if all_ready else "False", "reason": reason,
+            "message": "All resources are ready" if all_ready else "Some pods are not ready",
+            "lastTransitionTime": _rfc3339(),
+            "observedGeneration": obj["metadata"].get("generation", 1)}]
+
+    @staticmethod
+    def _ensure_adapter(server: KubeApiServer, dgd: JSON, component: JSON) -> None:
+        namespace, dgd_name = dgd["metadata"]["namespace"], dgd["metadata"]["name"]
+        name = k8s_crd.adapter_name(dgd_name, component["name"])
+        key = (DGDSAS_BETA.group, DGDSAS_BETA.plural, namespace, name)
+        replicas = component.get("replicas", 1)
+        selector = k8s_crd.pod_selector(dgd_name, component["name"])
+        current = server._objects.get(key)
+        if current is None:
+            adapter = {"apiVersion": DGDSAS_BETA.api_version, "kind": DGDSAS_BETA.kind,
+                       "metadata": {"name": name},
+                       "spec": {"dgdRef": {"name": dgd_name, "componentName": component["name"]},
+                                "replicas": replicas},
+                       "status": {"replicas": replicas, "selector": selector}}
+            stored = server._prepare_new(DGDSAS_BETA, adapter, namespace)
+            server._put(key, stored, "ADDED")
+        elif get_path(current, "status.replicas") != replicas:
+            changed = copy.deepcopy(current)
+            changed["status"] = {**(current.get("status") or {}), "replicas": replicas,
+                                 "selector": selector}
+            server._put(key, changed, "MODIFIED", bump=True)
+
+    def _adapter(self, server: KubeApiServer, adapter: JSON) -> None:
+        """The adapter controller: its ``spec.replicas`` is written into the DGD's component."""
+        namespace = adapter["metadata"]["namespace"]
+        ref = get_path(adapter, "spec.dgdRef") or {}
+        key = (DGDS_BETA.group, DGDS_BETA.plural, namespace, ref.get("name", ""))
+        dgd = server._objects.get(key)
+        if dgd is None:
+            return
+        wanted = get_path(adapter, "spec.replicas")
+        for component in get_path(dgd, "spec.components") or []:
+            if component.get("name") == ref.get("componentName") and "scalingAdapter" in component:
+                if component.get("replicas", 1) != wanted:
+                    changed = copy.deepcopy(dgd)
+                    for item in changed["spec"]["components"]:
+                        if item.get("name") == component["name"]:
+                            item["replicas"] = wanted
+                    changed["metadata"]["generation"] = dgd["metadata"].get("generation", 1) + 1
+                    self._dgd(server, changed)
+                    server._put(key, changed, "MODIFIED", bump=True)
+                    adapter.setdefault("status", {})["lastScaleTime"] = _rfc3339()
+                adapter.setdefault("status", {}).update(
+                    replicas=wanted, selector=k8s_crd.pod_selector(ref["name"],
+                                                                   component["name"]))
 
     def _pods(self, server: KubeApiServer, rt: ResourceType, obj: JSON) -> None:
         name = obj["metadata"]["name"]
@@ -456,7 +573,7 @@ class ReplicaController:
                        "spec": copy.deepcopy(template.get("spec") or {"containers": []}),
                        "status": status}
                 stored = server._prepare_new(PODS, pod, namespace)
-                server._objects[server._key(PODS, stored)] = stored
+                server._put(server._key(PODS, stored), stored, "ADDED")
         elif len(live) > want:
             def rank(pod: JSON) -> tuple[int, int, str]:
                 annotations = pod["metadata"].get("annotations") or {}
@@ -467,7 +584,7 @@ class ReplicaController:
             order = sorted(live, key=lambda p: p["metadata"]["name"], reverse=True) \
                 if rt is STATEFULSETS else sorted(live, key=rank)
             for pod in order[:len(live) - want]:
-                del server._objects[server._key(PODS, pod)]
+                server._drop(server._key(PODS, pod))
 
 
 instant_ready = ReplicaController()
@@ -484,13 +601,34 @@ class _Route:
     subresource: str
 
 
+class _Server(ThreadingHTTPServer):
+    # A real API server accepts many connections at once (watches hold theirs open); the
+    # default backlog of 5 would refuse connections under a burst of requests.
+    request_queue_size = 256
+    allow_reuse_address = True
+
+
+class _Watch:
+    """A watch request the HTTP handler streams (``KubeApiServer.stream``)."""
+
+    def __init__(self, route: _Route, query: dict[str, list[str]]) -> None:
+        self.route = route
+        self.resource_version = query.get("resourceVersion", [""])[0]
+        self.selector = query.get("labelSelector", [""])[0]
+        self.bookmarks = query.get("allowWatchBookmarks", ["false"])[0] in ("true", "1")
+        timeout = query.get("timeoutSeconds", [""])[0]
+        self.timeout_s = float(timeout) if timeout.isdigit() else 1800.0
+
+
 class KubeApiServer:
     """Start with ``start()`` (or use as a context manager); ``url`` is ``http://127.0.0.1:PORT``."""
 
     def __init__(self, types: tuple[ResourceType, ...] = DEFAULT_TYPES,
                  controller: Controller | None = instant_ready,
                  timeout_delay_s: float = 1.5,
-                 user: str = "system:serviceaccount:slaplanner:slaplanner-actuator") -> None:
+                 user: str = "system:serviceaccount:slaplanner:slaplanner-actuator",
+                 history: int = 100_000, bookmark_interval_s: float = 1.0,
+                 port: int = 0) -> None:
         self.types: dict[tuple[str, str, str], ResourceType] = {}
         for rt in types:
             self.register(rt)
@@ -498,11 +636,26 @@ class KubeApiServer:
         self.timeout_delay_s = timeout_delay_s
         self.user = user
         self.authorizer: Callable[[RequestAttributes], bool] | None = None
+        # Admission webhooks: (resource type in the storage version, old or None, new, user)
+        # -> field errors; any error refuses the write with 422, as a validating webhook does.
+        self.admission: list[tuple[str, Callable[[JSON | None, JSON, str], list[str]]]] = [
+            ("dynamographdeployments", self._dynamo_webhook)]
         self.requests: list[RecordedRequest] = []
         self.faults: list[Fault] = []
+        self.history = history
+        self.bookmark_interval_s = bookmark_interval_s
         self._objects: dict[tuple[str, str, str, str], JSON] = {}
         self._rv = itertools.count(1000)
+        self._current_rv = 999
         self._lock = threading.RLock()
+        self._changed = threading.Condition(self._lock)
+        # Every change, in order: (resourceVersion, type, key, object in the storage version).
+        self._log: list[tuple[int, str, tuple[str, str, str, str], JSON]] = []
+        self._log_base = 0  # changes dropped from the front of the log so far
+        self._compacted_rv = 0  # a watch from an older version answers 410
+        self._watch_epoch = 0  # bumped to end every open watch
+        self._stopping = False
+        self._requested_port = port
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -510,14 +663,19 @@ class KubeApiServer:
 
     def start(self) -> KubeApiServer:
         handler = _make_handler(self)
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._stopping = False
+        self._httpd = _Server(("127.0.0.1", self._requested_port), handler)
         self._httpd.daemon_threads = True
+        self._requested_port = int(self._httpd.server_address[1])  # a restart keeps the port
         self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.02,),
                                         name="kube-api", daemon=True)
         self._thread.start()
         return self
 
     def stop(self) -> None:
+        with self._changed:
+            self._stopping = True
+            self._changed.notify_all()
         if self._httpd is not None:
             self._httpd.shutdown()
             self._httpd.server_close()
@@ -531,8 +689,7 @@ class KubeApiServer:
 
     @property
     def port(self) -> int:
-        assert self._httpd is not None, "server not started"
-        return int(self._httpd.server_address[1])
+        return self._requested_port
 
     @property
     def url(self) -> str:
@@ -559,36 +716,59 @@ class KubeApiServer:
         with self._lock:
             self.faults.clear()
 
+    def compact(self) -> None:
+        """Forget the history of changes, as etcd's compaction does: a watch that resumes from a
+        version before now answers 410 Gone."""
+        with self._changed:
+            if self._log:
+                self._compacted_rv = self._log[-1][0]
+            self._log_base += len(self._log)
+            self._log.clear()
+            self._changed.notify_all()
+
+    def close_watches(self) -> None:
+        """End every open watch (as an API server restart or a load balancer would)."""
+        with self._changed:
+            self._watch_epoch += 1
+            self._changed.notify_all()
+
     def add(self, rt: ResourceType, obj: JSON) -> JSON:
         """Store an object as if created by someone else (no request is logged)."""
         with self._lock:
-            stored = self._prepare_new(rt, copy.deepcopy(obj), obj["metadata"].get("namespace", ""))
-            self._objects[self._key(rt, stored)] = stored
+            namespace = obj["metadata"].get("namespace", "")
+            obj = copy.deepcopy(obj)
+            if rt.schema is not None:  # what the schema does not know is dropped, as on create
+                obj = k8s_crd.prune(obj, rt.schema, root=True)
+            stored = self._prepare_new(rt, self._to_storage(rt, obj), namespace)
+            self._put(self._key(rt, stored), stored, "ADDED")
             self._run_controller(rt, stored)
-            return copy.deepcopy(stored)
+            return self._in_version(rt, stored)
 
     def get(self, rt: ResourceType, namespace: str, name: str) -> JSON:
         with self._lock:
             obj = self._objects.get((rt.group, rt.plural, namespace, name))
             if obj is None:
                 raise KeyError(f"{rt.plural} {namespace}/{name}")
-            return copy.deepcopy(obj)
+            return self._in_version(rt, obj)
 
     def objects_of(self, rt: ResourceType, namespace: str | None = None) -> list[JSON]:
         with self._lock:
-            return [copy.deepcopy(o) for (g, p, ns, _), o in sorted(self._objects.items())
+            return [self._in_version(rt, o) for (g, p, ns, _), o in sorted(self._objects.items())
                     if (g, p) == (rt.group, rt.plural) and namespace in (None, ns)]
 
     def mutate(self, rt: ResourceType, namespace: str, name: str,
                change: Callable[[JSON], None], run_controller: bool = False) -> JSON:
-        """Change a stored object as another client would (a new resourceVersion)."""
+        """Change a stored object as another client would (a new resourceVersion); ``change``
+        sees the object in ``rt``'s version."""
         with self._lock:
-            obj = self._objects[(rt.group, rt.plural, namespace, name)]
+            key = (rt.group, rt.plural, namespace, name)
+            obj = self._in_version(rt, self._objects[key])
             change(obj)
-            obj["metadata"]["resourceVersion"] = str(next(self._rv))
+            stored = self._to_storage(rt, obj)
             if run_controller:
-                self._run_controller(rt, obj)
-            return copy.deepcopy(obj)
+                self._run_controller(rt, stored, record=False)
+            self._put(key, stored, "MODIFIED", bump=True)
+            return self._in_version(rt, stored)
 
     def calls(self) -> list[tuple[str, str]]:
         """(method, path) of every request, in order."""
@@ -603,10 +783,123 @@ class KubeApiServer:
         with self._lock:
             self.requests.clear()
 
+    # -- storage: one version per kind, every change logged for the watches
+
+    def _to_storage(self, rt: ResourceType, obj: JSON) -> JSON:
+        if rt.convert is None or rt.storage_version in (None, rt.version):
+            return obj
+        return rt.convert(obj, rt.storage_version)
+
+    def _in_version(self, rt: ResourceType, obj: JSON) -> JSON:
+        if rt.convert is None or rt.storage_version in (None, rt.version):
+            return copy.deepcopy(obj)
+        return rt.convert(obj, rt.version)
+
+    def _bump(self) -> str:
+        self._current_rv = next(self._rv)
+        return str(self._current_rv)
+
+    def _put(self, key: tuple[str, str, str, str], obj: JSON, kind: str,
+             bump: bool = False) -> None:
+        """Store ``obj`` (its resourceVersion new, or a new one with ``bump``) and log it."""
+        if bump:
+            obj["metadata"]["resourceVersion"] = self._bump()
+        self._objects[key] = obj
+        self._record(int(obj["metadata"]["resourceVersion"]), kind, key, obj)
+
+    def _drop(self, key: tuple[str, str, str, str]) -> None:
+        obj = self._objects.pop(key)
+        gone = copy.deepcopy(obj)
+        gone["metadata"]["resourceVersion"] = self._bump()
+        self._record(self._current_rv, "DELETED", key, gone)
+
+    def _record(self, rv: int, kind: str, key: tuple[str, str, str, str], obj: JSON) -> None:
+        self._log.append((rv, kind, key, copy.deepcopy(obj)))
+        if len(self._log) > self.history:
+            dropped = len(self._log) - self.history // 2
+            self._compacted_rv = self._log[dropped - 1][0]
+            del self._log[:dropped]
+            self._log_base += dropped
+        self._changed.notify_all()
+
+    # -- watch
+
+    def stream(self, watch: _Watch) -> Iterator[JSON]:
+        """The events of one watch, until it times out, is closed or the server stops."""
+        route = watch.route
+        rt = route.rt
+
+        def matches(key: tuple[str, str, str, str], obj: JSON) -> bool:
+            group, plural, namespace, _ = key
+            if (group, plural) != (rt.group, rt.plural):
+                return False
+            if route.namespace and namespace != route.namespace:
+                return False
+            labels = get_path(obj, "metadata.labels") or {}
+            return not watch.selector or selector_matches(watch.selector, labels)
+
+        deadline = time.monotonic() + watch.timeout_s
+        with self._changed:
+            epoch = self._watch_epoch
+            initial: list[JSON] = []
+            if watch.resource_version in ("", "0"):
+                position = self._current_rv
+                initial = [{"type": "ADDED", "object": self._in_version(rt, obj)}
+                           for key, obj in sorted(self._objects.items()) if matches(key, obj)]
+            else:
+                try:
+                    position = int(watch.resource_version)
+                except ValueError:
+                    position = -1
+                if position < self._compacted_rv:
+                    yield self._expired(watch.resource_version)
+                    return
+            index = self._log_base + bisect.bisect_right([e[0] for e in self._log], position)
+        yield from initial
+        next_bookmark = time.monotonic() + self.bookmark_interval_s
+        while True:
+            with self._changed:
+                events: list[tuple[str, JSON]] = []
+                expired = None
+                if index < self._log_base:  # history dropped under us
+                    expired = self._expired(str(position))
+                else:
+                    taken = self._log[index - self._log_base:]
+                    if not taken:
+                        wait = min(deadline, next_bookmark) - time.monotonic()
+                        if not self._stopping and epoch == self._watch_epoch and wait > 0:
+                            self._changed.wait(wait)
+                        taken = self._log[max(0, index - self._log_base):]
+                    index += len(taken)
+                    events = [(kind, copy.deepcopy(obj)) for _, kind, key, obj in taken
+                              if matches(key, obj)]
+                    if self._log:
+                        position = max(position, self._log[-1][0])
+                closed = self._stopping or epoch != self._watch_epoch
+            if expired is not None:
+                yield expired
+                return
+            for kind, obj in events:
+                yield {"type": kind, "object": self._in_version(rt, obj)}
+            if closed or time.monotonic() >= deadline:
+                return
+            if watch.bookmarks and time.monotonic() >= next_bookmark:
+                yield {"type": "BOOKMARK", "object": {
+                    "kind": rt.kind, "apiVersion": rt.api_version,
+                    "metadata": {"resourceVersion": str(position)}}}
+                next_bookmark = time.monotonic() + self.bookmark_interval_s
+
+    @staticmethod
+    def _expired(version: str) -> JSON:
+        return {"type": "ERROR", "object": {
+            "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "message": f"too old resource version: {version}", "reason": "Expired",
+            "code": 410}}
+
     # -- request handling
 
     def handle(self, method: str, raw_path: str, content_type: str, raw_body: bytes,
-               authorization: str = "") -> tuple[int, JSON | None, dict[str, str]]:
+               authorization: str = "") -> tuple[int, JSON | _Watch | None, dict[str, str]]:
         parts = urlsplit(raw_path)
         query = parse_qs(parts.query)
         body: Any = None
@@ -644,6 +937,9 @@ class KubeApiServer:
                 raise self._fault_error(fault, record.attributes, route)
             if self.authorizer is not None and not self.authorizer(record.attributes):
                 raise forbidden(record.attributes, self.user)
+            if record.attributes.verb == "watch":
+                record.status = 200
+                return 200, _Watch(route, query), {}
             with self._lock:
                 code, result = self._serve(method, route, query, content_type, body)
             record.status = code
@@ -716,9 +1012,9 @@ class KubeApiServer:
     def _serve(self, method: str, route: _Route, query: dict[str, list[str]],
                content_type: str, body: Any) -> tuple[int, JSON]:
         rt = route.rt
-        if route.subresource and route.subresource != "scale":
-            raise ApiError(404, "NotFound", "the server could not find the requested resource")
-        if route.subresource == "scale" and rt.scale is None:
+        if route.subresource not in ("", "scale", "status") or (
+                route.subresource == "scale" and rt.scale is None) or (
+                route.subresource == "status" and not rt.status_subresource):
             raise ApiError(404, "NotFound", "the server could not find the requested resource")
         if method == "GET" and not route.name:
             return 200, self._list(rt, route.namespace, query)
@@ -728,21 +1024,22 @@ class KubeApiServer:
             raise ApiError(405, "MethodNotAllowed", "the server does not allow this method on "
                            "the requested resource")
         key = (rt.group, rt.plural, route.namespace, route.name)
-        current = self._objects.get(key)
-        if current is None:
+        stored = self._objects.get(key)
+        if stored is None:
             raise not_found(rt, route.name)
+        current = self._in_version(rt, stored)
         if method == "GET":
-            view = self._scale_view(rt, current) if route.subresource else current
-            return 200, copy.deepcopy(view)
+            view = self._scale_view(rt, current) if route.subresource == "scale" else current
+            return 200, view
         if method == "DELETE":
-            del self._objects[key]
+            self._drop(key)
             return 200, {"kind": "Status", "apiVersion": "v1", "metadata": {},
                          "status": "Success", "details": _details(rt, route.name)}
         if method == "PUT":
             updated = self._check_body(rt, body, route)
             return 200, self._write(rt, route, current, updated)
         if method == "PATCH":
-            base = self._scale_view(rt, current) if route.subresource else current
+            base = self._scale_view(rt, current) if route.subresource == "scale" else current
             patched = self._apply_patch(rt, base, content_type, body)
             return 200, self._write(rt, route, current, patched)
         raise ApiError(405, "MethodNotAllowed", "the server does not allow this method on the "
@@ -760,14 +1057,14 @@ class KubeApiServer:
             if field_selector and not selector_matches(
                     field_selector, {"metadata.name": name, "metadata.namespace": ns}):
                 continue
-            items.append(copy.deepcopy(obj))
+            items.append(self._in_version(rt, obj))
         return {"kind": f"{rt.kind}List", "apiVersion": rt.api_version,
-                "metadata": {"resourceVersion": str(next(self._rv))}, "items": items}
+                "metadata": {"resourceVersion": str(self._current_rv)}, "items": items}
 
     def _check_body(self, rt: ResourceType, body: Any, route: _Route | None) -> JSON:
         if not isinstance(body, dict):
             raise ApiError(400, "BadRequest", "the body of the request is not a JSON object")
-        expected_kind = "Scale" if route is not None and route.subresource else rt.kind
+        expected_kind = "Scale" if route is not None and route.subresource == "scale" else rt.kind
         if body.get("kind") not in (None, expected_kind):
             raise ApiError(400, "BadRequest", f"the kind of the body {body.get('kind')!r} does "
                            f"not match the resource ({expected_kind})")
@@ -790,6 +1087,28 @@ class KubeApiServer:
                     'parse as ".000000"',
                 )
         return body
+
+    def _admit(self, rt: ResourceType, name: str, old: JSON | None, new: JSON) -> JSON:
+        """Prune, default and validate ``new`` (in ``rt``'s version) as the API server does for a
+        custom resource, run the admission webhooks on the storage version; the object to
+        store."""
+        if rt.schema is not None:
+            new = k8s_crd.prune(new, rt.schema, root=True)
+            errors = k8s_crd.validate(new, rt.schema, old=old)
+            if errors:
+                raise invalid(rt, name, errors)
+        stored = self._to_storage(rt, new)
+        before = None if old is None else self._to_storage(rt, old)
+        for plural, webhook in self.admission:
+            if plural == rt.plural:
+                errors = webhook(before, stored, self.user)
+                if errors:
+                    raise invalid(rt, name, errors, webhook=k8s_crd.WEBHOOK)
+        return stored
+
+    @staticmethod
+    def _dynamo_webhook(old: JSON | None, new: JSON, user: str) -> list[str]:
+        return [] if old is None else k8s_crd.adapter_replica_errors(old, new, user)
 
     def _create(self, rt: ResourceType, namespace: str, body: Any) -> JSON:
         obj = self._check_body(rt, body, None)
@@ -815,18 +1134,22 @@ class KubeApiServer:
             raise ApiError(409, "AlreadyExists",
                            f'{rt.group_resource} "{meta["name"]}" already exists',
                            _details(rt, meta["name"]))
-        stored = self._prepare_new(rt, obj, namespace)
-        self._objects[self._key(rt, stored)] = stored
+        if rt.status_subresource:
+            obj.pop("status", None)  # a create through the main resource sets no status
+        stored = self._prepare_new(rt, self._admit(rt, meta["name"], None, obj), namespace)
+        self._put(self._key(rt, stored), stored, "ADDED")
+        answer = self._in_version(rt, stored)
         self._run_controller(rt, stored)
-        return copy.deepcopy(stored)
+        return answer
 
     def _prepare_new(self, rt: ResourceType, obj: JSON, namespace: str) -> JSON:
-        obj["apiVersion"] = rt.api_version
+        obj["apiVersion"] = f"{rt.group}/{rt.storage_version}" if rt.storage_version else \
+            rt.api_version
         obj["kind"] = rt.kind
         meta = obj.setdefault("metadata", {})
         meta["namespace"] = namespace
         meta["uid"] = str(uuid.uuid4())
-        meta["resourceVersion"] = str(next(self._rv))
+        meta["resourceVersion"] = self._bump()
         meta.setdefault("creationTimestamp", _rfc3339())
         meta["generation"] = 1
         return obj
@@ -855,7 +1178,8 @@ class KubeApiServer:
                        f"format - accepted media types include: {', '.join(accepted)}")
 
     def _write(self, rt: ResourceType, route: _Route, current: JSON, new: JSON) -> JSON:
-        """Store ``new`` (the object, or its Scale) over ``current`` if its version is current."""
+        """Store ``new`` (the object, its Scale or its status, in ``rt``'s version) over
+        ``current`` if its version is current."""
         self._check_body(rt, new, route)
         sent_rv = (new.get("metadata") or {}).get("resourceVersion")
         if sent_rv not in (None, "") and sent_rv != current["metadata"]["resourceVersion"]:
@@ -866,18 +1190,28 @@ class KubeApiServer:
             if not isinstance(replicas, int) or replicas < 0:
                 raise ApiError(422, "Invalid", f'Scale.autoscaling "{route.name}" is invalid: '
                                "spec.replicas: Invalid value: must be greater than or equal to 0")
-            stored = copy.deepcopy(current)
-            set_path(stored, rt.scale.spec_replicas, replicas)
+            updated = copy.deepcopy(current)
+            set_path(updated, rt.scale.spec_replicas, replicas)
         else:
-            stored = copy.deepcopy(new)
-            for immutable in ("uid", "creationTimestamp", "namespace", "name"):
-                stored["metadata"][immutable] = current["metadata"].get(immutable)
-            stored["apiVersion"], stored["kind"] = rt.api_version, rt.kind
-        if stored.get("spec") != current.get("spec"):
+            updated = copy.deepcopy(new)
+            for immutable in ("uid", "creationTimestamp", "namespace", "name", "generation"):
+                if immutable in current["metadata"]:
+                    updated["metadata"][immutable] = current["metadata"][immutable]
+            updated["apiVersion"], updated["kind"] = rt.api_version, rt.kind
+            if rt.status_subresource and route.subresource == "status":
+                updated["spec"] = copy.deepcopy(current.get("spec"))
+            elif rt.status_subresource:
+                updated["status"] = copy.deepcopy(current.get("status"))
+                if updated["status"] is None:
+                    del updated["status"]
+        stored = self._admit(rt, route.name, current, updated)
+        if stored.get("spec") != self._to_storage(rt, current).get("spec"):
             stored["metadata"]["generation"] = current["metadata"].get("generation", 1) + 1
-        stored["metadata"]["resourceVersion"] = str(next(self._rv))
-        self._objects[(rt.group, rt.plural, route.namespace, route.name)] = stored
-        answer = self._scale_view(rt, stored) if route.subresource else copy.deepcopy(stored)
+        key = (rt.group, rt.plural, route.namespace, route.name)
+        self._put(key, stored, "MODIFIED", bump=True)
+        answer = self._in_version(rt, stored)
+        if route.subresource == "scale":
+            answer = self._scale_view(rt, answer)
         self._run_controller(rt, stored)
         return answer
 
@@ -909,14 +1243,29 @@ class KubeApiServer:
                 and selector_matches(selector, o["metadata"].get("labels") or {})
                 and not get_path(o, "metadata.deletionTimestamp")]
 
-    def _run_controller(self, rt: ResourceType, obj: JSON) -> None:
+    def _run_controller(self, rt: ResourceType, obj: JSON, record: bool = True) -> None:
+        """Let the controller act on the stored ``obj`` (storage version); a status it changes
+        is a write of its own, as a controller's would be."""
         if self.controller is None:
             return
         before = copy.deepcopy(obj.get("status"))
         self.controller(self, rt, obj)
-        if obj.get("status") != before:
-            # A status update is a write of its own, as a controller's would be.
-            obj["metadata"]["resourceVersion"] = str(next(self._rv))
+        if obj.get("status") != before and record:
+            self._put(self._key(rt, obj), obj, "MODIFIED", bump=True)
+
+
+def invalid(rt: ResourceType, name: str, errors: list[str], webhook: str | None = None) -> ApiError:
+    """422 Invalid, worded as the API server (or a validating webhook through it) words it."""
+    listed = errors[0] if len(errors) == 1 else "[" + ", ".join(errors) + "]"
+    message = f'{rt.kind}.{rt.group} "{name}" is invalid: {listed}'
+    if webhook is not None:
+        message = f'admission webhook "{webhook}" denied the request: {message}'
+    causes = []
+    for error in errors:
+        field_path, _, detail = error.partition(": ")
+        causes.append({"reason": "FieldValueInvalid", "message": detail, "field": field_path})
+    return ApiError(422, "Invalid", message, {"name": name, "group": rt.group, "kind": rt.kind,
+                                              "causes": causes})
 
 
 def _make_handler(server: KubeApiServer) -> type[BaseHTTPRequestHandler]:
@@ -942,6 +1291,9 @@ def _make_handler(server: KubeApiServer) -> type[BaseHTTPRequestHandler]:
                 time.sleep(server.timeout_delay_s)
                 self.close_connection = True
                 return
+            if isinstance(body, _Watch):
+                self._stream(body)
+                return
             payload = json.dumps(body).encode()
             self.send_response(code)
             self.send_header("Content-Type", "application/json")
@@ -950,6 +1302,22 @@ def _make_handler(server: KubeApiServer) -> type[BaseHTTPRequestHandler]:
                 self.send_header(name, value)
             self.end_headers()
             self.wfile.write(payload)
+
+        def _stream(self, watch: _Watch) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            self.close_connection = True
+            try:
+                for event in server.stream(watch):
+                    line = json.dumps(event).encode() + b"\n"
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
+                    self.wfile.flush()
+                self.wfile.write(b"0\r\n\r\n")
+                self.wfile.flush()
+            except OSError:
+                return  # the client went away
 
         do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _serve
 

@@ -18,6 +18,8 @@ from tests.k8s_api_server import RequestAttributes
 
 REPO = Path(__file__).resolve().parent.parent
 RBAC_FILE = REPO / "deploy" / "base" / "actuator-rbac.yaml"
+# Every right a backend can use in a workload namespace (a reference the overlays take subsets of).
+WORKLOAD_ROLE_FILE = REPO / "deploy" / "base" / "actuator-workload-role.yaml"
 
 
 @dataclass(frozen=True)
@@ -40,8 +42,12 @@ class Rule:
         return {(g, r, v) for g in self.groups for r in self.resources for v in self.verbs}
 
 
-def documents(path: Path = RBAC_FILE) -> list[dict[str, Any]]:
-    return list(resources_from_file(str(path)))
+def documents(*paths: Path) -> list[dict[str, Any]]:
+    """The objects of the files (default: the base RBAC and the workload Role reference)."""
+    found: list[dict[str, Any]] = []
+    for path in paths or (RBAC_FILE, WORKLOAD_ROLE_FILE):
+        found += resources_from_file(str(path))
+    return found
 
 
 def rules(docs: list[dict[str, Any]] | None = None) -> list[Rule]:

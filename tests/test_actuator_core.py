@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -114,6 +115,19 @@ CASES = {
         (6, 4), seen(2, 6, d=RoleState(6, 6, paused_by="annotation")), remembered(2, 6),
         Outcome.APPLIED, (4, 6), steps=(((P, 4),),),
         reason={P: Reason.GPU_CEILING, D: Reason.PAUSED}),  # (16 - 6*2) // 1 = 4
+    "a role's own minAvailable raises a target below it": Case(
+        (2, 1), seen(2, 3, d=RoleState(3, 3, floor=2)), remembered(2, 3),
+        Outcome.APPLIED, (2, 2), steps=(((D, 2),),),
+        reason={D: Reason.MIN_AVAILABLE}),  # max(1, minAvailable 2)
+    "a workload that is not Ready gets no scale-up": Case(
+        (4, 3), seen(2, 3, p=RoleState(2, 1, not_ready="DGD not Ready")), remembered(2, 3),
+        Outcome.REFUSED, (2, 3), reason={P: Reason.NOT_READY}),
+    "a workload that is not Ready may still scale down": Case(
+        (1, 3), seen(2, 3, p=RoleState(2, 1, not_ready="DGD not Ready")), remembered(2, 3),
+        Outcome.APPLIED, (1, 3), steps=(((P, 1),),)),
+    "a rollout in progress holds every change of that role": Case(
+        (1, 3), seen(2, 3, p=RoleState(2, 2, rollout="rolling update InProgress")),
+        remembered(2, 3), Outcome.REFUSED, (2, 3), reason={P: Reason.ROLLOUT_IN_PROGRESS}),
     "with nothing known of the cluster (a dry run's first target) the target applies as is": Case(
         (3, 4), None, DeploymentMemory(), Outcome.APPLIED, (3, 4), steps=(((P, 3), (D, 4)),)),
 }
@@ -175,7 +189,23 @@ def test_per_deployment_limits_only_tighten_the_global_ones() -> None:
                         config.LimitsConfig(max_prefill_replicas=20, min_decode_replicas=2,
                                             max_total_gpus=8, decode_engine_num_gpu=4), "x")
     assert (limits.max_prefill, limits.min_decode, limits.max_total_gpus) == (10, 2, 8)
-    assert limits.decode_gpus == 4  # a fact about the engine, not a limit
+    assert limits.decode_gpus == 4  # more GPUs per replica than the global setting: tighter
+
+
+@pytest.mark.parametrize(("global_gpus", "own_gpus", "expected"), [
+    pytest.param(8, 1, 8, id="a deployment cannot count fewer GPUs per replica than the global"),
+    pytest.param(1, 4, 4, id="a deployment with bigger engines counts more"),
+    pytest.param(2, None, 2, id="without its own setting the global one holds"),
+])
+def test_gpus_per_replica_only_tighten_the_gpu_ceiling(
+        global_gpus: int, own_gpus: int | None, expected: int) -> None:
+    limits = limits_for(settings(prefill_engine_num_gpu=global_gpus, max_total_gpus=32),
+                        config.LimitsConfig(prefill_engine_num_gpu=own_gpus), "x")
+    assert limits.prefill_gpus == expected
+    # 8 prefill replicas at the counted GPUs each, plus one decode GPU, against 32
+    plan = core.decide({Role.PREFILL: 8, Role.DECODE: 1}, None, core.DeploymentMemory(), limits,
+                       RULES, 0.0)
+    assert plan.outcome is (Outcome.REFUSED if 8 * expected + 1 > 32 else Outcome.APPLIED)
     with pytest.raises(ValueError, match="decode limits are empty"):
         limits_for(settings(max_decode_replicas=3), config.LimitsConfig(min_decode_replicas=5),
                    "x")
@@ -383,10 +413,26 @@ async def test_the_dry_run_reports_what_it_would_do_and_then_that_nothing_change
     first = await actuator.handle(a_target(2, 3, T0), T0)
     assert first is not None and first.outcome is Outcome.DRY_RUN
     assert (first.prefill.from_, first.prefill.to, first.decode.to) == (None, 2, 3)
-    assert first.reason is not None and "would apply (dry run)" in first.reason
+    assert first.reason == "would apply (dry run): prefill unknown->2, decode unknown->3"
+    assert (first.prefill.ready, first.decode.ready) == (None, None)  # no replicas exist
     second = await actuator.handle(a_target(2, 3, T0 + 60), T0 + 60)
     assert second is not None and second.outcome is Outcome.UNCHANGED
-    assert second.prefill.from_ == 2
+    assert second.prefill.from_ == 2 and second.prefill.ready is None
+
+
+async def test_a_dry_run_records_dry_run_notices_not_successful_rescales() -> None:
+    recorded: list[core.Notice] = []
+    dry = core.DryRunWorkerSets()
+
+    async def record(key: DeploymentKey, notices: Any, now: float) -> None:
+        recorded.extend(notices)
+
+    dry.record = record  # type: ignore[method-assign]
+    limits = core.Limits(1, 8, 1, 8, 1, 1, 16)
+    actuator = core.Actuator(core.StaticRouter(dry, limits), core.Rules(600.0, 600.0))
+    await actuator.handle(a_target(2, 3, T0), T0)
+    assert [n.reason for n in recorded] == [core.EventReason.DRY_RUN_RESCALE] * 2
+    assert recorded[0].message.startswith("Dry run: would set prefill to 2 (now unknown)")
 
 
 async def test_the_same_target_twice_and_an_older_one_change_nothing() -> None:
@@ -442,10 +488,6 @@ async def test_a_follower_leaves_the_target_to_the_leader() -> None:
     assert await actuator.handle(a_target(2, 3, T0), T0) is None
 
 
-def test_the_reason_of_a_target_comes_from_its_explanation() -> None:
-    target = a_target(2, 3, T0)
-    assert core.target_reason(target) == "policy slaplanner"
-    explained = target.model_copy(update={"explanation": {
-        "reason": "forecast above capacity", "decode": {"reason": "itl above target"}}})
-    assert core.target_reason(explained, Role.DECODE) == "itl above target"
-    assert core.target_reason(explained, Role.PREFILL) == "forecast above capacity"
+def test_a_target_that_names_no_rule_gives_its_policy_as_the_reason() -> None:
+    # Targets built by the real decider: tests/test_explanation.py.
+    assert core.target_reason(a_target(2, 3, T0)) == "policy slaplanner"

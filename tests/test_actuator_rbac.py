@@ -1,8 +1,9 @@
 """The actuator's RBAC in deploy/: valid manifests, least privilege, and exactly what it uses.
 
 A tour drives every backend and feature against the API test server, which enforces the Roles
-of ``deploy/base/actuator-rbac.yaml`` as its authorizer: any call they do not permit answers 403 and
-fails the tour. Then every call is checked against the rules, and every rule must have been used.
+of ``deploy/base/actuator-rbac.yaml`` and ``actuator-workload-role.yaml`` as its authorizer: any
+call they do not permit answers 403 and fails the tour. Then every call is checked against the
+rules, and every rule must have been used.
 """
 
 from __future__ import annotations
@@ -35,8 +36,7 @@ KUBERNETES_VERSIONS = ["1.29.0", "1.31.0", kubernetes_validate.utils.latest_vers
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
 def test_the_rbac_manifests_are_valid_kubernetes_objects(version: str) -> None:
     docs = k8s_rbac.documents()
-    assert [d["kind"] for d in docs] == ["ServiceAccount", "Role", "RoleBinding", "Role",
-                                         "RoleBinding"]
+    assert [d["kind"] for d in docs] == ["ServiceAccount", "Role", "RoleBinding", "Role"]
     for doc in docs:
         kubernetes_validate.validate(doc, version, strict=True)
 
@@ -55,9 +55,49 @@ def test_nothing_is_granted_cluster_wide_and_the_bindings_hold_together() -> Non
                                         "namespace": account["metadata"]["namespace"]}]
     for rule in k8s_rbac.rules():
         assert "*" not in rule.groups | rule.resources | rule.verbs
-        assert not rule.verbs & {"delete", "deletecollection", "escalate", "bind", "impersonate",
-                                 "watch"}, rule
+        assert not rule.verbs & {"delete", "deletecollection", "escalate", "bind",
+                                 "impersonate"}, rule
         assert "secrets" not in rule.resources
+
+
+def in_namespace(rules: list[k8s_rbac.Rule], namespace: str) -> list[k8s_rbac.Rule]:
+    return [rule for rule in rules if rule.namespace == namespace]
+
+
+@pytest.mark.parametrize(("verb", "resource", "subresource", "name"), [
+    pytest.param("patch", "pods", "", "slaplanner-nats-0", id="patch the NATS pod"),
+    pytest.param("patch", "pods", "", "slaplanner-decider-7d9f", id="patch any pod"),
+    pytest.param("patch", "statefulsets", "scale", "slaplanner-nats", id="scale NATS to zero"),
+    pytest.param("patch", "deployments", "scale", "slaplanner-decider", id="scale a service"),
+    pytest.param("get", "statefulsets", "", "slaplanner-nats", id="read the NATS StatefulSet"),
+])
+def test_in_its_own_namespace_the_actuator_touches_no_workload(
+        verb: str, resource: str, subresource: str, name: str) -> None:
+    """What deploy/base applies in the namespace slaplanner: the Lease, nothing else."""
+    group = "" if resource == "pods" else "apps"
+    rules = in_namespace(k8s_rbac.rules(k8s_rbac.documents(k8s_rbac.RBAC_FILE)), "slaplanner")
+    attrs = srv.RequestAttributes(verb, group, resource, subresource, "slaplanner", name)
+    assert not k8s_rbac.permitted(attrs, rules)
+
+
+@pytest.mark.parametrize(("verb", "resource", "subresource", "name", "allowed"), [
+    pytest.param("patch", "pods", "", "llama-decode-5f6c", False,
+                 id="no patch on the worker pods by default"),
+    pytest.param("patch", "deployments", "scale", "llama-decode", True,
+                 id="scale the mapped Deployment"),
+    pytest.param("patch", "deployments", "scale", "other-app", False,
+                 id="not any other Deployment of the namespace"),
+    pytest.param("get", "deployments", "", "other-app", False,
+                 id="nor read one"),
+])
+def test_the_scale_overlay_grants_the_mapped_workloads_only(
+        verb: str, resource: str, subresource: str, name: str, allowed: bool) -> None:
+    docs = k8s_rbac.documents(k8s_rbac.REPO / "deploy" / "overlays" / "scale" /
+                              "workload-rbac.yaml")
+    rules = in_namespace(k8s_rbac.rules(docs), "llm")
+    group = "" if resource == "pods" else "apps"
+    attrs = srv.RequestAttributes(verb, group, resource, subresource, "llm", name)
+    assert k8s_rbac.permitted(attrs, rules) is allowed
 
 
 def test_a_lease_rule_with_a_name_does_not_permit_other_leases_or_creation() -> None:
@@ -82,10 +122,27 @@ async def tour(server: srv.KubeApiServer) -> None:
     await election.step(leader.elector, leader.lock, clock.advance(2))
     assert leader.elector.is_leader(clock())
 
-    # dynamo: read the DGD, look for other autoscalers, patch, record Events.
+    # dynamo: watch the DGDs, adapters and other autoscalers, patch, record Events; after a
+    # conflict read the DGD from the API.
     server.add(srv.DGDS, dgd("llama", 1, 2))
     event = await leader.actuator.handle(target(2, 3), clock())
     assert event is not None and event.outcome is Outcome.APPLIED, event
+    server.inject("409", method="PATCH", path_contains="dynamographdeployments/llama")
+    event = await leader.actuator.handle(target(3, 3, window_end=clock() + 120), clock())
+    assert event is not None and event.outcome is Outcome.APPLIED, event
+    # A DGD with Dynamo's own planner (refused, said in a condition), watched pods behind the
+    # mapping's selectors.
+    gemma = dgd("gemma", 1, 1)
+    gemma["spec"]["services"]["Planner"] = {"componentType": "planner", "replicas": 1}
+    server.add(srv.DGDS, gemma)
+    selectors = {"prefill_pod_selector": "app=gemma-prefill",
+                 "decode_pod_selector": "app=gemma-decode"}
+    mapping = {"allow": [{"namespace": NS, "kind": "DynamoGraphDeployment", "name": "gemma"}],
+               "deployment": [{"namespace": NS, "name": "gemma", "backend": "dynamo",
+                               "dynamo": selectors}]}
+    refused = await assemble(kube, mapping).actuator.handle(
+        target(2, 2, key=DeploymentKey(namespace=NS, name="gemma")), clock())
+    assert refused is not None and refused.outcome is Outcome.REFUSED, refused
 
     # scale: a Deployment (with pods to mark before its scale-down) and a StatefulSet, then a
     # LeaderWorkerSet and a DynamoGraphDeploymentScalingAdapter.
@@ -94,8 +151,9 @@ async def tour(server: srv.KubeApiServer) -> None:
     server.add(srv.DEPLOYMENTS, deployment("qwen-prefill", 3))
     server.add(srv.STATEFULSETS, deployment("qwen-decode", 1))
     server.add(srv.LEADER_WORKER_SETS, lws("mixtral-decode", 1))
-    server.add(srv.DGDSAS, {"metadata": {"name": "mixtral-prefill", "namespace": NS},
-                            "spec": {"replicas": 1}})
+    server.add(srv.DGDSAS_BETA, {"metadata": {"name": "mixtral-prefill", "namespace": NS},
+                                 "spec": {"replicas": 1, "dgdRef": {
+                                     "name": "mixtral", "componentName": "prefill"}}})
     objects: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
         ("qwen", {"kind": "Deployment", "name": "qwen-prefill"},
          {"kind": "StatefulSet", "name": "qwen-decode"}),
@@ -107,7 +165,7 @@ async def tour(server: srv.KubeApiServer) -> None:
                              for o in (prefill, decode)],
                    "deployment": [{"namespace": NS, "name": name, "backend": "scale",
                                    "scale": {"prefill": prefill, "decode": decode}}]}
-        scaler = assemble(kube, mapping)
+        scaler = assemble(kube, mapping, pod_deletion_cost=False)  # as overlays/scale sets
         key = DeploymentKey(namespace=NS, name=name)
         event = await scaler.actuator.handle(target(2, 2, key=key), clock())
         assert event is not None

@@ -122,8 +122,10 @@ def test_with_only_the_nats_url_the_actuator_runs_the_dry_run(
 
     event = asyncio.run(scenario())
     assert event["outcome"] == "dry-run" and event["backend"] == "dry-run"
-    assert (event["prefill"], event["decode"]) == ({"from": None, "to": 2, "ready": 2},
-                                                   {"from": None, "to": 3, "ready": 3})
+    # a dry run reports no readiness: no replicas exist
+    assert (event["prefill"], event["decode"]) == (
+        {"from": None, "to": 2, "ready": None, "via": None},
+        {"from": None, "to": 3, "ready": None, "via": None})
     assert actuator.stop() == 0, actuator.log()
 
 

@@ -69,12 +69,12 @@ def test_a_missing_optional_extra_is_named_with_its_install_command(command: str
 def test_the_services_default_to_ports_of_their_own() -> None:
     from services.actuator.settings import ActuatorSettings
     from services.collector.settings import CollectorSettings
-    from services.decider.settings import DeciderServiceSettings
+    from services.decider.settings import DeciderSettings
     from services.forecaster.settings import ForecasterSettings
 
     ports = {name: cls().http_port for name, cls in (
         ("collector", CollectorSettings), ("forecaster", ForecasterSettings),
-        ("decider", DeciderServiceSettings), ("actuator", ActuatorSettings))}
+        ("decider", DeciderSettings), ("actuator", ActuatorSettings))}
     assert ports == DEFAULT_HTTP_PORTS
     assert len(set(ports.values())) == 4
 

@@ -138,6 +138,11 @@ async def test_a_killed_collector_back_fills_the_windows_it_missed_once_each_in_
 
     with running_prometheus([f"127.0.0.1:{port}"]) as prometheus:
         await asyncio.to_thread(prometheus.wait_for, "count(up == 1)", 1.0)
+        # the history's series has samples from before the collector's first window (a series
+        # that first appears inside a window counts whole, so the history would land in it)
+        await asyncio.to_thread(
+            prometheus.wait_for,
+            "count(count_over_time(dynamo_frontend_requests_total[1m]) >= 3)", 1.0)
         collector.env.update({
             "SLAPLANNER_SOURCE": "prometheus", "SLAPLANNER_PROMETHEUS_URL": prometheus.url,
             "SLAPLANNER_NAMESPACE": "prod", "SLAPLANNER_DEPLOYMENT": "llama",

@@ -36,7 +36,13 @@ def test_the_increase_method_asks_what_dynamos_planner_asks() -> None:
     #   increase(dynamo_frontend_requests_total[{interval}])
     #   increase({metric}_sum[{interval}])/increase({metric}_count[{interval}])
     q = queries(promql.DYNAMO, scope(method=promql.Method.INCREASE))
-    assert q["num_requests"] == 'sum (increase(dynamo_frontend_requests_total{model="llama"}[60s]))'
+    # ... without the requests that failed (status="error"), which are counted apart
+    assert q["num_requests"] == ('sum (increase(dynamo_frontend_requests_total{model="llama",'
+                                 'status!="error"}[60s]))')
+    # (0 while the error series does not exist yet: Dynamo creates it with its first failure)
+    assert q["requests_failed"] == ('sum (increase(dynamo_frontend_requests_total{model="llama",'
+                                    'status="error"}[60s])) or (0 * sum (increase('
+                                    'dynamo_frontend_requests_total{model="llama"}[60s])))')
     assert q["isl_avg"] == (
         'sum (increase(dynamo_frontend_input_sequence_tokens_sum{model="llama"}[60s])) / '
         'sum (increase(dynamo_frontend_input_sequence_tokens_count{model="llama"}[60s]))')
@@ -49,6 +55,8 @@ def test_the_exact_method_starts_from_the_last_sample_before_the_window() -> Non
     text = promql.increase("x_total{a=\"b\"}", "60s", promql.Method.EXACT)
     assert text == ('((x_total{a="b"} - last_over_time(x_total{a="b"}[60s] offset 60s)) >= 0) '
                     'or (x_total{a="b"} and last_over_time(x_total{a="b"}[60s] offset 60s)) '
+                    # new in the window (none in the hour before): all of it counts
+                    'or (x_total{a="b"} unless last_over_time(x_total{a="b"}[1h] offset 60s)) '
                     'or (x_total{a="b"} - min_over_time(x_total{a="b"}[60s]))')
 
 
@@ -234,6 +242,35 @@ def test_other_label_values_are_tidied_and_told_apart_by_a_hash() -> None:
     assert promql.dns_label("meta-llama/Llama-3.1-8B-Instruct") == a, "stable"
 
 
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("llama", None),
+        ("meta-llama/Llama-3.1-8B", None),  # tidied into a name, not skipped
+        ("llama\n", "control characters"),  # re's $ would match before the newline
+        ("bad\x00name", "control characters"),
+        ("zero\u200bwidth", "control characters"),
+        ("", "empty"),
+        ("x" * 254, "longer than 253 characters"),
+    ],
+    ids=["a name", "a model id", "a trailing newline", "a NUL", "a zero-width space",
+         "nothing", "too long"],
+)
+def test_label_values_that_cannot_name_a_deployment_say_why(value: str,
+                                                           problem: str | None) -> None:
+    assert promql.label_problem(value) == problem
+    if problem is None:
+        assert promql.discovered_key((value,), ("model",), "prod").name == promql.dns_label(value)
+    else:
+        with pytest.raises(ValueError, match=re.escape(problem)):
+            promql.discovered_key((value,), ("model",), "prod")
+
+
+def test_a_trailing_newline_is_never_taken_for_a_dns_label() -> None:
+    assert promql.dns_label("llama\n") != "llama\n"
+    assert re.fullmatch(DNS_LABEL.strip("^$"), promql.dns_label("llama\n"))
+
+
 def test_discovered_keys_take_the_namespace_from_a_label_or_the_setting() -> None:
     assert promql.discovered_key(("llama",), ("model",), "prod") == \
         DeploymentKey(namespace="prod", name="llama")
@@ -241,10 +278,129 @@ def test_discovered_keys_take_the_namespace_from_a_label_or_the_setting() -> Non
         DeploymentKey(namespace="team-a", name="llama")
 
 
-def test_the_legacy_dialect_says_why_it_has_no_queue_gauge() -> None:
-    plan = promql.plan(promql.DYNAMO_LEGACY, promql.Overrides(), scope())
-    assert "requests_waiting" not in {q.field for q in plan.queries}
-    assert plan.unobserved == {"requests_waiting": "the dynamo-legacy dialect has no queue gauge"}
+def test_the_legacy_prefix_renames_the_queue_gauge_too() -> None:
+    # DYN_METRICS_PREFIX renames every frontend metric (lib/llm/src/http/service/metrics.rs)
+    q = queries(promql.DYNAMO_LEGACY, scope())
+    assert "nv_llm_http_service_queued_requests{" in q["requests_before_first_token"]
+
+
+def test_the_engine_queue_and_the_frontends_count_before_the_first_token_are_apart() -> None:
+    q = queries(promql.DYNAMO, scope())
+    assert "vllm:num_requests_waiting{" in q["requests_waiting"]
+    assert "queued_requests" not in q["requests_waiting"]
+    assert "dynamo_frontend_queued_requests{" in q["requests_before_first_token"]
+    assert 'worker_type="prefill"' in q["prefill_tokens_pending"]
+    # what TTFT is made of, from the prefill engines
+    assert 'vllm:request_queue_time_seconds_sum{model="llama",dynamo_component="prefill"}' \
+        in q["queue_time_avg_s"]
+    assert 'vllm:request_prefill_time_seconds_bucket{model="llama",dynamo_component="prefill"}' \
+        in q["prefill_time_p90_s"]
+
+
+def test_a_share_query_returns_the_buckets_and_the_share_is_worked_out_from_them() -> None:
+    q = queries(promql.VLLM, scope(by=("model",)))
+    assert q["ttft_under_target_share"].startswith("sum by (le, model) (")
+    assert "vllm:request_time_per_output_token_seconds_bucket{" in q["itl_under_target_share"]
+    samples = [Sample({"le": le, "model": "llama"}, v)
+               for le, v in (("0.25", 10.0), ("0.5", 70.0), ("1.0", 90.0), ("+Inf", 100.0))]
+    groups = {"ttft_under_target_share": promql.split(samples, ("model",))}
+    values = promql.values_for(groups, promql.FIELD_KINDS, ("llama",),
+                               {"ttft_under_target_share": 0.5})
+    assert values.values == {"ttft_under_target_share": 0.7, "ttft_target_s": 0.5,
+                             "ttft_target_bucket_s": 0.5, "ttft_share_method": "bucket_edge"}
+
+
+def fallback_scope(selector: str = 'model="llama"', by: tuple[str, ...] = ()) -> promql.Scope:
+    return promql.Scope(selector, by, 'dynamo_component="prefill"',
+                        'dynamo_component=~"backend|decode"', 60.0, promql.Method.EXACT,
+                        'role="prefill"', 'role="decode"')
+
+
+def test_a_workers_series_is_read_with_either_role_label_once() -> None:
+    # Dynamo labels engine metrics with dynamo_component from 1.0 on; before, only the pod's
+    # role (relabelled by the scrape job) says which workers are which
+    q = queries(promql.VLLM, fallback_scope())
+    for role in ('dynamo_component=~"backend|decode"', 'role="decode"'):
+        assert f'vllm:kv_cache_usage_perc{{model="llama",{role}}}' in q["kv_cache_usage"]
+        assert f'vllm:request_success_total{{model="llama",{role}}}' in q["num_requests"]
+    # the alternatives are joined per series with `or`: a series with both labels counts once
+    assert q["kv_cache_usage"].startswith("avg ((") and ") or (" in q["kv_cache_usage"]
+    assert "role=" not in queries(promql.VLLM, scope())["kv_cache_usage"], "no fallback set"
+
+
+def test_dynamo_counts_registered_workers_where_the_engines_carry_no_role() -> None:
+    q = queries(promql.DYNAMO, fallback_scope())["prefill_workers"]
+    engines, router = q.split(") or (count (count by (router_worker_id) (")
+    assert engines.startswith("(count (count by (instance) (")
+    # the router's gauge has no model label: the model matcher is left out for it
+    assert router.startswith('dynamo_component_router_worker_registered{worker_type="prefill"}')
+    assert "model" not in router
+
+
+def test_a_metric_without_a_model_label_is_not_read_per_discovered_model() -> None:
+    plan = promql.plan(promql.DYNAMO, promql.Overrides(), scope(selector="", by=("model",)))
+    assert "no model label" in plan.unobserved["prefill_tokens_pending"]
+    by_deployment = promql.plan(promql.DYNAMO, promql.Overrides(),
+                                scope(selector="", by=("namespace", "deployment")))
+    assert "prefill_tokens_pending" not in by_deployment.unobserved
+    q = {x.field: x.promql for x in plan.queries}
+    assert "dynamo_component_router_worker_registered" not in q["prefill_workers"]
+
+
+def test_the_check_at_start_looks_for_a_router_gauge_without_the_model_matcher() -> None:
+    s = fallback_scope()
+    query = next(q for q in promql.plan(promql.DYNAMO, promql.Overrides(), s).queries
+                 if q.field == "prefill_tokens_pending")
+    (read,) = query.reads
+    text = promql.presence_query(read, s)
+    assert 'dynamo_frontend_worker_active_prefill_tokens{worker_type="prefill"}' in text
+    assert "model" not in text
+
+
+@pytest.mark.parametrize(
+    ("readings", "counts"),
+    [
+        pytest.param([10.0, 12.0, 12.0, 20.0], [2.0, 0.0, 8.0], id="increases edge to edge"),
+        pytest.param([10.0, 3.0, 5.0], [3.0, 2.0], id="a reset counts its whole new value"),
+        pytest.param([None, None, 4.0, 6.0], [0.0, 4.0, 2.0],
+                     id="a series that appears is new: all of it counts"),
+        pytest.param([10.0, None, 13.0], [0.0, 3.0],
+                     id="a missing reading passes its arrivals to the next bin"),
+        pytest.param([None, None], [0.0], id="no reading, no arrival"),
+    ],
+)
+def test_arrivals_per_bin_are_a_counters_increases_between_edges(
+        readings: list[float | None], counts: list[float]) -> None:
+    assert window.bin_increases(readings) == counts
+
+
+def test_arrivals_per_bin_add_up_the_series_of_a_deployment() -> None:
+    series = [promql.Series({"model": "llama", "endpoint": "chat"},
+                            ((100.0, 5.0), (101.0, 7.0), (102.0, 7.0))),
+              promql.Series({"model": "Llama", "endpoint": "completions"},
+                            ((101.001, 1.0), (102.0, 4.0))),  # new in the window
+              promql.Series({"model": "other"}, ((100.0, 0.0), (102.0, 9.0)))]
+    counts = promql.counts_by_group(series, ("model",), 100.0, 1.0, 2)
+    assert counts == {("llama",): [3.0, 3.0], ("other",): [0.0, 9.0]}
+
+
+@pytest.mark.parametrize(
+    ("selector", "caseless"),
+    [
+        ('model="Llama-3"', 'model=~"(?i)Llama\\\\-3"'),
+        ('model_name!="Qwen/Qwen3"', 'model_name!~"(?i)Qwen/Qwen3"'),
+        ('dynamo_namespace="Prod"', 'dynamo_namespace="Prod"'),
+    ],
+    ids=["a model is matched whatever its case", "model_name too, and negated",
+         "other labels keep their case"],
+)
+def test_model_matchers_ignore_case_as_dynamos_planner_does(selector: str, caseless: str) -> None:
+    assert promql.caseless(selector) == caseless
+
+
+def test_discovered_models_that_differ_in_case_are_one_deployment() -> None:
+    samples = [Sample({"model": "qwen/qwen3-0.6b"}, 1.0), Sample({"model": "Qwen/Qwen3-0.6B"}, 2.0)]
+    assert list(promql.split(samples, ("model",))) == [("qwen/qwen3-0.6b",)]
 
 
 def test_overrides_rename_metrics_replace_queries_and_disable_them() -> None:

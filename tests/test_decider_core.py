@@ -75,7 +75,8 @@ PROFILE = load_profile(default_profile_path())
 
 def make_decider(**knobs: Any) -> Decider:
     """A decider on the bundled profile, loaded once for this module."""
-    values: dict[str, Any] = {"ttft_target_s": 0.1, "itl_target_s": 0.01, **knobs}
+    values: dict[str, Any] = {"policy": "dynamo", "ttft_target_s": 0.1, "itl_target_s": 0.01,
+                              **knobs}
     return Decider(DeciderSettings(**values), {str(default_profile_path()): PROFILE})
 
 
@@ -129,14 +130,14 @@ def test_corrections_carry_over_between_forecasts_of_one_deployment() -> None:
 
 def test_each_deployment_uses_its_own_configuration(tmp_path: Path) -> None:
     path = tmp_path / "deployments.toml"
-    path.write_text('[deployments."prod/llama"]\nmin_prefill_replicas = 3\nmax_gpu_budget = 10\n')
+    path.write_text('[deployments."prod/llama"]\nmin_prefill_replicas = 3\nmax_total_gpus = 10\n')
     decider = make_decider(no_correction=True, deployment_config_file=str(path))
     llama = decider.decide(forecast(forecast_id="l"))
     other = decider.decide(
         forecast(forecast_id="o", deployment=DeploymentKey(namespace="prod", name="other"))
     )
     assert (llama.prefill_replicas, other.prefill_replicas) == (3, 2)
-    assert llama.explanation["config"]["max_gpu_budget"] == 10
+    assert llama.explanation["config"]["max_total_gpus"] == 10
 
 
 def test_gauge_values_read_the_target_and_leave_the_unobserved_empty(decider: Decider) -> None:
@@ -249,3 +250,17 @@ def test_profile_convert_needs_provenance_the_source_lacks(
 def test_profile_show_of_a_bad_path_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert profile_cli.main(["show", "/nonexistent/profile"]) == 2
     assert "no such profile" in capsys.readouterr().err
+
+
+def test_the_decider_names_its_policy_targets_and_profile_for_the_start_log(
+    tmp_path: Path,
+) -> None:
+    overrides = tmp_path / "deployments.toml"
+    overrides.write_text('[deployments."prod/llama"]\npolicy = "dynamo"\nttft_target_s = "2s"\n')
+    settings = DeciderSettings(ttft_target_s=0.3, deployment_config_file=str(overrides))
+    lines = Decider(settings, {str(default_profile_path()): PROFILE}).describe()
+    model = PROFILE.provenance.model
+    assert model and len(lines) == 2
+    assert lines[0].startswith("every deployment: policy slaplanner, TTFT target 0.3 s")
+    assert lines[1].startswith("deployment prod/llama: policy dynamo, TTFT target 2 s")
+    assert all(str(default_profile_path()) in line and model in line for line in lines)

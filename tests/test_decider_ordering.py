@@ -4,7 +4,7 @@ a ScaleEvent of interval k (from the actuator) and forecast k (from the forecast
 from __future__ import annotations
 
 from services.decider.core import MAX_DEFERRED_EVENTS
-from services.decider.policy import PolicyState
+from services.decider.policies.contract import PolicyState
 from shared.messages import ReplicaTarget, ScaleEvent
 from tests.test_slaplanner_policy_support import (
     LLAMA,

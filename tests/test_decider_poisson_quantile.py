@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from scipy import stats
 
-from services.decider import queueing
+from services.decider.policies.slaplanner import queueing
 
 
 @pytest.mark.parametrize(

@@ -24,7 +24,7 @@ from services.decider.settings import DeciderSettings
 from services.forecaster.settings import ForecasterSettings
 from shared.bus_admin import BusAdminSettings
 from shared.service_settings import ServiceSettings
-from shared.settings import ENV_PREFIX, env_name, settings_from
+from shared.settings import ENV_PREFIX, env_name, field_meta, settings_from
 from tests import test_deploy_manifests as deploy
 
 SETTINGS: dict[str, type[ServiceSettings]] = {
@@ -41,7 +41,13 @@ POD_ENV = {"SLAPLANNER_NATS_USER": "someone", "SLAPLANNER_NATS_PASSWORD": "secre
 
 
 def unknown_keys(env: dict[str, str]) -> list[str]:
-    known = {env_name(field) for cls in SETTINGS.values() for field in cls.model_fields}
+    """Keys no service reads (a deprecated name is read, under its new name)."""
+    known = {
+        env_name(name)
+        for cls in SETTINGS.values()
+        for field, info in cls.model_fields.items()
+        for name in (field, *field_meta(info).deprecated)
+    }
     return sorted(key for key in env if key not in known)
 
 
@@ -75,13 +81,14 @@ def test_each_service_accepts_the_configuration(target: str, service: str) -> No
     ("key", "value", "caught_by"),
     [
         ("SLAPLANNER_TTFT_TARGET", "500ms", "unknown key"),  # the _S is missing
-        ("SLAPLANNER_TTFT_TARGET_S", "500", "decider"),  # no unit
+        # 500 s, milliseconds meant without a unit: both read it, both refuse it
+        ("SLAPLANNER_TTFT_TARGET_S", "500", "collector,decider"),
         ("SLAPLANNER_INTERVAL_S", "1 minute", "collector"),
         ("SLAPLANNER_LEADER_ELECTION", "yes", "actuator"),
         ("SLAPLANNER_PREDICTOR", "arima2", "forecaster"),
         ("SLAPLANNER_NATS_URL", "", None),  # every service takes an empty list...
     ],
-    ids=["a misspelt key", "a latency without unit", "a duration in words",
+    ids=["a misspelt key", "a latency in milliseconds without unit", "a duration in words",
          "an unknown election mode", "an unknown predictor", "an empty NATS URL list"],
 )
 def test_a_mistake_in_the_configmap_fails_these_checks(
@@ -102,7 +109,7 @@ def test_a_mistake_in_the_configmap_fails_these_checks(
         with pytest.raises(AssertionError):
             check_nats_url(env)
     else:
-        assert failing == [caught_by]
+        assert failing == caught_by.split(",")
 
 
 @pytest.mark.parametrize("target", deploy.TARGETS)
@@ -139,12 +146,16 @@ def test_the_services_agree_with_each_other(target: str) -> None:
     # a worker asked for now is planned for the load it meets when ready
     assert forecaster.horizon_s >= decider.worker_startup_s
     # the same GPUs per replica, and a ceiling that holds any budget the decider may use
-    assert decider.prefill_engine_gpus == actuator.prefill_engine_num_gpu
-    assert decider.decode_engine_gpus == actuator.decode_engine_num_gpu
+    assert decider.prefill_engine_num_gpu == actuator.prefill_engine_num_gpu
+    assert decider.decode_engine_num_gpu == actuator.decode_engine_num_gpu
     for knobs in decider.deployment_config().all_knobs():
-        assert knobs.max_gpu_budget <= actuator.max_total_gpus
+        assert knobs.max_total_gpus <= actuator.max_total_gpus
     # the collector reads the Prometheus of the kustomization, which scrapes every 15 s or less
     assert collector.source == "prometheus"
+    # arrivals are counted in whole bins of the window, and more than one (test_deploy_prometheus
+    # checks that Prometheus scrapes the arrival counter once a bin)
+    bins = collector.interval_s / collector.arrival_bin_s
+    assert bins >= 2 and bins == round(bins)
 
 
 def service_port(name: str) -> int:
@@ -200,3 +211,19 @@ def test_every_setting_the_deploy_files_and_the_guide_name_exists() -> None:
              for name in re.findall(r"\bSLAPLANNER_[A-Z0-9_]*[A-Z0-9]\b", path.read_text())}
     assert "SLAPLANNER_TTFT_TARGET_S" in named
     assert unknown_keys(dict.fromkeys(named, "")) == []
+
+
+def test_an_old_configmap_keeps_the_deciders_budget_and_gpus_under_their_former_names(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Before the decider and the actuator shared one name, a ConfigMap set both spellings; the
+    # decider keeps what its own lines said, and says which lines to remove.
+    env = {**deploy.planner_env("base"), "SLAPLANNER_MAX_TOTAL_GPUS": "32",
+           "SLAPLANNER_MAX_GPU_BUDGET": "16", "SLAPLANNER_PREFILL_ENGINE_GPUS": "2"}
+    decider = settings_from(DeciderSettings, {}, local_env("base", env))
+    actuator = settings_from(ActuatorSettings, {}, local_env("base", env))
+    assert (decider.max_total_gpus, decider.prefill_engine_num_gpu) == (16, 2)
+    assert actuator.max_total_gpus == 32
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "SLAPLANNER_MAX_GPU_BUDGET is deprecated; use SLAPLANNER_MAX_TOTAL_GPUS" in warned
+    assert unknown_keys(env) == []

@@ -219,7 +219,7 @@ def test_every_alert_fires_on_its_cause_and_not_on_a_calm_deployment(tmp_path: P
                      "summary": "prod/llama: the GPU budget cuts what the decider wants",
                      "description": "For 30 minutes the GPU budget has set the replica count of "
                                     "prod/llama: the load needs more GPUs than "
-                                    "SLAPLANNER_MAX_GPU_BUDGET allows.",
+                                    "SLAPLANNER_MAX_TOTAL_GPUS allows.",
                      "runbook": runbook["SlaplannerGpuBudgetBinding"]}}], 29),
         alert_test("SlaplannerMetricsStale", {
             f"slaplanner_decider_target_held{{{LLAMA}}}": "1x20",

@@ -36,7 +36,6 @@ from services.actuator import service as actuator_service
 from services.actuator.settings import ActuatorSettings
 from services.decider import service as decider_service
 from services.forecaster import service as forecaster_service
-from services.forecaster.partition import owner_of_subject
 from shared import bus, embedded_nats
 from shared.messages import (
     FORECAST_SUBJECT,
@@ -49,6 +48,7 @@ from shared.messages import (
     Rejected,
     ScaleEvent,
 )
+from shared.partition import owner_of_subject
 from shared.service_settings import ServiceSettings
 from tests import test_deploy_manifests as deploy
 from tests.conftest import ServiceProcess

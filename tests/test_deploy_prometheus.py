@@ -22,14 +22,19 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml  # type: ignore[import-untyped]
 
+from services.collector import promql
+from services.collector.settings import CollectorSettings
 from shared import embedded_nats
+from shared.settings import settings_from
 from tests import test_deploy_manifests as deploy
+from tests.conftest import serve_exposition
 
 PROMETHEUS_YML = deploy.BASE / "prometheus" / "prometheus.yml"
 NAMESPACE = "slaplanner"
@@ -81,15 +86,17 @@ def deploy_pods() -> list[Pod]:
 
 def dynamo_pods() -> list[Pod]:
     """A DynamoGraphDeployment's pods as the Dynamo operator labels them."""
-    def labels(kind: str, enabled: str = "true") -> dict[str, str]:
+    def labels(kind: str, enabled: str = "true", role: str = "") -> dict[str, str]:
+        # the operator's role label of a worker: prefill or decode (none when aggregated)
         return {"nvidia.com/dynamo-component-type": kind, "nvidia.com/metrics-enabled": enabled,
-                "nvidia.com/dynamo-graph-deployment-name": "vllm-disagg"}
+                "nvidia.com/dynamo-graph-deployment-name": "vllm-disagg",
+                **({"nvidia.com/dynamo-sub-component-type": role} if role else {})}
 
     return [
         Pod("vllm-disagg-frontend-abc", "dynamo", labels("frontend"), [("http", 8000)], {}),
-        Pod("vllm-disagg-vllmprefillworker-abc", "dynamo", labels("worker"),
+        Pod("vllm-disagg-vllmprefillworker-abc", "dynamo", labels("worker", role="prefill"),
             [("system", 9090), ("nixl", 5600)], {}),
-        Pod("vllm-disagg-vllmdecodeworker-abc", "dynamo", labels("worker"),
+        Pod("vllm-disagg-vllmdecodeworker-abc", "dynamo", labels("worker", role="decode"),
             [("system", 9090)], {}),
         Pod("vllm-disagg-quiet-worker", "dynamo", labels("worker", "false"),
             [("system", 9090)], {}),
@@ -234,17 +241,26 @@ def test_the_dynamo_frontend_and_workers_are_scraped_on_their_named_ports(
     targets: Targets
 ) -> None:
     frontend = targets.job("dynamo-frontend")
+    arrivals = targets.job("dynamo-frontend-arrivals")
     workers = targets.job("dynamo-worker")
-    assert [t["pod"] for t in frontend] == ["vllm-disagg-frontend-abc"]
+    assert [t["pod"] for t in frontend] == [t["pod"] for t in arrivals] == [
+        "vllm-disagg-frontend-abc"]
     assert sorted(t["pod"] for t in workers) == ["vllm-disagg-vllmdecodeworker-abc",
                                                  "vllm-disagg-vllmprefillworker-abc"]
-    for labels in frontend + workers:
+    for labels in frontend + arrivals + workers:
         pod = next(p for p in dynamo_pods() if p.name == labels["pod"])
-        port = "http" if labels["job"] == "dynamo-frontend" else "system"
+        port = "system" if labels["job"] == "dynamo-worker" else "http"
         assert labels["instance"] == f"127.0.0.1:{port_address(pod, port)}"
         # the labels the collector discovers the deployment by: dynamo/vllm-disagg
         assert {k: labels[k] for k in discover_labels("dynamo")} == {
             "namespace": "dynamo", "deployment": "vllm-disagg"}
+    # each worker's role, from the operator's pod label, as the collector's fallback reads it
+    settings = CollectorSettings.model_validate({})
+    for labels in workers:
+        role = "prefill" if "prefill" in labels["pod"] else "decode"
+        assert labels["role"] == role
+        fallback = getattr(settings, f"{role}_fallback_selector")
+        assert re.findall(r'(\w+)="([^"]*)"', fallback) == [("role", role)]
     assert not targets.of_pod("vllm-disagg-quiet-worker")
 
 
@@ -276,6 +292,28 @@ def duration_s(text: str) -> float:
 
 
 @pytest.mark.parametrize("target", deploy.TARGETS)
+def test_arrivals_are_scraped_as_often_as_the_collector_counts_them(target: str) -> None:
+    config = yaml.safe_load(PROMETHEUS_YML.read_text())
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    arrivals, frontend = jobs["dynamo-frontend-arrivals"], jobs["dynamo-frontend"]
+    collector = settings_from(CollectorSettings, {}, deploy.local_env(target))
+    interval = duration_s(arrivals["scrape_interval"])
+    # a sample in every bin of SLAPLANNER_ARRIVAL_BIN_S (whole bins in a window: see
+    # test_deploy_config)
+    assert interval <= collector.arrival_bin_s
+    assert duration_s(arrivals["scrape_timeout"]) <= interval
+    # the same frontends, and the arrival counter stored once: by the fast job only
+    assert arrivals["relabel_configs"] == frontend["relabel_configs"]
+    counter = "dynamo_frontend_requests_started_total"
+    assert arrivals["metric_relabel_configs"] == [
+        {"source_labels": ["__name__"], "regex": counter, "action": "keep"}]
+    assert frontend["metric_relabel_configs"] == [
+        {"source_labels": ["__name__"], "regex": counter, "action": "drop"}]
+    # the name is the one the collector reads its arrivals from
+    assert promql.DYNAMO.metrics[promql.DYNAMO.arrivals[0].metric] == (counter,)
+
+
+@pytest.mark.parametrize("target", deploy.TARGETS)
 def test_every_window_holds_at_least_two_scrapes_of_every_target(target: str) -> None:
     config = yaml.safe_load(PROMETHEUS_YML.read_text())
     default = config["global"]["scrape_interval"]
@@ -283,3 +321,121 @@ def test_every_window_holds_at_least_two_scrapes_of_every_target(target: str) ->
     for job in config["scrape_configs"]:
         interval = duration_s(job.get("scrape_interval", default))
         assert 2 * interval <= duration_s(window), job["job_name"]
+
+
+# ---------------------------------------------------------------------------------------------
+# A pod cannot name deployments: only the labels Kubernetes (and the Dynamo operator) give it
+# ---------------------------------------------------------------------------------------------
+
+ROGUE_EXPOSITION = (
+    "# TYPE dynamo_frontend_requests_total counter\n"
+    'dynamo_frontend_requests_total{model="m",deployment="invented-1"} 5\n'
+    'dynamo_frontend_requests_total{model="m",deployment="llama\\n"} 5\n'
+    'dynamo_frontend_requests_total{model="m",namespace="kube-system",deployment="x"} 5\n'
+)
+HONEST_EXPOSITION = (
+    "# TYPE dynamo_frontend_requests_total counter\n"
+    'dynamo_frontend_requests_total{model="m"} 7\n'
+    # a series that names a deployment of its own is renamed, never believed
+    'dynamo_frontend_requests_total{model="m",deployment="not-mine"} 1\n'
+)
+
+
+def serve_text(text: str) -> ThreadingHTTPServer:
+    """A /metrics endpoint on a free loopback port serving ``text``."""
+    return serve_exposition(text.encode)
+
+
+def scrape_pods(pods: list[tuple[Pod, int]], wanted: str, of_pod: str
+                ) -> dict[str, list[dict[str, str]]]:
+    """deploy's scrape config run by a real Prometheus, every job at 1 s, over pods served on
+    the given ports, until every wanted metric (``|`` separated names) has a series of
+    ``of_pod``: each one's series."""
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.skip("the prometheus binary is not installed (Debian package prometheus)")
+    config = yaml.safe_load(PROMETHEUS_YML.read_text())
+    names = wanted.split("|")
+    with tempfile.TemporaryDirectory(prefix="slaplanner-prom-") as tmp_name:
+        tmp = Path(tmp_name)
+        groups = [group for pod, port in pods for group in pod_target_groups(pod, port)]
+        (tmp / "pods.json").write_text(json.dumps(groups))
+        scraped = as_file_sd(config, tmp / "pods.json")
+        for job in scraped["scrape_configs"]:
+            job["scrape_interval"] = job["scrape_timeout"] = "1s"
+        (tmp / "prometheus.yml").write_text(yaml.safe_dump(scraped))
+        port = embedded_nats.free_port()
+        process = subprocess.Popen(
+            [binary, f"--config.file={tmp / 'prometheus.yml'}",
+             f"--storage.tsdb.path={tmp / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
+            stdout=subprocess.DEVNULL, stderr=(tmp / "log").open("wb"))
+        url = f"http://127.0.0.1:{port}/api/v1/query?query="
+        seen: dict[str, list[dict[str, str]]] = {}
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                assert process.poll() is None, (tmp / "log").read_text()
+                try:
+                    targets = get_json(f"http://127.0.0.1:{port}/api/v1/targets")["data"]
+                    # every kept target has been scraped at least once
+                    if targets["activeTargets"] and all(
+                            t["health"] == "up" for t in targets["activeTargets"]):
+                        seen = {n: [r["metric"] for r in get_json(url + n)["data"]["result"]]
+                                for n in names}
+                        if all(any(s.get("pod") == of_pod for s in seen[n]) for n in names):
+                            break
+                except OSError:
+                    pass
+                time.sleep(0.2)
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+    return seen
+
+
+def test_a_pod_without_the_graph_deployment_label_cannot_invent_deployments() -> None:
+    honest, rogue = serve_text(HONEST_EXPOSITION), serve_text(ROGUE_EXPOSITION)
+    frontend = {"nvidia.com/dynamo-component-type": "frontend",
+                "nvidia.com/metrics-enabled": "true"}
+    pods = [
+        (Pod("vllm-disagg-frontend-abc", "dynamo",
+             {**frontend, "nvidia.com/dynamo-graph-deployment-name": "vllm-disagg"},
+             [("http", 8000)], {}), honest.server_port),
+        # labelled as a Dynamo frontend and worker, but not by the operator: no graph label
+        (Pod("rogue-frontend", "dynamo", frontend, [("http", 8000)], {}), rogue.server_port),
+        (Pod("rogue-worker", "dynamo", {**frontend, "nvidia.com/dynamo-component-type": "worker"},
+             [("system", 9090)], {}), rogue.server_port),
+    ]
+    try:
+        seen = scrape_pods(pods, "dynamo_frontend_requests_total", "vllm-disagg-frontend-abc")[
+            "dynamo_frontend_requests_total"]
+    finally:
+        honest.shutdown()
+        rogue.shutdown()
+    named = sorted({(s.get("namespace"), s.get("deployment")) for s in seen})
+    assert named == [("dynamo", "vllm-disagg")], seen
+    assert {s["pod"] for s in seen} == {"vllm-disagg-frontend-abc"}
+    assert any(s.get("exported_deployment") == "not-mine" for s in seen), seen
+
+
+def test_each_frontend_counter_is_stored_once_the_arrivals_by_the_fast_job() -> None:
+    exposition = (
+        "# TYPE dynamo_frontend_requests_started_total counter\n"
+        'dynamo_frontend_requests_started_total{model="m",endpoint="chat_completions",'
+        'request_type="stream"} 9\n'
+        "# TYPE dynamo_frontend_requests_total counter\n"
+        'dynamo_frontend_requests_total{model="m",status="success"} 7\n'
+    )
+    server = serve_text(exposition)
+    pod = Pod("vllm-disagg-frontend-abc", "dynamo", {
+        "nvidia.com/dynamo-component-type": "frontend", "nvidia.com/metrics-enabled": "true",
+        "nvidia.com/dynamo-graph-deployment-name": "vllm-disagg"}, [("http", 8000)], {})
+    try:
+        seen = scrape_pods([(pod, server.server_port)],
+                           "dynamo_frontend_requests_started_total|dynamo_frontend_requests_total",
+                           "vllm-disagg-frontend-abc")
+    finally:
+        server.shutdown()
+    assert [s["job"] for s in seen["dynamo_frontend_requests_started_total"]] == [
+        "dynamo-frontend-arrivals"]
+    assert [s["job"] for s in seen["dynamo_frontend_requests_total"]] == ["dynamo-frontend"]

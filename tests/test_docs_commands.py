@@ -183,11 +183,12 @@ def check_own_overlay(overlay: Path) -> None:
     docs = [d for d in yaml.safe_load_all((overlay / "rendered.yaml").read_text()) if d]
     roles = [d for d in docs if d["kind"] in ("Role", "RoleBinding")
              and d["metadata"]["name"] == "slaplanner-actuator"]
-    assert {d["metadata"]["namespace"] for d in roles} == {"slaplanner", "inference"}
+    # the scaling rights only where the deployment lives, none in slaplanner's own namespace
+    assert {d["metadata"]["namespace"] for d in roles} == {"inference"}
     [config] = [d for d in docs if d["kind"] == "ConfigMap"
                 and d["metadata"]["name"].startswith("slaplanner-config-")]
     assert config["data"]["SLAPLANNER_TTFT_TARGET_S"] == "300ms"
-    assert config["data"]["SLAPLANNER_MAX_GPU_BUDGET"] == "16"
+    assert config["data"]["SLAPLANNER_MAX_TOTAL_GPUS"] == "16"
     assert config["data"]["SLAPLANNER_NATS_URL"] == "nats://slaplanner-nats:4222"  # the base's
     [files] = [d for d in docs if d["kind"] == "ConfigMap"
                and d["metadata"]["name"].startswith("slaplanner-files-")]

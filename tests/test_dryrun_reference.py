@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from services.decider import dryrun
-from services.decider.settings import DeploymentKnobs
+from services.decider.knobs import DeploymentKnobs
 from shared import traces
 from shared.perf_model import load_profile
+from sim import dryrun
 
 REFERENCE_DIR = Path(__file__).parent / "data" / "reference"
 REFERENCES = sorted(REFERENCE_DIR.glob("*.json"))
@@ -77,22 +77,36 @@ def test_the_dry_run_marks_intervals_where_dynamos_cut_exceeds_the_budget() -> N
     # Azure code trace x50, 15 s: prefill-heavy bursts; min_endpoint 2 and budget 8 make
     # Dynamo's cut leave 7 prefill + 2 decode = 9 GPUs in one interval.
     trace = traces.load_trace(traces.bundled_trace_path("azure_llm_2023_code.csv")).sped_up(50)
-    load = traces.bucket_by_interval(trace, 15.0)
-    knobs = DeploymentKnobs(min_endpoint=2, ttft_target_s=0.1, itl_target_s=0.01)
+    knobs = DeploymentKnobs(policy="dynamo", min_endpoint=2, ttft_target_s=0.1,
+                            itl_target_s=0.01, adjustment_interval_s=15.0)
     profile = load_profile(knobs.profile_path)
 
     dynamo_exact = knobs.model_copy(update={"enforce_gpu_budget": False})
-    exact = dryrun.run_dry_run(load, dynamo_exact, profile=profile)
+    exact = dryrun.run_dry_run(trace, dynamo_exact, profile=profile)
     assert "      7      2 !" in dryrun.format_table(exact)
-    guarded = dryrun.format_table(dryrun.run_dry_run(load, knobs, profile=profile))
+    guarded = dryrun.format_table(dryrun.run_dry_run(trace, knobs, profile=profile))
     assert " !" not in guarded
     assert "      6      2 ~" in guarded
 
 
-def test_the_dry_run_refuses_a_target_without_a_unit(capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    ("flag", "value", "error"),
+    [
+        pytest.param("--ttft", "-2s", "--ttft-target-s: must be positive, got '-2s'",
+                     id="a negative target is not positive, whatever its unit"),
+        pytest.param("--ttft", "0", "--ttft-target-s: must be positive, got '0ms'",
+                     id="a zero target in Dynamo's milliseconds is not positive"),
+        pytest.param("--itl-target-s", "soon", "--itl-target-s: 'soon' is not a duration",
+                     id="text that is no duration is named with its flag"),
+    ],
+)
+def test_a_bad_target_gets_one_line_naming_its_flag(
+    flag: str, value: str, error: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     trace = str(traces.bundled_trace_path("azure_llm_2023_code.csv"))
-    assert dryrun.main(["--trace", trace, "--ttft", "0.1"]) == 2
-    assert "--ttft: '0.1' is not a duration with a unit" in capsys.readouterr().err
+    assert dryrun.main(["--trace", trace, f"{flag}={value}"]) == 2
+    err = capsys.readouterr().err
+    assert error in err and len(err.strip().splitlines()) == 1
 
 
 def test_other_predictors_can_be_plugged_in_by_name() -> None:
@@ -109,10 +123,11 @@ def test_other_predictors_can_be_plugged_in_by_name() -> None:
     dryrun.register_predictor("doubling", Doubling)
     try:
         trace = traces.load_trace(traces.bundled_trace_path("mooncake_conversation.jsonl"))
-        load = traces.bucket_by_interval(trace.sped_up(5), 30.0)
-        knobs = DeploymentKnobs(max_gpu_budget=64, ttft_target_s=0.1, itl_target_s=0.01)
+        knobs = DeploymentKnobs(policy="dynamo", max_total_gpus=64, ttft_target_s=0.1,
+                                itl_target_s=0.01, adjustment_interval_s=30.0)
         profile = load_profile(knobs.profile_path)
-        result = dryrun.run_dry_run(load, knobs, predictor="doubling", profile=profile)
+        result = dryrun.run_dry_run(trace.sped_up(5), knobs, predictor="doubling",
+                                    profile=profile)
         assert result.est_rr[1] == 2 * result.rr[0]
         assert result.num_p[1] >= 5  # twice the load of the constant predictor's 5
     finally:

@@ -21,8 +21,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from services.decider import dynamo_policy
-from services.decider.policy import PlannedLoad, PolicyConfig, PolicyState, Reason
+from services.decider.knobs import DeploymentKnobs
+from services.decider.policies import dynamo as dynamo_policy
+from services.decider.policies.contract import PlannedLoad, PolicyState
+from shared.explanation import Rule
 from shared.messages import DeploymentKey, MetricSnapshot
 from shared.perf_model import Profile, default_profile_path, load_profile
 
@@ -31,15 +33,18 @@ DEPLOYMENT = DeploymentKey(namespace="prod", name="llama")
 INTERVAL_S = 60.0
 
 
-def config(**overrides: Any) -> PolicyConfig:
+def config(**overrides: Any) -> DeploymentKnobs:
     values: dict[str, Any] = {
+        "policy": "dynamo",
         "ttft_target_s": 0.1,
         "itl_target_s": 0.01,
-        "max_gpu_budget": 100,
-        "correction_enabled": False,
+        "max_total_gpus": 100,
+        "no_correction": True,
     }
+    if "correction_enabled" in overrides:
+        values["no_correction"] = not overrides.pop("correction_enabled")
     values.update(overrides)
-    return PolicyConfig(**values)
+    return DeploymentKnobs(**values)
 
 
 def snapshot(**fields: Any) -> MetricSnapshot:
@@ -66,8 +71,8 @@ class Case:
     osl: float = 300.0
     knobs: dict[str, Any] = field(default_factory=dict)
     state: dict[str, Any] = field(default_factory=dict)
-    prefill_bound_by: Reason = Reason.PROFILE_CAPACITY
-    decode_bound_by: Reason = Reason.PROFILE_CAPACITY
+    prefill_bound_by: Rule = Rule.PROFILE_CAPACITY
+    decode_bound_by: Rule = Rule.PROFILE_CAPACITY
 
 
 CASES = [
@@ -84,8 +89,8 @@ CASES = [
             0,
             prefill=1,  # ceil(0) = 0 -> min_endpoint 1
             decode=1,
-            prefill_bound_by=Reason.MIN_ENDPOINT,
-            decode_bound_by=Reason.MIN_ENDPOINT,
+            prefill_bound_by=Rule.MIN_ENDPOINT,
+            decode_bound_by=Rule.MIN_ENDPOINT,
         ),
         id="no requests still keep min_endpoint of each role",
     ),
@@ -95,8 +100,8 @@ CASES = [
             prefill=3,  # max(2, 3)
             decode=3,  # max(2, 3)
             knobs={"min_endpoint": 3},
-            prefill_bound_by=Reason.MIN_ENDPOINT,
-            decode_bound_by=Reason.MIN_ENDPOINT,
+            prefill_bound_by=Rule.MIN_ENDPOINT,
+            decode_bound_by=Rule.MIN_ENDPOINT,
         ),
         id="a larger min_endpoint lifts both roles",
     ),
@@ -107,9 +112,9 @@ CASES = [
             # 20 GPUs > 8: scale = 8 / 20 = 0.4
             prefill=4,  # max(1, round(10 * 0.4)) = 4
             decode=4,  # max(1, round((8 - 4 * 1) / 1)) = 4
-            knobs={"max_gpu_budget": 8},
-            prefill_bound_by=Reason.GPU_BUDGET,
-            decode_bound_by=Reason.GPU_BUDGET,
+            knobs={"max_total_gpus": 8},
+            prefill_bound_by=Rule.GPU_BUDGET,
+            decode_bound_by=Rule.GPU_BUDGET,
         ),
         id="the gpu budget cuts both roles in proportion",
     ),
@@ -120,9 +125,9 @@ CASES = [
             # 10 GPUs > 5: scale = 0.5
             prefill=2,  # round(2.5) = 2: Python rounds half to even
             decode=3,  # round(5 - 2) = 3
-            knobs={"max_gpu_budget": 5},
-            prefill_bound_by=Reason.GPU_BUDGET,
-            decode_bound_by=Reason.GPU_BUDGET,
+            knobs={"max_total_gpus": 5},
+            prefill_bound_by=Rule.GPU_BUDGET,
+            decode_bound_by=Rule.GPU_BUDGET,
         ),
         id="the budget cut rounds half to even as Dynamo's python does",
     ),
@@ -134,9 +139,9 @@ CASES = [
             # 12 GPUs > 6: scale = 0.5
             prefill=5,  # max(2, round(10 * 0.5)) = 5
             decode=2,  # max(2, round(6 - 5) = 1) = 2: 7 GPUs, Dynamo's own overshoot
-            knobs={"min_endpoint": 2, "max_gpu_budget": 6, "enforce_gpu_budget": False},
-            prefill_bound_by=Reason.GPU_BUDGET,
-            decode_bound_by=Reason.MIN_ENDPOINT,
+            knobs={"min_endpoint": 2, "max_total_gpus": 6, "enforce_gpu_budget": False},
+            prefill_bound_by=Rule.GPU_BUDGET,
+            decode_bound_by=Rule.MIN_ENDPOINT,
         ),
         id="dynamo's cut exceeds the budget when min_endpoint binds and we can keep that exactly",
     ),
@@ -146,9 +151,9 @@ CASES = [
             osl=30,
             prefill=4,  # Dynamo's 5 + 2 = 7 GPUs > 6: one prefill (the larger role) removed
             decode=2,
-            knobs={"min_endpoint": 2, "max_gpu_budget": 6},
-            prefill_bound_by=Reason.GPU_BUDGET_ENFORCED,
-            decode_bound_by=Reason.MIN_ENDPOINT,
+            knobs={"min_endpoint": 2, "max_total_gpus": 6},
+            prefill_bound_by=Rule.GPU_BUDGET_ENFORCED,
+            decode_bound_by=Rule.MIN_ENDPOINT,
         ),
         id="by default the guard brings dynamo's overshoot back within the budget",
     ),
@@ -159,9 +164,9 @@ CASES = [
             # decode: 10 (10 GPUs); 20 GPUs > 16: scale = 0.8
             prefill=4,  # round(5 * 0.8) = 4 (8 GPUs)
             decode=8,  # round((16 - 4 * 2) / 1) = 8
-            knobs={"prefill_engine_gpus": 2, "max_gpu_budget": 16},
-            prefill_bound_by=Reason.GPU_BUDGET,
-            decode_bound_by=Reason.GPU_BUDGET,
+            knobs={"prefill_engine_num_gpu": 2, "max_total_gpus": 16},
+            prefill_bound_by=Rule.GPU_BUDGET,
+            decode_bound_by=Rule.GPU_BUDGET,
         ),
         id="the budget cut counts gpus per engine",
     ),
@@ -242,7 +247,7 @@ CASES = [
             3600,
             prefill=2,  # ceil(180,000 / 49,481.09 / 2 GPUs = 1.819)
             decode=4,  # ceil(18,000 / 4,555.68 = 3.951)
-            knobs={"prefill_engine_gpus": 2},
+            knobs={"prefill_engine_num_gpu": 2},
         ),
         id="two gpus per prefill engine halve the prefill replicas",
     ),
@@ -252,7 +257,7 @@ CASES = [
             prefill=2,
             decode=1,  # min(2, max_decode_replicas 1)
             knobs={"max_decode_replicas": 1},
-            decode_bound_by=Reason.MAX_REPLICAS,
+            decode_bound_by=Rule.MAX_REPLICAS,
         ),
         id="max decode replicas caps decode",
     ),
@@ -262,7 +267,7 @@ CASES = [
             prefill=4,  # max(2, min_prefill_replicas 4)
             decode=2,
             knobs={"min_prefill_replicas": 4},
-            prefill_bound_by=Reason.MIN_REPLICAS,
+            prefill_bound_by=Rule.MIN_REPLICAS,
         ),
         id="min prefill replicas lifts prefill",
     ),
@@ -378,7 +383,7 @@ def test_missing_or_stale_metrics_hold_the_last_target_and_say_why() -> None:
     # t0 + 60: the forecast says quiet but carries no observation -> hold 10/8
     t1 = dynamo_policy.decide(quiet, None, PROFILE, cfg, t0.state)
     assert (t1.prefill_replicas, t1.decode_replicas) == (10, 8)
-    assert t1.explanation["hold_reason"] == Reason.HELD_NO_OBSERVATION
+    assert t1.explanation["hold_reason"] == Rule.HELD_NO_OBSERVATION
     assert t1.explanation["held_from"] == "last target"
 
     # t0 + 120: the collector marked the snapshot stale -> still 10/8
@@ -391,7 +396,7 @@ def test_missing_or_stale_metrics_hold_the_last_target_and_say_why() -> None:
     no_ttft = snapshot(num_requests=0.0, gaps={"ttft_avg_s": "no samples in window"})
     t3 = dynamo_policy.decide(quiet, no_ttft, PROFILE, cfg, t2.state)
     assert (t3.prefill_replicas, t3.decode_replicas) == (10, 8)
-    assert t3.explanation["hold_reason"] == Reason.HELD_MISSING_METRICS
+    assert t3.explanation["hold_reason"] == Rule.HELD_MISSING_METRICS
     assert "ttft_avg_s (no samples in window)" in t3.explanation["hold_detail"]
     assert t3.state.prefill_correction == t0.state.prefill_correction
 
@@ -406,13 +411,13 @@ def test_with_no_earlier_target_the_reported_worker_counts_are_held() -> None:
         PlannedLoad(0, 3000, 300, INTERVAL_S),
         observed,
         PROFILE,
-        config(max_decode_replicas=8, max_gpu_budget=16),
+        config(max_decode_replicas=8, max_total_gpus=16),
         PolicyState(),
     )
     # 3 prefill held; 20 decode held but capped at max_decode_replicas 8
     assert (decision.prefill_replicas, decision.decode_replicas) == (3, 8)
     assert decision.explanation["held_from"] == "observed workers"
-    assert decision.explanation["decode_bound_by"] == Reason.MAX_REPLICAS
+    assert decision.explanation["decode_bound_by"] == Rule.MAX_REPLICAS
 
 
 def test_with_nothing_to_hold_the_first_decision_is_sized_from_the_forecast() -> None:
@@ -430,7 +435,7 @@ huge = st.floats(min_value=0.0, max_value=1e300, allow_nan=False, allow_infinity
 
 
 @st.composite
-def configs(draw: st.DrawFn) -> PolicyConfig:
+def configs(draw: st.DrawFn) -> DeploymentKnobs:
     gp = draw(st.integers(1, 8))
     gd = draw(st.integers(1, 8))
     min_endpoint = draw(st.integers(0, 3))
@@ -440,18 +445,19 @@ def configs(draw: st.DrawFn) -> PolicyConfig:
     max_d = draw(st.integers(max(min_d, min_endpoint), 50))
     floors = max(min_endpoint, min_p) * gp + max(min_endpoint, min_d) * gd
     budget = draw(st.integers(max(floors, 1), floors + 200))  # settings refuse smaller ones
-    return PolicyConfig(
+    return DeploymentKnobs(
+        policy="dynamo",
         ttft_target_s=draw(st.floats(1e-4, 10.0)),
         itl_target_s=draw(st.floats(1e-4, 1.0)),
         min_endpoint=min_endpoint,
-        max_gpu_budget=budget,
-        prefill_engine_gpus=gp,
-        decode_engine_gpus=gd,
+        max_total_gpus=budget,
+        prefill_engine_num_gpu=gp,
+        decode_engine_num_gpu=gd,
         min_prefill_replicas=min_p,
         max_prefill_replicas=max_p,
         min_decode_replicas=min_d,
         max_decode_replicas=max_d,
-        correction_enabled=draw(st.booleans()),
+        no_correction=draw(st.booleans()),
         enforce_gpu_budget=True,
     )
 
@@ -492,7 +498,7 @@ def test_any_finite_input_gives_bounded_counts_within_budget_and_a_serialisable_
     isl: float,
     osl: float,
     window_s: float,
-    cfg: PolicyConfig,
+    cfg: DeploymentKnobs,
     observed: MetricSnapshot | None,
     prefill_correction: float,
     decode_correction: float,
@@ -511,7 +517,7 @@ def test_any_finite_input_gives_bounded_counts_within_budget_and_a_serialisable_
     assert isinstance(p, int) and isinstance(d, int)
     assert cfg.prefill_floor <= p <= cfg.max_prefill_replicas
     assert cfg.decode_floor <= d <= cfg.max_decode_replicas
-    assert p * cfg.prefill_engine_gpus + d * cfg.decode_engine_gpus <= cfg.max_gpu_budget
+    assert p * cfg.prefill_engine_num_gpu + d * cfg.decode_engine_num_gpu <= cfg.max_total_gpus
     assert math.isfinite(decision.state.prefill_correction)
     assert math.isfinite(decision.state.decode_correction)
     orjson.dumps(decision.explanation)

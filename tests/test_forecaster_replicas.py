@@ -16,8 +16,8 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.forecaster import partition
 from services.forecaster.settings import ForecasterSettings
+from shared import partition
 from shared.messages import LoadForecast, derived_id
 from tests.conftest import ServiceProcess
 

@@ -295,7 +295,7 @@ def hostile(draw: st.DrawFn, family: str) -> Hostile:
         return Hostile(family, subject, encode(set_path(base, path, value)),
                        f"{kind} at {field}")
     if kind == "bad schema version":
-        version = draw(st.sampled_from([0, 2, 99, -1, "1", 1.5, None, [1], 2**62]))
+        version = draw(st.sampled_from([0, 3, 99, -1, "1", 1.5, None, [1], 2**62]))
         return Hostile(family, subject, encode(set_path(base, ("schema_version",), version)),
                        kind)
     if kind == "subject of another deployment":

@@ -7,6 +7,7 @@ import pytest
 
 from shared.messages import (
     BUS_MESSAGES,
+    SNAPSHOT_V2_FIELDS,
     LoadForecast,
     MetricSnapshot,
     ReplicaTarget,
@@ -35,7 +36,7 @@ def body(**changes: object) -> bytes:
                      id="a negative latency"),
         pytest.param(body().replace(b"118.0", b"NaN"), "invalid JSON", id="NaN, which JSON lacks"),
         pytest.param(body().replace(b"118.0", b"1e999"), "invalid JSON", id="an infinite count"),
-        pytest.param(body(schema_version=2), "unknown schema_version 2",
+        pytest.param(body(schema_version=3), "unknown schema_version 3",
                      id="an unknown schema version"),
         pytest.param(body(window_s=0), "greater than 0", id="an empty window"),
         pytest.param(body(prefill_workers=10_001), "less than or equal to 10000",
@@ -76,7 +77,7 @@ def test_the_scale_event_uses_from_on_the_wire() -> None:
                         "decode": {"from": 5, "to": 5}})
     event = ScaleEvent.from_json(raw)
     assert event.prefill.from_ == 2
-    assert orjson.loads(event.to_json())["prefill"] == {"from": 2, "to": 3, "ready": 2}
+    assert orjson.loads(event.to_json())["prefill"] == {"from": 2, "to": 3, "ready": 2, "via": None}
     with pytest.raises(ValueError, match="outcome"):
         ScaleEvent.from_json(raw.replace(b'"applied"', b'"maybe"'))
 
@@ -121,3 +122,28 @@ def test_every_bus_message_exports_a_json_schema() -> None:
         schema = model.model_json_schema(by_alias=True)
         assert schema["type"] == "object", name
         assert "schema_version" in schema["properties"], name
+
+
+def test_a_version_1_snapshot_is_read_as_it_always_was() -> None:
+    snapshot = MetricSnapshot.from_json(orjson.dumps(SNAPSHOT))
+    assert snapshot.schema_version == 1
+    same = {"schema_version", "id"}
+    assert snapshot.model_dump(exclude=same) == MetricSnapshot.model_validate(
+        {**SNAPSHOT, "schema_version": 2}).model_dump(exclude=same)
+    assert snapshot.arrival_dispersion is None and snapshot.ttft_under_target_share is None
+
+
+def test_a_version_1_snapshot_may_not_carry_version_2_fields() -> None:
+    with pytest.raises(ValueError, match="arrival_dispersion need schema_version 2"):
+        MetricSnapshot.from_json(orjson.dumps({**SNAPSHOT, "arrival_dispersion": 1.4}))
+
+
+def test_the_snapshot_schema_shows_the_version_2_fields_with_their_units() -> None:
+    schema = MetricSnapshot.model_json_schema(by_alias=True)
+    properties = schema["properties"]
+    for name in SNAPSHOT_V2_FIELDS:
+        assert name in properties, name
+    assert properties["schema_version"]["default"] == 2
+    assert "Poisson" in properties["arrival_dispersion"]["description"]
+    methods = schema["$defs"]["ShareMethod"]["enum"]
+    assert methods == ["bucket_edge", "interpolated", "beyond_buckets", "per_request"]

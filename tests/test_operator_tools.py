@@ -50,8 +50,8 @@ def _event(target: ReplicaTarget, outcome: str, reason: str | None = None,
     return ScaleEvent(
         deployment=KEY, window_end=target.window_end, window_s=60.0, target_id=target.id,
         outcome=outcome, backend="dynamo", reason=reason,  # type: ignore[arg-type]
-        prefill=RoleChange(**{"from": before[0]}, to=target.prefill_replicas),
-        decode=RoleChange(**{"from": before[1]}, to=target.decode_replicas),
+        prefill=RoleChange.model_validate({"from": before[0], "to": target.prefill_replicas}),
+        decode=RoleChange.model_validate({"from": before[1], "to": target.decode_replicas}),
     )
 
 
@@ -249,9 +249,9 @@ async def test_watch_and_status_tell_what_a_replay_decided_and_why(
     # 20-40 requests/s of 3,000-token prompts on a budget of 4 GPUs: the budget binds from the
     # second window on, and the fast path acts in the first.
     trace = generate(SineLoad(240, 20, 40, 240, 3000, 300, seed=1))
-    setup = PlanningSetup(policy="slaplanner", predictor="constant", ttft_target_s=0.5,
-                          itl_target_s=0.05, interval_s=30.0, max_gpu_budget=4,
-                          worker_startup_s=30.0)
+    setup = PlanningSetup.build(policy="slaplanner", predictor="constant", ttft_target_s=0.5,
+                                itl_target_s=0.05, adjustment_interval_s=30.0,
+                                max_total_gpus=4, worker_startup_s=30.0)
     replay = await run_replay(trace, load_profile(default_profile_path()), setup,
                               ClusterConfig(startup_delay_s=30.0), nats_server.url, tmp_path)
     targets, events = replay.targets, {e.target_id: e for e in replay.events}

@@ -13,7 +13,8 @@ import pytest
 from pydantic import ValidationError
 
 from services.decider.core import Decider
-from services.decider.settings import DeciderSettings, DeploymentKnobs
+from services.decider.knobs import DeploymentKnobs
+from services.decider.settings import DeciderSettings
 from shared import perf_model, settings
 from shared.perf_model import ProfileError, default_profile_path, load_profile
 
@@ -266,16 +267,30 @@ def test_the_decider_refuses_a_bad_profile_at_start(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "text",
+    ("text", "seconds"),
     [
-        pytest.param("100", id="a bare integer"),
-        pytest.param("0.1", id="a bare decimal"),
-        pytest.param("100 apples", id="an unknown unit"),
+        pytest.param("0.1", 0.1, id="a bare number is seconds, as the name says"),
+        pytest.param("2", 2.0, id="a bare integer is seconds"),
+        pytest.param("300ms", 0.3, id="text with a unit is read in its unit"),
+        pytest.param("1m", 60.0, id="minutes"),
     ],
 )
-def test_a_latency_target_without_a_unit_is_refused(text: str) -> None:
-    with pytest.raises(ValidationError, match="is not a duration with a unit"):
+def test_a_target_whose_name_ends_in_s_takes_seconds_or_a_unit(text: str, seconds: float) -> None:
+    assert DeciderSettings(ttft_target_s=text).ttft_target_s == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        pytest.param("100 apples", "is not a duration", id="an unknown unit is refused"),
+        pytest.param("-2s", "must be positive, got '-2s'", id="a negative target"),
+        pytest.param("0", "must be positive, got '0'", id="a zero target"),
+    ],
+)
+def test_a_bad_target_is_refused_with_what_is_wrong(text: str, message: str) -> None:
+    with pytest.raises(ValidationError) as refused:
         DeciderSettings(ttft_target_s=text)
+    assert message in settings.describe_error(DeciderSettings, refused.value)
 
 
 def test_targets_with_units_are_read_in_seconds() -> None:
@@ -283,19 +298,22 @@ def test_targets_with_units_are_read_in_seconds() -> None:
     assert (knobs.ttft_target_s, knobs.itl_target_s) == (2.0, 0.02)
 
 
-def test_a_bare_number_in_the_environment_is_refused_with_its_variable() -> None:
+def test_a_bad_value_in_the_environment_is_refused_with_its_variable() -> None:
+    assert settings.settings_from(
+        DeciderSettings, {}, {"SLAPLANNER_ITL_TARGET_S": "0.01"}
+    ).itl_target_s == 0.01
     with pytest.raises(ValidationError) as refused:
-        settings.settings_from(DeciderSettings, {}, {"SLAPLANNER_ITL_TARGET_S": "0.01"})
+        settings.settings_from(DeciderSettings, {}, {"SLAPLANNER_ITL_TARGET_S": "soon"})
     described = settings.describe_error(DeciderSettings, refused.value)
     assert "--itl-target-s / SLAPLANNER_ITL_TARGET_S" in described
-    assert "'0.01' is not a duration with a unit" in described
+    assert "'soon' is not a duration" in described
 
 
 def test_dynamos_flag_names_are_accepted_as_aliases() -> None:
     parsed = settings.parse(
         DeciderSettings,
         [
-            "--ttft", "200ms", "--itl", "20ms", "--adjustment-interval", "30",
+            "--ttft", "200", "--itl", "20", "--adjustment-interval", "30",
             "--max-gpu-budget", "16", "--min-endpoint", "2",
             "--prefill-engine-num-gpu", "2", "--decode-engine-num-gpu", "1",
             "--profile-results-dir", str(default_profile_path()),
@@ -304,23 +322,24 @@ def test_dynamos_flag_names_are_accepted_as_aliases() -> None:
         prog="slaplanner decider",
         description="",
     )  # fmt: skip
+    # Dynamo's spellings take Dynamo's units: milliseconds for the targets
     assert parsed.ttft_target_s == 0.2 and parsed.itl_target_s == 0.02
     assert parsed.adjustment_interval_s == 30.0  # bare seconds, as Dynamo's flag takes it
-    assert (parsed.max_gpu_budget, parsed.min_endpoint, parsed.prefill_engine_gpus) == (16, 2, 2)
+    assert (parsed.max_total_gpus, parsed.min_endpoint, parsed.prefill_engine_num_gpu) == (16, 2, 2)
 
 
 def test_the_defaults_are_dynamos_targets_and_a_60_second_interval() -> None:
     knobs = DeploymentKnobs()
     assert (knobs.ttft_target_s, knobs.itl_target_s) == (0.5, 0.05)
-    assert (knobs.max_gpu_budget, knobs.min_endpoint) == (8, 1)
+    assert (knobs.max_total_gpus, knobs.min_endpoint) == (8, 1)
     assert knobs.adjustment_interval_s == 60.0
-    assert knobs.policy == "dynamo"
+    assert knobs.policy == "slaplanner"
     assert Path(knobs.profile_path) == default_profile_path()
 
 
 def test_a_budget_that_cannot_hold_the_minimum_replicas_is_refused() -> None:
-    with pytest.raises(ValidationError, match=r"max_gpu_budget \(3\) cannot hold the minimum"):
-        DeploymentKnobs(max_gpu_budget=3, min_endpoint=2)
+    with pytest.raises(ValidationError, match=r"max_total_gpus \(3\) cannot hold the minimum"):
+        DeploymentKnobs(max_total_gpus=3, min_endpoint=2)
 
 
 def test_an_unknown_policy_is_refused() -> None:
@@ -340,7 +359,7 @@ def test_the_deployment_file_overrides_defaults_then_each_deployment(tmp_path: P
         """
         [defaults]
         ttft_target_s = "300ms"
-        max_gpu_budget = 16
+        max_total_gpus = 16
 
         [deployments."prod/llama"]
         itl_target_s = "20ms"
@@ -351,16 +370,16 @@ def test_the_deployment_file_overrides_defaults_then_each_deployment(tmp_path: P
     llama = config.for_deployment("prod/llama")
     other = config.for_deployment("prod/other")
     assert (llama.ttft_target_s, llama.itl_target_s, llama.min_prefill_replicas) == (0.3, 0.02, 2)
-    assert (other.ttft_target_s, other.itl_target_s, other.max_gpu_budget) == (0.3, 0.05, 16)
+    assert (other.ttft_target_s, other.itl_target_s, other.max_total_gpus) == (0.3, 0.05, 16)
 
 
 @pytest.mark.parametrize(
     ("text", "message"),
     [
         pytest.param(
-            "[defaults]\nttft_target_s = 0.1\n",
-            r"deployments.toml: \[defaults\] field 'ttft_target_s': 0.1 has no unit",
-            id="a bare number target in the file is refused",
+            "[defaults]\nttft_target_s = -0.1\n",
+            r"deployments.toml: \[defaults\] field 'ttft_target_s': must be positive",
+            id="a negative target in the file is refused",
         ),
         pytest.param(
             '[deployments."prod/llama"]\nitl_target_s = "fast"\n',

@@ -714,7 +714,7 @@ async def run_services_and_forge_targets(deploy_bus: Bus, tmp_path: Path) -> Non
                 assert applied.outcome is Outcome.APPLIED, applied
                 patched = {r.path for r in k8s.requests if r.method == "PATCH"}
                 assert patched == {
-                    "/apis/nvidia.com/v1alpha1/namespaces/prod/dynamographdeployments/llama"}
+                    "/apis/nvidia.com/v1beta1/namespaces/prod/dynamographdeployments/llama"}
                 assert LoadForecast.from_json(seen.bodies["slaplanner.forecast.prod.llama"][0])
 
                 # Forged targets, with the credentials that may publish targets.

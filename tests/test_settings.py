@@ -34,13 +34,24 @@ def test_a_flag_beats_the_environment_which_beats_the_default() -> None:
     assert settings.settings_from(CollectorSettings, {}, {}).interval_s == 60.0
 
 
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("60", 60.0), ("0.5", 0.5), ("2s", 2.0), ("100ms", 0.1), ("5m", 300.0)],
+)
+def test_a_flag_whose_name_ends_in_s_takes_bare_seconds_or_a_unit(
+    text: str, seconds: float
+) -> None:
+    parsed = settings.parse(CollectorSettings, ["--interval-s", text], {}, "collector", "")
+    assert parsed.interval_s == pytest.approx(seconds)
+
+
 def test_a_bad_value_names_the_flag_and_the_variable(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        settings.parse(CollectorSettings, ["--interval-s", "60"], {}, "collector", "")
+        settings.parse(CollectorSettings, ["--interval-s", "soon"], {}, "collector", "")
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "--interval-s / SLAPLANNER_INTERVAL_S" in err
-    assert "not a duration with a unit" in err
+    assert "'soon' is not a duration" in err
 
 
 def test_dynamo_flag_names_are_accepted_as_aliases() -> None:

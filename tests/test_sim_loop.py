@@ -51,6 +51,50 @@ def test_the_snapshot_is_what_a_collector_would_have_published(profile: Profile)
     assert MetricSnapshot.from_json(snapshot.to_json()) == snapshot
 
 
+def test_the_version_2_fields_are_what_a_collector_reading_every_second_would_publish(
+    profile: Profile,
+) -> None:
+    # 10 requests in each of seconds 0..9, then one per second: bursty, and a queue forms
+    arrival = np.concatenate([np.repeat(np.arange(10.0), 10) + 0.5, np.arange(10.0, 60.0) + 0.5])
+    n = arrival.size
+    trace = Trace(arrival, np.full(n, 2000, dtype=np.int64), np.full(n, 100, dtype=np.int64))
+    cluster = Cluster(trace, profile, ClusterConfig())
+    stats = cluster.advance(60.0)
+    snapshot = snapshot_of(stats, ttft_target_s=0.5, itl_target_s=0.05)
+    assert snapshot.schema_version == 2
+    counts = np.array([10.0] * 10 + [1.0] * 50)
+    assert snapshot.arrival_bin_s == 1.0 and snapshot.arrival_peaks_exact is True
+    assert snapshot.arrival_signal == "request_start", "the simulator counts each arrival"
+    assert snapshot.arrivals_peak_1s == 10.0 and snapshot.arrivals_peak_10s == 100.0
+    assert snapshot.arrival_dispersion == pytest.approx(counts.var() / counts.mean())
+    assert snapshot.isl_p50 == snapshot.isl_p99 == 2000.0
+    # TTFT is queueing plus compute, request by request
+    assert snapshot.queue_time_avg_s is not None and snapshot.prefill_time_avg_s is not None
+    assert snapshot.ttft_avg_s == pytest.approx(
+        snapshot.queue_time_avg_s + snapshot.prefill_time_avg_s)
+    assert snapshot.prefill_time_avg_s == pytest.approx(profile.prefill.ttft_s(2000), rel=1e-6)
+    assert snapshot.queue_time_avg_s > 0.0
+    # the shares under target: every request known, counted exactly
+    result = cluster.finish_run(60.0)
+    first = result.first_token_s < 60.0
+    assert snapshot.ttft_under_target_share == pytest.approx(
+        np.mean(result.ttft_s[first] <= 0.5))
+    assert snapshot.ttft_share_method == "per_request" and snapshot.ttft_target_s == 0.5
+    assert snapshot.requests_failed == 0.0
+    assert MetricSnapshot.from_json(snapshot.to_json()) == snapshot
+
+
+def test_the_prefill_backlog_at_the_windows_end_is_the_requests_without_a_first_token(
+    profile: Profile,
+) -> None:
+    arrival = np.full(50, 59.999)  # at the very end of the window: none has its first token
+    trace = Trace(arrival, np.full(50, 4000, dtype=np.int64), np.full(50, 10, dtype=np.int64))
+    snapshot = snapshot_of(Cluster(trace, profile, ClusterConfig()).advance(60.0))
+    assert snapshot.requests_before_first_token == 50.0
+    assert snapshot.prefill_tokens_pending == 50 * 4000.0
+    assert snapshot.ttft_under_target_share is None, "no targets given, no share"
+
+
 def test_a_window_without_requests_reports_nulls_with_reasons_not_zeros(profile: Profile) -> None:
     cluster = Cluster(steady(1, 10), profile, ClusterConfig())
     cluster.advance(60.0)
@@ -95,7 +139,8 @@ def test_the_loop_applies_a_target_at_the_end_of_a_window_and_it_serves_after_th
     profile: Profile,
 ) -> None:
     # 40 requests/s of ISL 3000 need ceil(2400 * 3000 / 60 / 49,846) = 3 prefill engines.
-    setup = PlanningSetup(no_correction=True, max_gpu_budget=16)
+    setup = PlanningSetup.build(policy="dynamo", predictor="constant", no_correction=True,
+                                max_total_gpus=16)
     run = simulate(steady(40, 300), profile, setup, ClusterConfig(startup_delay_s=90.0))
     first, second, third = run.records[:3]
     assert (first.prefill, first.outcome) == (3, "applied")  # t0 + 60 -> 3 prefill asked for
@@ -210,7 +255,9 @@ def test_simulate_writes_a_report_with_the_promised_keys(tmp_path: Path) -> None
 
 def test_simulate_names_the_flag_that_is_wrong(capsys: pytest.CaptureFixture[str]) -> None:
     trace_file = str(traces.bundled_trace_path("azure_llm_2023_code.csv"))
-    assert simulate_cli.main(["--trace", trace_file, "--ttft", "300"]) == 2
-    assert "--ttft" in capsys.readouterr().err
+    assert simulate_cli.main(["--trace", trace_file, "--ttft=-300"]) == 2
+    assert "--ttft-target-s: must be positive" in capsys.readouterr().err
     assert simulate_cli.main(["--trace", trace_file, "--startup-delay", "soon"]) == 2
-    assert "--startup-delay" in capsys.readouterr().err
+    assert "--startup-delay: 'soon' has no unit" in capsys.readouterr().err
+    assert simulate_cli.main(["--trace", trace_file, "--startup-delay", "90"]) == 2
+    assert "(bare seconds: --startup-delay-s 90)" in capsys.readouterr().err

@@ -30,9 +30,9 @@ async def test_the_services_over_nats_decide_what_the_cores_decide_in_process(
     # A rising and falling load with spread lengths, slower and noisy engines (so that the
     # correction factors move), a 30 s interval and a 60 s startup: the decisions change often.
     trace = generate(SineLoad(600, 4, 24, 300, 3000, 300, isl_cv=0.5, osl_cv=0.5, seed=3))
-    setup = PlanningSetup(
+    setup = PlanningSetup.build(
         policy=policy, predictor="kalman", ttft_target_s=0.3, itl_target_s=0.02,
-        interval_s=30.0, max_gpu_budget=16, worker_startup_s=60.0,
+        adjustment_interval_s=30.0, max_total_gpus=16, worker_startup_s=60.0,
     )
     config = ClusterConfig(startup_delay_s=60.0, perf_skew=1.2, noise_cv=0.1, seed=5)
     rejected: list[bytes] = []

@@ -6,9 +6,10 @@ import math
 
 import pytest
 
-from services.decider import corrections, queueing, sizing, stabilise
-from services.decider.policy import Reason
-from services.decider.slaplanner_policy import at_confidence, ratio_bounds, split_gpu_budget
+from services.decider.policies.slaplanner import corrections, queueing, sizing, stabilise
+from services.decider.policies.slaplanner.bounds import ratio_bounds, split_gpu_budget
+from services.decider.policies.slaplanner.load import at_confidence
+from shared.explanation import Rule
 from shared.messages import MetricSnapshot
 from tests.test_slaplanner_policy_support import PROFILE, config, snapshot
 
@@ -121,7 +122,7 @@ def test_a_ttft_target_below_the_prefill_time_is_sized_for_a_short_queue_and_fla
     ("itl_s", "expected", "bound_by", "per_engine"),
     [
         pytest.param(
-            0.01, 13, Reason.ITL_CURVE, 48.486,
+            0.01, 13, Rule.ITL_CURVE, 48.486,
             # context 3000 + 300/2 = 3150; the grid row meets 10 ms up to KV usage 0.1616
             # (ITL 9.73 ms): 0.1616 * 945,029 / 3150 = 48.49 requests per engine.
             # In flight: 200/s * 300 tokens * 9.73 ms = 584.1; Poisson 90 % quantile 615;
@@ -129,7 +130,7 @@ def test_a_ttft_target_below_the_prefill_time_is_sized_for_a_short_queue_and_fla
             id="Dynamo's worked example at 200 req/s under 10 ms: 13 engines by the ITL curve",
         ),
         pytest.param(
-            0.1, 10, Reason.KV_CAPACITY, 269.705,
+            0.1, 10, Rule.KV_CAPACITY, 269.705,
             # every load meets 100 ms: the KV headroom binds at usage 0.899 (the grid column
             # below 0.9): 0.899 * 945,029 / 3150 = 269.7 per engine, ITL there 39.8 ms;
             # in flight 200 * 300 * 0.0398 = 2389.6, quantile 2452 -> 2452 / 269.7 -> 10
@@ -138,7 +139,7 @@ def test_a_ttft_target_below_the_prefill_time_is_sized_for_a_short_queue_and_fla
     ],
 )
 def test_decode_sizing_by_littles_law(
-    itl_s: float, expected: int, bound_by: Reason, per_engine: float
+    itl_s: float, expected: int, bound_by: Rule, per_engine: float
 ) -> None:
     sized = sizing.size_decode(200.0, 3000.0, 300.0, PROFILE, config(itl_target_s=itl_s), 1.0)
     assert (sized.replicas, sized.reason) == (expected, bound_by)
@@ -223,15 +224,15 @@ def test_a_window_without_requests_or_with_a_nonsense_factor_changes_nothing() -
 @pytest.mark.parametrize(
     ("desired", "current", "highest", "expected"),
     [
-        pytest.param(8, 5, 9, (8, Reason.WITHIN_BOUNDS), id="up at once, whatever the window"),
-        pytest.param(3, 6, 5, (5, Reason.SCALE_DOWN_STABILISED), id="down to the window's high"),
-        pytest.param(3, 6, 9, (6, Reason.SCALE_DOWN_STABILISED), id="never up for an old high"),
-        pytest.param(3, 6, 3, (3, Reason.WITHIN_BOUNDS), id="down once the window agrees"),
-        pytest.param(3, None, 9, (3, Reason.WITHIN_BOUNDS), id="nothing running: as wanted"),
+        pytest.param(8, 5, 9, (8, Rule.WITHIN_BOUNDS), id="up at once, whatever the window"),
+        pytest.param(3, 6, 5, (5, Rule.SCALE_DOWN_STABILISED), id="down to the window's high"),
+        pytest.param(3, 6, 9, (6, Rule.SCALE_DOWN_STABILISED), id="never up for an old high"),
+        pytest.param(3, 6, 3, (3, Rule.WITHIN_BOUNDS), id="down once the window agrees"),
+        pytest.param(3, None, 9, (3, Rule.WITHIN_BOUNDS), id="nothing running: as wanted"),
     ],
 )
 def test_scale_down_stabilisation(
-    desired: int, current: int | None, highest: int | None, expected: tuple[int, Reason]
+    desired: int, current: int | None, highest: int | None, expected: tuple[int, Rule]
 ) -> None:
     assert stabilise.scale_down_stabilised(desired, current, highest) == expected
 
@@ -239,14 +240,14 @@ def test_scale_down_stabilisation(
 @pytest.mark.parametrize(
     ("desired", "current", "expected"),
     [
-        pytest.param(20, 3, (7, Reason.STEP_LIMIT_UP), id="up by max(4, 100 % of 3) = 4"),
-        pytest.param(30, 10, (20, Reason.STEP_LIMIT_UP), id="up by max(4, 100 % of 10) = 10"),
-        pytest.param(1, 10, (5, Reason.STEP_LIMIT_DOWN), id="down by max(1, 50 % of 10) = 5"),
-        pytest.param(0, 1, (0, Reason.WITHIN_BOUNDS), id="down by at least one"),
-        pytest.param(6, 5, (6, Reason.WITHIN_BOUNDS), id="a small step passes"),
+        pytest.param(20, 3, (7, Rule.STEP_LIMIT_UP), id="up by max(4, 100 % of 3) = 4"),
+        pytest.param(30, 10, (20, Rule.STEP_LIMIT_UP), id="up by max(4, 100 % of 10) = 10"),
+        pytest.param(1, 10, (5, Rule.STEP_LIMIT_DOWN), id="down by max(1, 50 % of 10) = 5"),
+        pytest.param(0, 1, (0, Rule.WITHIN_BOUNDS), id="down by at least one"),
+        pytest.param(6, 5, (6, Rule.WITHIN_BOUNDS), id="a small step passes"),
     ],
 )
-def test_step_limits(desired: int, current: int, expected: tuple[int, Reason]) -> None:
+def test_step_limits(desired: int, current: int, expected: tuple[int, Rule]) -> None:
     assert stabilise.step_limited(desired, current, 4, 100.0, 1, 50.0) == expected
 
 
@@ -306,7 +307,7 @@ def test_prefill_decode_ratio_bounds_raise_the_short_role(
 def test_a_binding_budget_goes_where_the_shortfall_costs_the_sla_least(
     budget: int, expected: tuple[int, int]
 ) -> None:
-    cfg = config(max_gpu_budget=budget)
+    cfg = config(max_total_gpus=budget)
     prefill = sizing.size_prefill(200.0, 3000.0, PROFILE, cfg, 1.0)  # 17 engines
     decode = sizing.size_decode(200.0, 3000.0, 300.0, PROFILE, cfg, 1.0)  # 13 engines
     split = split_gpu_budget(17, 13, (1, 1), cfg, prefill.hurt, decode.hurt)

@@ -40,8 +40,9 @@ def _worst_interval_met(
 
 def test_the_sla_start_keeps_the_first_intervals_where_the_lower_bound_start_cannot() -> None:
     bench, scenario = _azure()
-    setup = PlanningSetup(ttft_target_s=scenario.ttft_s, itl_target_s=scenario.itl_s,
-                          interval_s=scenario.interval_s)
+    setup = PlanningSetup.build(policy="dynamo", predictor="constant",
+                                ttft_target_s=scenario.ttft_s, itl_target_s=scenario.itl_s,
+                                adjustment_interval_s=scenario.interval_s)
     config = planning_feasibility._config(scenario, bench, 1.0)
     needs = trace_needs(planning_benchmark._trace(scenario), planning_benchmark._profile(),
                         setup, config)
@@ -57,8 +58,9 @@ def test_the_sla_start_keeps_the_first_intervals_where_the_lower_bound_start_can
 def test_every_policy_but_the_static_peak_starts_with_the_given_counts() -> None:
     bench, scenario = _azure()
     trace = planning_benchmark._trace(scenario).between(0.0, 3 * scenario.interval_s)
-    setup = PlanningSetup(ttft_target_s=scenario.ttft_s, itl_target_s=scenario.itl_s,
-                          interval_s=scenario.interval_s)
+    setup = PlanningSetup.build(policy="dynamo", predictor="constant",
+                                ttft_target_s=scenario.ttft_s, itl_target_s=scenario.itl_s,
+                                adjustment_interval_s=scenario.interval_s)
     config = planning_feasibility._config(scenario, bench, 1.0)
     profile = planning_benchmark._profile()
     reactive = simulate(trace, profile, setup, config, "reactive", warm_start=True, start=(7, 2))

@@ -8,9 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from services.decider import dryrun
-from services.decider.settings import DeploymentKnobs
+from services.decider.knobs import DeploymentKnobs
+from services.forecaster.predictors import PredictorUnavailable, ensure_available
+from services.forecaster.settings import PREDICTOR_NAMES
 from shared import traces
+from sim import dryrun
+from sim.synth import write_mooncake
 from tests.test_slaplanner_policy_support import PROFILE
 
 AZURE = str(traces.bundled_trace_path("azure_llm_2023_code.csv"))
@@ -40,12 +43,26 @@ def with_erratic_predictor() -> object:
     del dryrun.PREDICTORS["erratic"]
 
 
+def installed(name: str) -> bool:
+    try:
+        ensure_available(name)
+    except (PredictorUnavailable, KeyError):
+        return name in dryrun.PREDICTORS
+    return True
+
+
 @pytest.mark.usefixtures("with_erratic_predictor")
 def test_the_slaplanner_dry_run_works_with_every_predictor_it_knows(tmp_path: Path) -> None:
-    assert {"constant", "erratic"} <= set(dryrun.PREDICTORS)
-    for name in sorted(dryrun.PREDICTORS):
+    # Dynamo's one-step predictors and every one of the forecaster (prophet where installed);
+    # the forecaster's fit models, on the first three minutes of the trace.
+    names = dryrun.predictor_names()
+    assert {"constant", "erratic", *PREDICTOR_NAMES} <= set(names)
+    short = tmp_path / "first-minutes.jsonl"
+    write_mooncake(traces.load_trace(AZURE).between(0.0, 1800.0), short)  # 3 min at x10
+    for name in filter(installed, names):
         out = tmp_path / f"{name}.json"
-        assert dryrun.main([*ARGS, "--predictor", name, "--json", str(out), "--quiet"]) == 0
+        argv = ARGS if name in dryrun.PREDICTORS else [*ARGS, "--trace", str(short)]
+        assert dryrun.main([*argv, "--predictor", name, "--json", str(out), "--quiet"]) == 0
         document = json.loads(out.read_text())
         per_interval = document["per_interval"]
         assert document["policy"] == "slaplanner"
@@ -90,14 +107,14 @@ def test_the_fast_path_interval_must_divide_the_interval(
 def test_short_windows_change_nothing_for_dynamo() -> None:
     trace = traces.load_trace(AZURE).sped_up(10)
     knobs = DeploymentKnobs(policy="dynamo", ttft_target_s=0.1, itl_target_s=0.01,
-                            adjustment_interval_s=15.0, max_gpu_budget=64)
-    load = traces.bucket_by_interval(trace, 15.0)
-    plain = dryrun.run_dry_run(load, knobs, profile=PROFILE)
-    with_short = dryrun.run_dry_run(load, knobs, profile=PROFILE,
-                                    fast_load=traces.bucket_by_interval(trace, 5.0))
+                            adjustment_interval_s=15.0, max_total_gpus=64)
+    plain = dryrun.run_dry_run(trace, knobs, profile=PROFILE)
+    with_short = dryrun.run_dry_run(trace, knobs, profile=PROFILE, fast_path_s=5.0)
     assert (with_short.num_p, with_short.num_d) == (plain.num_p, plain.num_d)
     assert with_short.fast_path == []
 
 
-def test_the_dry_run_defaults_to_the_services_policy() -> None:
-    assert dryrun.build_parser().parse_args(["--trace", AZURE]).policy == "slaplanner"
+def test_the_dry_run_defaults_to_dynamos_policy_and_says_so() -> None:
+    parser = dryrun.build_parser()
+    assert parser.parse_args(["--trace", AZURE]).policy == "dynamo"
+    assert "defaults to Dynamo's policy" in " ".join(parser.format_help().split())

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 from typing import Any
 
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from services.decider import slaplanner_policy
-from services.decider.policy import PlannedLoad, PolicyConfig, PolicyDecision, PolicyState
+from services.decider.knobs import DeploymentKnobs
+from services.decider.policies import slaplanner as slaplanner_policy
+from services.decider.policies.contract import PlannedLoad, PolicyDecision, PolicyState
 from services.decider.settings import DeciderSettings
 from shared.messages import ForecastStep, LoadForecast, MetricSnapshot
 from tests.test_slaplanner_policy_support import LLAMA, PROFILE, T0
@@ -48,9 +48,9 @@ def knobs(draw: st.DrawFn) -> dict[str, Any]:
                                                  max_value=64)),
         "max_decode_replicas": draw(st.integers(min_value=max(min_d, min_endpoint, 1),
                                                 max_value=64)),
-        "prefill_engine_gpus": draw(st.integers(min_value=1, max_value=4)),
-        "decode_engine_gpus": draw(st.integers(min_value=1, max_value=4)),
-        "max_gpu_budget": draw(st.integers(min_value=1, max_value=200)),
+        "prefill_engine_num_gpu": draw(st.integers(min_value=1, max_value=4)),
+        "decode_engine_num_gpu": draw(st.integers(min_value=1, max_value=4)),
+        "max_total_gpus": draw(st.integers(min_value=1, max_value=200)),
         "no_correction": draw(st.booleans()),
         "scale_to_zero": to_zero,
         "scale_to_zero_idle_s": draw(st.floats(min_value=1.0, max_value=1000.0)),
@@ -65,9 +65,9 @@ def knobs(draw: st.DrawFn) -> dict[str, Any]:
     return values
 
 
-def policy_config(values: dict[str, Any]) -> PolicyConfig:
+def policy_config(values: dict[str, Any]) -> DeploymentKnobs:
     try:
-        return DeciderSettings(**values).policy_config()
+        return DeciderSettings(**values).knobs()
     except ValidationError:
         assume(False)  # e.g. floors that the budget cannot hold: refused at start, not planned
         raise
@@ -120,22 +120,22 @@ def forecasts(draw: st.DrawFn, t: float, observed: MetricSnapshot) -> LoadForeca
                         steps=steps, observed=observed)
 
 
-def decide(forecast: LoadForecast, cfg: PolicyConfig, state: PolicyState) -> PolicyDecision:
+def decide(forecast: LoadForecast, cfg: DeploymentKnobs, state: PolicyState) -> PolicyDecision:
     step = forecast.steps[0]
     load = PlannedLoad(step.num_requests, step.isl_avg, step.osl_avg, forecast.window_s, forecast)
     return slaplanner_policy.decide(load, forecast.observed, PROFILE, cfg, state)
 
 
-def lowest(cfg: PolicyConfig) -> tuple[int, int]:
+def lowest(cfg: DeploymentKnobs) -> tuple[int, int]:
     return (cfg.prefill_floor, cfg.decode_floor)
 
 
-def check(prefill: int, decode: int, cfg: PolicyConfig) -> None:
+def check(prefill: int, decode: int, cfg: DeploymentKnobs) -> None:
     low_p, low_d = lowest(cfg)
     assert low_p <= prefill <= max(cfg.max_prefill_replicas, low_p)
     assert low_d <= decode <= max(cfg.max_decode_replicas, low_d)
-    assert prefill * cfg.prefill_engine_gpus + decode * cfg.decode_engine_gpus <= \
-        cfg.max_gpu_budget
+    assert prefill * cfg.prefill_engine_num_gpu + decode * cfg.decode_engine_num_gpu <= \
+        cfg.max_total_gpus
 
 
 def no_nan(value: Any) -> None:
@@ -150,7 +150,7 @@ def no_nan(value: Any) -> None:
 
 
 @st.composite
-def runs(draw: st.DrawFn) -> tuple[PolicyConfig, list[Any]]:
+def runs(draw: st.DrawFn) -> tuple[DeploymentKnobs, list[Any]]:
     """A configuration and a sequence of forecasts and fast-path snapshots in time order."""
     cfg = policy_config(draw(knobs()))
     messages: list[Any] = []
@@ -168,7 +168,7 @@ def runs(draw: st.DrawFn) -> tuple[PolicyConfig, list[Any]]:
 @PROPERTY_SETTINGS
 @given(runs())
 def test_replicas_stay_within_bounds_and_budget_with_no_nan_for_any_finite_input(
-    run: tuple[PolicyConfig, list[Any]],
+    run: tuple[DeploymentKnobs, list[Any]],
 ) -> None:
     cfg, messages = run
     state = PolicyState()
@@ -189,10 +189,11 @@ def test_replicas_stay_within_bounds_and_budget_with_no_nan_for_any_finite_input
 @PROPERTY_SETTINGS
 @given(runs(), st.floats(min_value=1.0, max_value=100.0), st.data())
 def test_more_load_never_gives_fewer_replicas_in_the_same_state(
-    run: tuple[PolicyConfig, list[Any]], factor: float, data: st.DataObject
+    run: tuple[DeploymentKnobs, list[Any]], factor: float, data: st.DataObject
 ) -> None:
     cfg, messages = run
-    cfg = replace(cfg, max_gpu_budget=10_000, prefill_engine_gpus=1, decode_engine_gpus=1)
+    cfg = cfg.model_copy(update=dict(max_total_gpus=10_000, prefill_engine_num_gpu=1,
+                                     decode_engine_num_gpu=1))
     state = PolicyState()
     for message in messages[:-1]:  # some history first
         if isinstance(message, LoadForecast):
@@ -215,10 +216,10 @@ def test_more_load_never_gives_fewer_replicas_in_the_same_state(
 @PROPERTY_SETTINGS
 @given(runs(), st.floats(min_value=1.0, max_value=100.0), st.data())
 def test_more_load_never_gives_fewer_gpus_when_the_budget_binds(
-    run: tuple[PolicyConfig, list[Any]], factor: float, data: st.DataObject
+    run: tuple[DeploymentKnobs, list[Any]], factor: float, data: st.DataObject
 ) -> None:
     cfg, _ = run
-    cfg = replace(cfg, prefill_engine_gpus=1, decode_engine_gpus=1)
+    cfg = cfg.model_copy(update=dict(prefill_engine_num_gpu=1, decode_engine_num_gpu=1))
     observed = data.draw(snapshots(0.0))
     base = data.draw(forecasts(0.0, observed))
     more = base.model_copy(update={"steps": [
@@ -235,12 +236,12 @@ def test_more_load_never_gives_fewer_gpus_when_the_budget_binds(
 def test_the_fast_path_lifts_a_role_found_below_its_minimum() -> None:
     # A counterexample the bounds property found: one decode worker running, a floor of two,
     # a budget that fits exactly the floors; the fast path used to hold the single worker.
-    base = DeciderSettings().knobs().policy_config()
-    cfg = replace(base, ttft_target_s=1.0, itl_target_s=1.0, min_endpoint=0, max_gpu_budget=2,
-                  min_prefill_replicas=0, max_prefill_replicas=1, min_decode_replicas=2,
-                  max_decode_replicas=2,
-                  planner=replace(base.planner, worker_startup_s=0.0, load_confidence=0.5,
-                                  scale_down_window_s=0.0, scale_to_zero_idle_s=1.0))
+    base = DeciderSettings().knobs()
+    cfg = base.model_copy(update=dict(
+        ttft_target_s=1.0, itl_target_s=1.0, min_endpoint=0, max_total_gpus=2,
+        min_prefill_replicas=0, max_prefill_replicas=1, min_decode_replicas=2,
+        max_decode_replicas=2, worker_startup_s=0.0, load_confidence=0.5,
+        scale_down_window_s=0.0, scale_to_zero_idle_s=1.0))
     snapshot = MetricSnapshot(deployment=LLAMA, window_end=1_700_000_000.0, window_s=1.0,
                               num_requests=1.0, isl_avg=0.0, prefill_workers=0,
                               decode_workers=1)

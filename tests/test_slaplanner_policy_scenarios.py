@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from services.decider import sizing
 from services.decider.core import Decider
+from services.decider.policies.slaplanner import sizing
 from shared.messages import Outcome, ReplicaTarget
 from tests.test_slaplanner_policy_support import (
     LLAMA,
@@ -88,13 +88,13 @@ def test_a_drop_and_a_rebound_inside_the_stabilisation_window_do_not_flap() -> N
 
 
 def test_a_budget_that_binds_on_one_role_takes_from_the_role_that_costs_least() -> None:
-    decider = make_decider(no_correction=True, max_gpu_budget=18)
+    decider = make_decider(no_correction=True, max_total_gpus=18)
     # 200/s of 3000-token prompts with 20-token answers: prefill needs 17, decode 1
     target = decider.decide(
         forecast(0, 12_000.0, osl=20.0, observed=snapshot(0, 12_000.0, osl=20.0))
     )
     assert counts(target) == (17, 1)  # 18 GPUs: fits
-    tight = make_decider(no_correction=True, max_gpu_budget=16)
+    tight = make_decider(no_correction=True, max_total_gpus=16)
     target = tight.decide(forecast(0, 12_000.0, osl=20.0, observed=snapshot(0, 12_000.0, osl=20.0)))
     assert counts(target) == (15, 1)  # decode keeps the one engine it needs; prefill gives 2
     why = target.explanation
@@ -279,17 +279,17 @@ def test_the_arrival_burstiness_of_short_snapshots_is_measured_and_used() -> Non
 
 
 def test_the_budget_is_never_exceeded_by_the_fast_path() -> None:
-    decider = make_decider(no_correction=True, max_gpu_budget=12)
+    decider = make_decider(no_correction=True, max_total_gpus=12)
     decider.decide(forecast(0, 1800.0, observed=snapshot(0, prefill=5, decode=3)))
     burst = decider.on_snapshot(snapshot(5, 750.0, 5, 3, window_s=5.0))
     assert burst is not None and burst.prefill_replicas + burst.decode_replicas <= 12
     assert burst.explanation["gpu_budget"]["binds"]
-    assert config(max_gpu_budget=12).max_gpu_budget == 12
+    assert config(max_total_gpus=12).max_total_gpus == 12
 
 
 def test_a_load_without_a_forecast_or_an_observation_is_sized_and_says_nothing_was_held() -> None:
-    from services.decider import slaplanner_policy
-    from services.decider.policy import PlannedLoad, PolicyState
+    from services.decider.policies import slaplanner as slaplanner_policy
+    from services.decider.policies.contract import PlannedLoad, PolicyState
 
     decision = slaplanner_policy.decide(
         PlannedLoad(1800, 3000, 300, 60), None, PROFILE, config(), PolicyState()

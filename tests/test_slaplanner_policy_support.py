@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from services.decider.core import Decider
-from services.decider.policy import PolicyConfig
+from services.decider.knobs import DeploymentKnobs
 from services.decider.settings import DeciderSettings
 from shared.messages import (
     DeploymentKey,
@@ -31,7 +31,7 @@ BASE_KNOBS: dict[str, Any] = {
     "policy": "slaplanner",
     "ttft_target_s": 0.1,
     "itl_target_s": 0.01,
-    "max_gpu_budget": 256,
+    "max_total_gpus": 256,
     "adjustment_interval_s": WINDOW_S,
 }
 
@@ -40,8 +40,8 @@ def settings(**knobs: Any) -> DeciderSettings:
     return DeciderSettings(**{**BASE_KNOBS, **knobs})
 
 
-def config(**knobs: Any) -> PolicyConfig:
-    return settings(**knobs).policy_config()
+def config(**knobs: Any) -> DeploymentKnobs:
+    return settings(**knobs).knobs()
 
 
 def make_decider(**knobs: Any) -> Decider:

@@ -80,3 +80,19 @@ def test_a_bad_trace_line_is_named(tmp_path: Path) -> None:
     text_path.write_text("0 1 1\n")
     with pytest.raises(traces.TraceError, match="unknown trace format"):
         traces.load_trace(text_path)
+
+
+def test_window_loads_count_every_window_with_the_bucketing_means_and_the_p90s() -> None:
+    trace = traces.Trace(
+        np.array([0.5, 1.5, 2.5, 25.0]), np.array([100, 300, 200, 50]), np.array([10, 20, 30, 7])
+    )
+    windows = traces.window_loads(trace, 10.0)
+    assert [(w.index, w.num_requests) for w in windows] == [(0, 3), (1, 0), (2, 1)]
+    first, idle, last = windows
+    assert (first.isl_avg, first.osl_avg) == (200.0, 20.0)  # (100 + 300 + 200) / 3
+    assert (first.isl_p90, first.osl_p90) == (280.0, 28.0)  # numpy's linear p90 of 3 values
+    assert (idle.isl_avg, idle.isl_p90, idle.end_s(10.0)) == (None, None, 20.0)
+    assert (last.isl_avg, last.isl_p90) == (50.0, 50.0)
+    load = traces.bucket_by_interval(trace, 10.0)
+    assert [w.isl_avg for w in windows if w.num_requests] == load.isl_avg_tokens.tolist()
+    assert traces.window_loads(traces.Trace(np.array([]), np.array([]), np.array([])), 1.0) == []

@@ -16,10 +16,11 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
-import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from typing import Any
 
 from services.actuator.config import ActuatorConfig, DeploymentConfig, KindInfo, LimitsConfig
@@ -41,7 +42,16 @@ from services.actuator.core import (
     target_reason,
 )
 from services.actuator.inflight import InflightProbe
-from services.actuator.kube import DELETION_COST, JSON_PATCH, MERGE_PATCH, Kube
+from services.actuator.informer import Informers, Source
+from services.actuator.kube import (
+    DELETION_COST,
+    HPAS,
+    JSON_PATCH,
+    MERGE_PATCH,
+    PODS,
+    SCALED_OBJECTS,
+    Kube,
+)
 from services.actuator.settings import ActuatorSettings
 from shared.messages import DeploymentKey, ReplicaTarget, derived_id
 
@@ -73,6 +83,14 @@ def involved(obj: JSON, kind: KindInfo) -> JSON:
     return {"apiVersion": kind.api_version, "kind": kind.kind, "name": meta.get("name"),
             "namespace": meta.get("namespace"), "uid": meta.get("uid"),
             "resourceVersion": meta.get("resourceVersion")}
+
+
+def ready_pods(pods: list[JSON]) -> int:
+    """Pods running, not terminating, with their Ready condition true."""
+    return sum(1 for pod in pods if get_path(pod, "status.phase") == "Running"
+               and not get_path(pod, "metadata.deletionTimestamp")
+               and any(c.get("type") == "Ready" and c.get("status") == "True"
+                       for c in get_path(pod, "status.conditions") or []))
 
 
 def pending_replicas(pods: list[JSON], spec: int) -> int:
@@ -111,32 +129,26 @@ class KubeOptions:
 
 
 class Autoscalers:
-    """HPAs and KEDA ScaledObjects per namespace, cached for a while."""
+    """HPAs and KEDA ScaledObjects per namespace, from the watch cache."""
 
-    def __init__(self, kube: Kube, ttl_s: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.kube = kube
-        self.ttl_s = ttl_s
-        self.clock = clock
-        self._cache: dict[str, tuple[float, list[tuple[str, str, str, str]]]] = {}
+    def __init__(self, informers: Informers) -> None:
+        self.informers = informers
 
     async def _refs(self, namespace: str) -> list[tuple[str, str, str, str]]:
         """(owner, group, kind, name) of every scale target in the namespace."""
-        cached = self._cache.get(namespace)
-        if cached is not None and self.clock() - cached[0] < self.ttl_s:
-            return cached[1]
         refs: list[tuple[str, str, str, str]] = []
-        for hpa in await self.kube.list_hpas(namespace):
+        hpas = await self.informers.synced(Source(HPAS, namespace))
+        for hpa in hpas.items():
             ref = get_path(hpa, "spec.scaleTargetRef") or {}
             refs.append((f"HorizontalPodAutoscaler {namespace}/{get_path(hpa, 'metadata.name')}",
                          str(ref.get("apiVersion") or "").rpartition("/")[0],
                          str(ref.get("kind") or ""), str(ref.get("name") or "")))
-        for scaled in await self.kube.list_scaled_objects(namespace) or []:
+        scaled_objects = await self.informers.synced(Source(SCALED_OBJECTS, namespace))
+        for scaled in scaled_objects.items():  # none when KEDA is not installed
             ref = get_path(scaled, "spec.scaleTargetRef") or {}
             refs.append((f"ScaledObject {namespace}/{get_path(scaled, 'metadata.name')}",
                          str(ref.get("apiVersion") or "apps/v1").rpartition("/")[0],
                          str(ref.get("kind") or "Deployment"), str(ref.get("name") or "")))
-        self._cache[namespace] = (self.clock(), refs)
         return refs
 
     async def targeting(self, namespace: str, targets: Iterable[tuple[KindInfo, str]]) -> list[str]:
@@ -241,8 +253,13 @@ class ScaleWorkerSets(_KubeWorkerSets):
                 owners = await self.autoscalers.targeting(target.namespace,
                                                           [(target.kind, target.name)])
             what = str(target.ref())
+            ready = _int_or_none(get_path(obj, target.ready_replicas_path))
+            if ready is None and pods is not None:
+                # e.g. a DynamoGraphDeploymentScalingAdapter: its status has no ready count,
+                # but its scale names the pods behind it.
+                ready = ready_pods(pods)
             states[role] = RoleState(
-                spec=spec, ready=_int_or_none(get_path(obj, target.ready_replicas_path)),
+                spec=spec, ready=ready,
                 pending=pending_replicas(pods, spec) if pods is not None else None,
                 paused_by=self.options.paused_by(obj, what), owners=tuple(owners), obj=what)
             seen[role] = _ScaleSeen(target, get_path(scale, "metadata.resourceVersion"), pods)
@@ -251,9 +268,10 @@ class ScaleWorkerSets(_KubeWorkerSets):
         return Observed(states[Role.PREFILL], states[Role.DECODE], seen)
 
     async def write(self, key: DeploymentKey, step: Step, observed: Observed | None,
-                    target: ReplicaTarget) -> None:
+                    target: ReplicaTarget) -> Mapping[Role, str]:
         assert observed is not None, "the scale backend always reads before it writes"
         seen: dict[Role, _ScaleSeen] = observed.handle
+        via: dict[Role, str] = {}
         for role, replicas in sorted(step, key=lambda rs: rs[1] - observed.role(rs[0]).spec):
             item = seen[role]
             where = item.target
@@ -263,6 +281,8 @@ class ScaleWorkerSets(_KubeWorkerSets):
                 await self._mark_least_busy(where, item.pods)
             await self.kube.patch_scale(where.kind, where.namespace, where.name, replicas,
                                         item.scale_version)
+            via[role] = f"{where.ref()}/scale"
+        return via
 
     async def _mark_least_busy(self, where: ScaleTarget, pods: list[JSON]) -> None:
         """Give each running pod a deletion cost equal to its requests in flight."""
@@ -276,8 +296,15 @@ class ScaleWorkerSets(_KubeWorkerSets):
                 min(MAX_DELETION_COST, max(0, round(inflight)))
             current = (get_path(pod, "metadata.annotations") or {}).get(DELETION_COST)
             if current != str(cost):
-                await self.kube.annotate_pod(where.namespace, get_path(pod, "metadata.name"),
-                                             DELETION_COST, str(cost))
+                try:
+                    await self.kube.annotate_pod(where.namespace, get_path(pod, "metadata.name"),
+                                                 DELETION_COST, str(cost))
+                except BackendError as exc:
+                    # Without the right to patch pods (the default RBAC does not grant it) the
+                    # scale-down goes on; the ReplicaSet then picks the pods itself.
+                    log.warning("%s: pod-deletion-cost not set (%s); scaling down without it",
+                                where.ref(), exc)
+                    return
 
 
 # ----------------------------------------------------------------------------- dynamo
@@ -299,21 +326,64 @@ class DynamoTarget:
 class _DynamoSeen:
     target: DynamoTarget
     version: str
-    layout: str  # "services" (a map, v1alpha1) or "components" (a list)
+    layout: str  # "services" (a map, v1alpha1) or "components" (a list, v1beta1)
     names: dict[Role, str]
     indexes: dict[Role, int]
+    adapters: dict[Role, JSON | None]  # each role's scaling adapter, if the cache has one
+    managed: dict[Role, bool]  # the component asks for a scaling adapter
+    replicas: dict[Role, int | None]  # each component's replicas field as read (None: unset)
 
 
 DEFAULT_DGD_KIND = KindInfo(kind="DynamoGraphDeployment", group="nvidia.com",
-                            version="v1alpha1", plural="dynamographdeployments")
+                            version="v1beta1", plural="dynamographdeployments")
+PLANNER_CONDITION = "slaplanner.io/ScalingActive"
+# Set to "true" on a DGD whose Dynamo Planner only observes (its ``no-operation`` mode).
+ALLOW_DYNAMO_PLANNER = "slaplanner.io/allow-dynamo-planner"
+ROLLING = ("Pending", "InProgress")
+
+
+def adapter_kind(version: str) -> KindInfo:
+    return KindInfo(kind="DynamoGraphDeploymentScalingAdapter", group="nvidia.com",
+                    version=version, plural="dynamographdeploymentscalingadapters")
+
+
+def adapter_name(dgd: str, service: str) -> str:
+    """Dynamo's naming of a component's adapter: ``<dgd>-<component in lower case>``."""
+    return f"{dgd}-{service.lower()}"
+
+
+def _role_of(layout: str, service: JSON) -> str:
+    if layout == "components":
+        return str(service.get("type") or "")
+    kind, sub = service.get("componentType", ""), service.get("subComponentType", "")
+    return str(sub or kind or service.get("type") or "")
+
+
+def _managed(layout: str, service: JSON) -> bool:
+    adapter = service.get("scalingAdapter")
+    if layout == "components":
+        return isinstance(adapter, dict)  # v1beta1: presence opts in
+    return isinstance(adapter, dict) and adapter.get("enabled") is True  # v1alpha1
+
+
+def ready_condition(dgd: JSON) -> JSON | None:
+    return next((c for c in get_path(dgd, "status.conditions") or []
+                 if isinstance(c, dict) and c.get("type") == "Ready"), None)
 
 
 class DynamoWorkerSets(_KubeWorkerSets):
+    """A DynamoGraphDeployment, read from the watch cache, scaled through its components'
+    scaling adapters where they exist (``/scale``) and by patching the DGD otherwise, as
+    Dynamo's own planner does."""
+
     backend_name = "dynamo"
 
-    def __init__(self, kube: Kube, options: KubeOptions, autoscalers: Autoscalers) -> None:
+    def __init__(self, kube: Kube, options: KubeOptions, autoscalers: Autoscalers,
+                 informers: Informers) -> None:
         super().__init__(kube, options, autoscalers)
+        self.informers = informers
         self.targets: dict[DeploymentKey, DynamoTarget] = {}
+        self._stale: set[DeploymentKey] = set()  # read from the API next time (a conflict)
 
     def add(self, key: DeploymentKey, target: DynamoTarget) -> None:
         self.targets[key] = target
@@ -339,93 +409,226 @@ class DynamoWorkerSets(_KubeWorkerSets):
         raise BackendError(f"{what} has neither spec.services nor spec.components")
 
     @staticmethod
-    def _find(role: Role, configured: str | None, services: dict[str, JSON], what: str) -> str:
+    def _find(role: Role, configured: str | None, services: dict[str, JSON], layout: str,
+              what: str) -> str:
         if configured is not None:
             if configured not in services:
                 raise BackendError(f"{what} has no service {configured!r} (configured as the "
                                    f"{role} service); it has: {', '.join(sorted(services))}")
             return configured
-        matches = [name for name, svc in services.items()
-                   if svc.get("subComponentType") == role.value or svc.get("type") == role.value]
+        matches = [name for name, svc in services.items() if _role_of(layout, svc) == role.value]
         if len(matches) != 1:
+            field_name = "type" if layout == "components" else "subComponentType"
             found = "no service" if not matches else f"several services ({', '.join(matches)})"
-            raise BackendError(f"{what} has {found} with subComponentType {role.value!r}; "
+            raise BackendError(f"{what} has {found} with {field_name} {role.value!r}; "
                                f"set {role.value}_service in the actuator's configuration")
         return matches[0]
+
+    async def _dgd(self, key: DeploymentKey, target: DynamoTarget) -> JSON:
+        dgds = await self.informers.synced(Source(target.kind, target.namespace))
+        dgd = dgds.get(target.name)
+        if dgd is None or key in self._stale:
+            # Not in the cache (a 404 says so, in words) or the cache lost a race: ask the API.
+            dgd = await self.kube.get_object(target.kind, target.namespace, target.name)
+            dgds.observe(dgd)
+        return dgd
+
+    def _planner(self, dgd: JSON, layout: str, services: dict[str, JSON], what: str) -> str | None:
+        annotations = get_path(dgd, "metadata.annotations") or {}
+        if str(annotations.get(ALLOW_DYNAMO_PLANNER, "")).strip().lower() == "true":
+            return None
+        planners = [name for name, svc in services.items()
+                    if _role_of(layout, svc) == "planner"
+                    or (layout == "services" and svc.get("componentType") == "planner")]
+        if not planners:
+            return None
+        return (f"Dynamo Planner component {planners[0]!r} in {what} scales the same workers "
+                f"(two planners would fight): remove that component from the DGD, or, if it "
+                f"runs with no-operation: true, annotate the DGD {ALLOW_DYNAMO_PLANNER}=true")
 
     async def read(self, key: DeploymentKey) -> Observed:
         target = self.target(key)
         what = str(target.ref())
-        dgd = await self.kube.get_object(target.kind, target.namespace, target.name)
+        dgd = await self._dgd(key, target)
         layout, services, indexes = self._services(dgd, what)
-        names = {role: self._find(role, target.services.get(role), services, what)
+        names = {role: self._find(role, target.services.get(role), services, layout, what)
                  for role in ROLES}
+        adapters_kind = adapter_kind(target.kind.version)
+        adapters_cache = await self.informers.synced(Source(adapters_kind, target.namespace))
+        adapters = {r: adapters_cache.get(adapter_name(target.name, names[r])) for r in ROLES}
+        if key in self._stale:
+            for role in ROLES:
+                if adapters[role] is not None:
+                    fresh = await self.kube.get_object(adapters_kind, target.namespace,
+                                                       adapter_name(target.name, names[role]))
+                    adapters_cache.observe(fresh)
+                    adapters[role] = fresh
+            self._stale.discard(key)
         owners: list[str] = []
         if self.options.check_other_autoscalers:
-            adapters = KindInfo(kind="DynamoGraphDeploymentScalingAdapter", group=target.kind.group,
-                                version=target.kind.version,
-                                plural="dynamographdeploymentscalingadapters")
             owners = await self.autoscalers.targeting(
                 target.namespace,
                 [(target.kind, target.name),
-                 *((adapters, f"{target.name}-{names[r].lower()}") for r in ROLES)])
-            for role in ROLES:
-                if get_path(services[names[role]], "autoscaling.enabled") is True:
-                    owners.append(f"service {names[role]} of {what} has autoscaling.enabled "
-                                  "(the operator's own HPA)")
+                 *((adapters_kind, adapter_name(target.name, names[r])) for r in ROLES)])
+        planner = self._planner(dgd, layout, services, what)
+        if planner is not None:
+            owners.append(planner)
+            await self._say_planner_conflict(target, dgd, planner)
         paused = self.options.paused_by(dgd, what)
+        statuses = get_path(dgd, "status.components") if layout == "components" else \
+            get_path(dgd, "status.services")
+        statuses = statuses if isinstance(statuses, dict) else {}
+        condition = ready_condition(dgd)
+        not_ready = None
+        if condition is None or condition.get("status") != "True":
+            not_ready = (f"{what} is not Ready ("
+                         + (f"{condition.get('reason')}: {condition.get('message')}"
+                            if condition else "no Ready condition yet") + ")")
+        phase = get_path(dgd, "status.rollingUpdate.phase")
         states: dict[Role, RoleState] = {}
         for role in ROLES:
             service = services[names[role]]
-            status = get_path(dgd, "status.services") or get_path(dgd, "status.components")
-            service_status = status.get(names[role]) if isinstance(status, dict) else None
-            service_status = service_status if isinstance(service_status, dict) else {}
-            ready = _int_or_none(service_status.get("availableReplicas"))
+            status = statuses.get(names[role])
+            status = status if isinstance(status, dict) else {}
+            ready = _int_or_none(status.get("availableReplicas"))
             if ready is None:
-                ready = _int_or_none(service_status.get("readyReplicas"))
+                ready = _int_or_none(status.get("readyReplicas"))
             spec = _int_or_none(service.get("replicas"))
-            spec = 1 if spec is None else spec  # unset: the workload's default of one
+            spec = 1 if spec is None else spec  # unset: the operator's default of one
+            adapter = adapters[role]
+            if adapter is not None:  # the adapter's spec is the source of truth
+                spec = _int_or_none(get_path(adapter, "spec.replicas")) or spec
+            rollout = None
+            if phase in ROLLING:
+                rollout = f"rolling update of {what} is {phase}"
+            elif (_int_or_none(status.get("updatedReplicas")) or 0) < (
+                    _int_or_none(status.get("replicas")) or 0):
+                rollout = (f"service {names[role]} is rolling out ({status.get('updatedReplicas')}"
+                           f" of {status.get('replicas')} replicas updated)")
             pending = None
             selector = target.pod_selectors.get(role)
             if selector:
-                pending = pending_replicas(await self.kube.list_pods(target.namespace, selector),
-                                           spec)
-            states[role] = RoleState(spec=spec, ready=ready, pending=pending, paused_by=paused,
-                                     owners=tuple(owners),
-                                     obj=f"{what} service {names[role]}")
+                pods = await self.informers.synced(Source(PODS, target.namespace, selector))
+                pending = pending_replicas(pods.items(), spec)
+            states[role] = RoleState(
+                spec=spec, ready=ready, pending=pending, paused_by=paused, owners=tuple(owners),
+                obj=f"{what} service {names[role]}",
+                floor=_int_or_none(service.get("minAvailable")), not_ready=not_ready,
+                rollout=rollout)
         self._involved[key] = dict.fromkeys(ROLES, involved(dgd, target.kind))
         seen = _DynamoSeen(target, str(get_path(dgd, "metadata.resourceVersion")), layout,
-                           names, {r: indexes.get(names[r], -1) for r in ROLES})
+                           names, {r: indexes.get(names[r], -1) for r in ROLES}, adapters,
+                           {r: _managed(layout, services[names[r]]) for r in ROLES},
+                           {r: _int_or_none(services[names[r]].get("replicas")) for r in ROLES})
         return Observed(states[Role.PREFILL], states[Role.DECODE], seen)
 
+    async def _say_planner_conflict(self, target: DynamoTarget, dgd: JSON, text: str) -> None:
+        """A condition on the DGD's status saying why slaplanner does not scale it (once)."""
+        conditions = get_path(dgd, "status.conditions") or []
+        for index, condition in enumerate(conditions):
+            if condition.get("type") == PLANNER_CONDITION:
+                if condition.get("status") == "False" and condition.get("message") == text:
+                    return
+                path = f"/status/conditions/{index}"
+                op = "replace"
+                break
+        else:
+            path, op = ("/status/conditions/-", "add") if isinstance(conditions, list) and \
+                get_path(dgd, "status.conditions") is not None else ("/status/conditions", "add")
+        condition = {
+            "type": PLANNER_CONDITION, "status": "False", "reason": "DynamoPlannerPresent",
+            "message": text, "observedGeneration": get_path(dgd, "metadata.generation") or 1,
+            "lastTransitionTime": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}
+        value: Any = [condition] if path == "/status/conditions" else condition
+        ops: list[JSON] = [{"op": "test", "path": "/metadata/resourceVersion",
+                            "value": get_path(dgd, "metadata.resourceVersion")}]
+        if get_path(dgd, "status") is None:
+            ops.append({"op": "add", "path": "/status", "value": {}})
+        ops.append({"op": op, "path": path, "value": value})
+        try:
+            written = await self.kube.patch_status(target.kind, target.namespace, target.name,
+                                                   ops)
+        except (BackendError, ConflictError) as exc:
+            log.warning("%s: could not set the condition %s: %s", target.ref(),
+                        PLANNER_CONDITION, exc)
+            return
+        dgds = await self.informers.synced(Source(target.kind, target.namespace))
+        dgds.observe(written)
+
     async def write(self, key: DeploymentKey, step: Step, observed: Observed | None,
-                    target: ReplicaTarget) -> None:
+                    target: ReplicaTarget) -> Mapping[Role, str]:
         assert observed is not None, "the dynamo backend always reads before it writes"
         seen: _DynamoSeen = observed.handle
+        where = seen.target
+        via: dict[Role, str] = {}
+        direct: list[tuple[Role, int]] = []
+        kind = adapter_kind(where.kind.version)
+        for role, replicas in step:
+            if seen.adapters[role] is None and not seen.managed[role]:
+                direct.append((role, replicas))
+                continue
+            name = adapter_name(where.name, seen.names[role])
+            adapter = seen.adapters[role]
+            version = get_path(adapter, "metadata.resourceVersion") if adapter else None
+            try:
+                scale = await self.kube.patch_scale(kind, where.namespace, name, replicas,
+                                                    version)
+            except BackendError as exc:
+                if exc.status != 404:
+                    raise
+                direct.append((role, replicas))  # no adapter after all: patch the DGD
+                continue
+            except ConflictError:
+                self._stale.add(key)
+                raise
+            via[role] = f"{kind.kind} {where.namespace}/{name}/scale"
+            if adapter is not None:
+                updated = copy.deepcopy(adapter)
+                updated["spec"]["replicas"] = replicas
+                updated["metadata"]["resourceVersion"] = get_path(
+                    scale, "metadata.resourceVersion")
+                adapters = await self.informers.synced(Source(kind, where.namespace))
+                adapters.observe(updated)
+        if direct:
+            try:
+                written = await self._patch_dgd(seen, direct)
+            except ConflictError:
+                self._stale.add(key)
+                raise
+            dgds = await self.informers.synced(Source(where.kind, where.namespace))
+            dgds.observe(written)
+            for role, _ in direct:
+                via[role] = f"{where.kind.kind} {where.namespace}/{where.name}"
+        return via
+
+    async def _patch_dgd(self, seen: _DynamoSeen, step: list[tuple[Role, int]]) -> JSON:
         where = seen.target
         if seen.layout == "services":
             body: JSON | list[JSON] = {
                 "metadata": {"resourceVersion": seen.version},
                 "spec": {"services": {seen.names[r]: {"replicas": n} for r, n in step}},
             }
-            await self.kube.patch_custom_object(where.kind, where.namespace, where.name, body,
-                                                MERGE_PATCH)
-            return
-        ops: list[JSON] = [{"op": "test", "path": "/metadata/resourceVersion",
-                            "value": seen.version}]
+            return await self.kube.patch_custom_object(where.kind, where.namespace, where.name,
+                                                       body, MERGE_PATCH)
+        # Each "test" pins the component the index points at and the replicas it was planned
+        # from: a change of someone else's to them fails the patch (a conflict, read again),
+        # while the operator's status updates in between do not. A component without replicas
+        # cannot be tested that way: then the whole object's resourceVersion is the guard.
+        ops: list[JSON] = []
         for role, replicas in step:
             index = seen.indexes[role]
-            ops += [{"op": "test", "path": f"/spec/components/{index}/name",
-                     "value": seen.names[role]},
-                    {"op": "add", "path": f"/spec/components/{index}/replicas",
-                     "value": replicas}]
-        try:
-            await self.kube.patch_custom_object(where.kind, where.namespace, where.name, ops,
-                                                JSON_PATCH)
-        except BackendError as exc:
-            if exc.status == 422:  # a "test" failed: the object moved since it was read
-                raise ConflictError(str(exc)) from None
-            raise
+            ops.append({"op": "test", "path": f"/spec/components/{index}/name",
+                        "value": seen.names[role]})
+            if seen.replicas[role] is not None:
+                ops.append({"op": "test", "path": f"/spec/components/{index}/replicas",
+                            "value": seen.replicas[role]})
+            elif not ops or ops[0]["path"] != "/metadata/resourceVersion":
+                ops.insert(0, {"op": "replace", "path": "/metadata/resourceVersion",
+                               "value": seen.version})
+            ops.append({"op": "add", "path": f"/spec/components/{index}/replicas",
+                        "value": replicas})
+        return await self.kube.patch_custom_object(where.kind, where.namespace, where.name, ops,
+                                                   JSON_PATCH)
 
 
 # ----------------------------------------------------------------------------- virtual
@@ -452,7 +655,7 @@ class VirtualWorkerSets:
         return Observed(RoleState(last[Role.PREFILL]), RoleState(last[Role.DECODE]))
 
     async def write(self, key: DeploymentKey, step: Step, observed: Observed | None,
-                    target: ReplicaTarget) -> None:
+                    target: ReplicaTarget) -> Mapping[Role, str]:
         replicas = dict(self._published.get(key) or {})
         if observed is not None:
             replicas.update({r: observed.role(r).spec for r in ROLES if r not in replicas})
@@ -472,10 +675,11 @@ class VirtualWorkerSets:
         except Exception as exc:  # whatever the bus raised: this target was not handed over
             raise BackendError(f"could not publish on {subject}: {exc!r}") from exc
         self._published[key] = {Role.PREFILL: prefill, Role.DECODE: decode}
+        return dict.fromkeys((role for role, _ in step), subject)
 
     async def record(self, key: DeploymentKey, notices: Iterable[Notice], now: float) -> None:
-        for notice in notices:
-            log.info("%s: %s: %s", key, notice.reason, notice.message)
+        for notice in notices:  # the shell logs the outcome once; the details at debug
+            log.debug("%s: %s: %s", key, notice.reason, notice.message)
 
 
 # ----------------------------------------------------------------------------- routing
@@ -492,8 +696,11 @@ def limits_for(settings: ActuatorSettings, override: LimitsConfig, where: str) -
         max_prefill=tighter(settings.max_prefill_replicas, override.max_prefill_replicas, min),
         min_decode=tighter(settings.min_decode_replicas, override.min_decode_replicas, max),
         max_decode=tighter(settings.max_decode_replicas, override.max_decode_replicas, min),
-        prefill_gpus=override.prefill_engine_num_gpu or settings.prefill_engine_num_gpu,
-        decode_gpus=override.decode_engine_num_gpu or settings.decode_engine_num_gpu,
+        # GPUs per replica count towards the ceiling: a deployment may say more than the global
+        # setting (its engines are bigger), never fewer, or it would loosen the ceiling.
+        prefill_gpus=tighter(settings.prefill_engine_num_gpu, override.prefill_engine_num_gpu,
+                             max),
+        decode_gpus=tighter(settings.decode_engine_num_gpu, override.decode_engine_num_gpu, max),
         max_total_gpus=tighter(settings.max_total_gpus, override.max_total_gpus, min),
     )
     for role in ROLES:
@@ -534,6 +741,7 @@ class Backends:
     _scale: ScaleWorkerSets | None = None
     _virtual: VirtualWorkerSets | None = None
     _autoscalers: Autoscalers | None = None
+    _informers: Informers | None = None
 
     def _kube(self) -> Kube:
         if self.kube is None:
@@ -541,14 +749,24 @@ class Backends:
                              "given")
         return self.kube
 
+    def informers(self) -> Informers:
+        if self._informers is None:
+            kube = self._kube()
+            self._informers = Informers(kube.list_raw, kube.health,
+                                        sync_timeout_s=self.settings.kube_request_timeout_s * 3,
+                                        watch_timeout_s=int(self.settings.watch_timeout_s),
+                                        request_timeout_s=self.settings.kube_request_timeout_s)
+        return self._informers
+
     def autoscalers(self) -> Autoscalers:
         if self._autoscalers is None:
-            self._autoscalers = Autoscalers(self._kube(), self.settings.autoscaler_cache_s)
+            self._autoscalers = Autoscalers(self.informers())
         return self._autoscalers
 
     def dynamo(self) -> DynamoWorkerSets:
         if self._dynamo is None:
-            self._dynamo = DynamoWorkerSets(self._kube(), self.options, self.autoscalers())
+            self._dynamo = DynamoWorkerSets(self._kube(), self.options, self.autoscalers(),
+                                            self.informers())
         return self._dynamo
 
     def scale(self) -> ScaleWorkerSets:

@@ -61,8 +61,8 @@ KNOWN_KINDS: dict[str, KindInfo] = {
         KindInfo(kind="LeaderWorkerSet", group="leaderworkerset.x-k8s.io", version="v1",
                  plural="leaderworkersets"),
         KindInfo(kind="DynamoGraphDeploymentScalingAdapter", group="nvidia.com",
-                 version="v1alpha1", plural="dynamographdeploymentscalingadapters"),
-        KindInfo(kind="DynamoGraphDeployment", group="nvidia.com", version="v1alpha1",
+                 version="v1beta1", plural="dynamographdeploymentscalingadapters"),
+        KindInfo(kind="DynamoGraphDeployment", group="nvidia.com", version="v1beta1",
                  plural="dynamographdeployments"),
     )
 }
@@ -119,9 +119,10 @@ class DynamoConfig(_Strict):
     name: str | None = Field(default=None, pattern=DNS_SUBDOMAIN,
                              description="the DGD's name; default: the deployment's name")
     namespace: str | None = Field(default=None, pattern=DNS_LABEL)
-    api_version: str = Field(default="nvidia.com/v1alpha1",
+    api_version: str = Field(default="nvidia.com/v1beta1",
                              pattern=r"^nvidia\.com/v[0-9a-z]+$",
-                             description="the version the cluster serves")
+                             description="the version to read and write: v1beta1 (the storage "
+                             "version of current Dynamo releases) or v1alpha1 (older ones)")
     prefill_service: str | None = Field(
         default=None, min_length=1, max_length=253,
         description="service name; default: the service whose subComponentType is prefill")

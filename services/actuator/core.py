@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any, Protocol
 
+from shared import explanation
 from shared.messages import (
     DeploymentKey,
     Outcome,
@@ -46,6 +47,9 @@ class Reason(StrEnum):
     EXTERNAL_CHANGE_RESPECTED = "external_change_respected"
     PENDING_NOT_STACKED = "pending_not_stacked"
     GPU_CEILING = "gpu_ceiling"
+    MIN_AVAILABLE = "min_available"  # the workload's own floor (a DGD component's minAvailable)
+    NOT_READY = "not_ready"  # the workload is not Ready: no scale-up on top
+    ROLLOUT_IN_PROGRESS = "rollout_in_progress"  # a rollout runs: no change until it ends
 
 
 class EventReason(StrEnum):
@@ -56,6 +60,7 @@ class EventReason(StrEnum):
     REFUSED_RESCALE = "RefusedRescale"
     EXTERNAL_RESCALE = "ExternalRescale"
     PENDING_REPLICAS = "PendingReplicas"
+    DRY_RUN_RESCALE = "DryRunRescale"
 
 
 # ----------------------------------------------------------------------------- what is observed
@@ -71,6 +76,9 @@ class RoleState:
     paused_by: str | None = None  # what pauses it, e.g. the annotation and the object
     owners: tuple[str, ...] = ()  # other autoscalers that target this worker set
     obj: str = ""  # "Deployment prod/llama-prefill", for messages
+    floor: int | None = None  # fewest replicas the workload accepts above zero (minAvailable)
+    not_ready: str | None = None  # why the workload is not Ready, if it is not
+    rollout: str | None = None  # the rollout in progress, if one is
 
     @property
     def waiting(self) -> int:
@@ -275,6 +283,10 @@ def decide(target: Mapping[Role, int], observed: Observed | None, memory: Deploy
         clamped[role], reasons[role] = clamp(asked[role], *limits.bounds(role))
         if reasons[role] is not Reason.WITHIN_BOUNDS:
             notes.append(f"{role} {asked[role]} clamped to {clamped[role]} ({reasons[role]})")
+        floor = observed.role(role).floor if observed is not None else None
+        if floor is not None and 0 < clamped[role] < floor:
+            notes.append(f"{role} {clamped[role]} raised to {floor}, the workload's minAvailable")
+            clamped[role], reasons[role] = floor, Reason.MIN_AVAILABLE
     gpus = limits.gpus(clamped)
     if gpus > limits.max_total_gpus:
         return _refused(f"target needs {gpus} GPUs (prefill {clamped[Role.PREFILL]} x "
@@ -296,6 +308,13 @@ def decide(target: Mapping[Role, int], observed: Observed | None, memory: Deploy
         hold: tuple[Reason, str] | None = None
         if want != spec and state.paused_by is not None:
             hold = (Reason.PAUSED, f"{role} paused by {state.paused_by}")
+        elif want != spec and state.rollout is not None:
+            hold = (Reason.ROLLOUT_IN_PROGRESS,
+                    f"{role} held at {spec}: {state.rollout}; scaling waits for the rollout")
+        elif want > spec and state.not_ready is not None:
+            # A workload that cannot become Ready gets no more replicas on top; scaling down
+            # still applies, or one stuck for lack of GPUs could never recover.
+            hold = (Reason.NOT_READY, f"{role} held at {spec}: {state.not_ready}")
         elif want != spec and external_hold_active(role_memory, now, rules):
             assert role_memory.external_at is not None
             left = role_memory.external_at + rules.external_change_hold_s - now
@@ -367,6 +386,11 @@ class BackendError(Exception):
         self.status = status  # the HTTP status, when an API server answered
 
 
+class RejectedError(BackendError):
+    """The API server refused the change itself (schema, CEL rule, admission webhook): retrying
+    the same change will not help; the target is refused with the server's own message."""
+
+
 class ConflictError(Exception):
     """Someone else wrote the object between our read and our write; read again and re-plan."""
 
@@ -386,8 +410,10 @@ class WorkerSets(Protocol):
         ...
 
     async def write(self, key: DeploymentKey, step: Step, observed: Observed | None,
-                    target: ReplicaTarget) -> None:
-        """Set the replicas of the roles in ``step``; raises ConflictError or BackendError."""
+                    target: ReplicaTarget) -> Mapping[Role, str] | None:
+        """Set the replicas of the roles in ``step``; what was written for each role (an object
+        and subresource, a subject), or None. Raises ConflictError, RejectedError or
+        BackendError."""
         ...
 
     async def record(self, key: DeploymentKey, notices: Iterable[Notice], now: float) -> None:
@@ -427,16 +453,16 @@ class DryRunWorkerSets:
         known = self._replicas.get(key)
         if known is None:
             return None
-        return Observed(RoleState(known[Role.PREFILL], known[Role.PREFILL]),
-                        RoleState(known[Role.DECODE], known[Role.DECODE]))
+        return Observed(RoleState(known[Role.PREFILL]), RoleState(known[Role.DECODE]))
 
     async def write(self, key: DeploymentKey, step: Step, observed: Observed | None,
-                    target: ReplicaTarget) -> None:
+                    target: ReplicaTarget) -> Mapping[Role, str] | None:
         self._replicas.setdefault(key, {Role.PREFILL: 0, Role.DECODE: 0}).update(dict(step))
+        return None
 
     async def record(self, key: DeploymentKey, notices: Iterable[Notice], now: float) -> None:
-        for notice in notices:
-            log.info("%s: %s: %s (dry run, not recorded)", key, notice.reason, notice.message)
+        for notice in notices:  # the shell logs the outcome once; the details at debug
+            log.debug("%s: %s: %s (dry run, not recorded)", key, notice.reason, notice.message)
 
 
 @dataclass(frozen=True)
@@ -452,19 +478,8 @@ class StaticRouter:
 
 def target_reason(target: ReplicaTarget, role: Role | None = None) -> str:
     """The rule that bound the target, from its explanation, for Events and logs."""
-    explanation = target.explanation
-    candidates: list[Any] = []
-    if role is not None:
-        nested = explanation.get(role.value)
-        if isinstance(nested, dict):
-            candidates += [nested.get("reason"), nested.get("rule")]
-        candidates += [explanation.get(f"{role.value}_reason"),
-                       explanation.get(f"{role.value}_rule")]
-    candidates += [explanation.get("reason"), explanation.get("rule"), explanation.get("bound_by")]
-    for candidate in candidates:
-        if isinstance(candidate, str) and candidate:
-            return candidate[:200]
-    return f"policy {target.policy}"
+    reason = explanation.reason_text(target.explanation, None if role is None else role.value)
+    return (reason or f"policy {target.policy}")[:200]
 
 
 # ----------------------------------------------------------------------------- the actuator
@@ -557,12 +572,13 @@ class Actuator:
 
         def event(outcome: Outcome, reason: str, to: Mapping[Role, int],
                   before: Observed | None = None, after: Observed | None = None,
-                  backend: str = "none") -> ScaleEvent:
+                  backend: str = "none", via: Mapping[Role, str] | None = None) -> ScaleEvent:
             def change(role: Role) -> RoleChange:
                 was = before.role(role).spec if before is not None else remembered[role]
                 ready = after.role(role).ready if after is not None else (
                     before.role(role).ready if before is not None else None)
-                return RoleChange(from_=was, to=to[role], ready=ready)
+                return RoleChange(from_=was, to=to[role], ready=ready,
+                                  via=(via or {}).get(role))
 
             return ScaleEvent(
                 id=derived_id("scaled", target.id), deployment=key, target_id=target.id,
@@ -608,6 +624,7 @@ class Actuator:
                 return event(plan.outcome, "; ".join(plan.notes), plan.replicas, observed,
                              backend=ws.backend_name)
             done: list[tuple[Role, int]] = []
+            via: dict[Role, str] = {}
             try:
                 current = observed
                 for index, step in enumerate(plan.steps):
@@ -618,7 +635,7 @@ class Actuator:
                         memory = memory.with_role(role, replace(
                             role_memory, attempted=role_memory.attempted | {replicas}))
                     self.memory[key] = memory
-                    await ws.write(key, step, current, target)
+                    via.update(await ws.write(key, step, current, target) or {})
                     done += step
             except ConflictError as exc:
                 if attempt < self.conflict_attempts:
@@ -628,10 +645,13 @@ class Actuator:
                     continue
                 return await self._failed(ws, key, target, plan, done, observed, now, event,
                                           f"conflict persisted after {attempt} attempts: {exc}")
+            except RejectedError as exc:
+                return await self._failed(ws, key, target, plan, done, observed, now, event,
+                                          str(exc), Outcome.REFUSED)
             except BackendError as exc:
                 return await self._failed(ws, key, target, plan, done, observed, now, event,
                                           str(exc))
-            return await self._applied(ws, key, target, plan, observed, now, event)
+            return await self._applied(ws, key, target, plan, observed, now, event, via)
         raise AssertionError("unreachable")  # pragma: no cover
 
     @staticmethod
@@ -660,7 +680,8 @@ class Actuator:
 
     async def _failed(self, ws: WorkerSets, key: DeploymentKey, target: ReplicaTarget, plan: Plan,
                       done: list[tuple[Role, int]], observed: Observed | None, now: float,
-                      event: Callable[..., ScaleEvent], error: str) -> ScaleEvent:
+                      event: Callable[..., ScaleEvent], error: str,
+                      outcome: Outcome = Outcome.FAILED) -> ScaleEvent:
         memory = self.memory[key]
         for role, replicas in done:
             memory = memory.with_role(role, replace(memory.role(role), applied=replicas,
@@ -668,17 +689,19 @@ class Actuator:
         self.memory[key] = memory
         partial = (" (already applied: " + ", ".join(f"{r} {n}" for r, n in done) + ")"
                    if done else "")
-        reason = f"failed to apply: {error}{partial}"
-        notices = [Notice(EventReason.FAILED_RESCALE, f"{reason}; target {target.id}", role,
-                          warning=True)
+        refused = outcome is Outcome.REFUSED
+        reason = f"{'refused' if refused else 'failed to apply'}: {error}{partial}"
+        notices = [Notice(EventReason.REFUSED_RESCALE if refused else EventReason.FAILED_RESCALE,
+                          f"{reason}; target {target.id}", role, warning=True)
                    for step in plan.steps for role, n in step if (role, n) not in done]
         await ws.record(key, notices, now)
-        return event(Outcome.FAILED, "; ".join([*plan.notes, reason]), plan.replicas, observed,
+        return event(outcome, "; ".join([*plan.notes, reason]), plan.replicas, observed,
                      backend=ws.backend_name)
 
     async def _applied(self, ws: WorkerSets, key: DeploymentKey, target: ReplicaTarget,
                        plan: Plan, observed: Observed | None, now: float,
-                       event: Callable[..., ScaleEvent]) -> ScaleEvent:
+                       event: Callable[..., ScaleEvent],
+                       via: Mapping[Role, str] | None = None) -> ScaleEvent:
         memory = self.memory[key]
         for step in plan.steps:
             for role, replicas in step:
@@ -693,7 +716,8 @@ class Actuator:
             after = None
             notes.append(f"could not read back: {exc}")
         changed = [(role, n) for step in plan.steps for role, n in step]
-        was = {r: observed.role(r).spec if observed is not None else None for r in ROLES}
+        was = {r: str(observed.role(r).spec) if observed is not None else "unknown"
+               for r in ROLES}
         verb = "applied" if ws.applies else "would apply (dry run)"
         notes.insert(0, f"{verb}: " + ", ".join(f"{r} {was[r]}->{n}" for r, n in changed))
         if after is not None:
@@ -701,11 +725,19 @@ class Actuator:
                 seen = after.role(role).spec
                 if seen != replicas:
                     notes.append(f"{role} reads back {seen} replicas, not {replicas}")
-        notices = [Notice(EventReason.SUCCESSFUL_RESCALE,
-                          f"New size: {n}; reason: {target_reason(target, role)}; {role} "
-                          f"{was[role]} -> {n} (target {target.id})", role)
-                   for role, n in changed]
+        if ws.applies:
+            notices = [Notice(EventReason.SUCCESSFUL_RESCALE,
+                              f"New size: {n}; reason: {target_reason(target, role)}; {role} "
+                              f"{was[role]} -> {n} (target {target.id})", role)
+                       for role, n in changed]
+        else:
+            notices = [Notice(EventReason.DRY_RUN_RESCALE,
+                              f"Dry run: would set {role} to {n} (now {was[role]}); reason: "
+                              f"{target_reason(target, role)} (target {target.id})", role)
+                       for role, n in changed]
         await self._record(ws, key, replace(plan, notices=plan.notices + tuple(notices)), now)
         outcome = Outcome.APPLIED if ws.applies else Outcome.DRY_RUN
-        return event(outcome, "; ".join(notes), plan.replicas, observed, after,
-                     backend=ws.backend_name)
+        # ``ready`` is what was ready when the change was made: new replicas take minutes, and
+        # a read right after the write would show the same or a race.
+        return event(outcome, "; ".join(notes), plan.replicas, observed,
+                     backend=ws.backend_name, via=via)

@@ -57,6 +57,16 @@ class Elector:
         self._valid_until: float | None = None  # we may act until then
         self.leader: str | None = None
         self.transitions_seen = 0
+        self.lease_error: str | None = None  # the last failure to read or write the Lease
+
+    def trouble(self, error: str | None) -> None:
+        """Log a failure to reach the Lease once, and its end once, not every retry period."""
+        if error is not None and self.lease_error is None:
+            log.warning("%s: %s; retrying every period, quietly until it works", self.identity,
+                        error)
+        elif error is None and self.lease_error is not None:
+            log.warning("%s: the lease can be read and written again", self.identity)
+        self.lease_error = error
 
     def is_leader(self, now: float) -> bool:
         return self._valid_until is not None and now < self._valid_until
@@ -128,7 +138,7 @@ async def step(elector: Elector, lock: LeaseLock, now: float) -> Decision | None
     try:
         found = await lock.get()
     except BackendError as exc:
-        log.warning("cannot read the lease: %s", exc)
+        elector.trouble(f"cannot read the lease: {exc}")
         return None
     current, version = found if found is not None else (None, "")
     decision = elector.decide(current, now)
@@ -145,8 +155,9 @@ async def step(elector: Elector, lock: LeaseLock, now: float) -> Decision | None
         elector.lost(None)
         return Decision(Action.FOLLOW, None, None)
     except BackendError as exc:
-        log.warning("cannot %s the lease: %s", decision.action, exc)
+        elector.trouble(f"cannot {decision.action} the lease: {exc}")
         return None
+    elector.trouble(None)
     elector.succeeded(decision, now)
     return decision
 

@@ -15,6 +15,7 @@ import logging
 import os
 import random
 import socket
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -27,8 +28,9 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
 
 from services.actuator.config import KindInfo
-from services.actuator.core import BackendError, ConflictError
+from services.actuator.core import BackendError, ConflictError, RejectedError
 from services.actuator.election import LeaseRecord
+from services.actuator.informer import Health
 from services.actuator.settings import ActuatorSettings
 
 log = logging.getLogger("slaplanner.actuator.kube")
@@ -85,6 +87,18 @@ def _server_message(exc: ApiException) -> str:
         return str(exc.reason or exc.body or "")
 
 
+def patch_failed(exc: ApiException) -> bool:
+    """A 422 for a JSON patch that could not be applied (a ``test`` operation failed), as opposed
+    to a rejection of the patched object by the schema, a CEL rule or an admission webhook."""
+    try:
+        body = json.loads(exc.body or "{}")
+    except ValueError:
+        return False
+    causes = (body.get("details") or {}).get("causes") or []
+    text = " ".join([str(body.get("message") or "")] + [str(c.get("message")) for c in causes])
+    return "testing value" in text or "test failed" in text
+
+
 def not_served(said: str) -> bool:
     """A 404 for the resource type itself (CRD not installed), not for one object."""
     return "could not find the requested resource" in said
@@ -106,6 +120,8 @@ def permanent_error(op: Op, exc: ApiException) -> BackendError:
     elif exc.status == 404:
         message = (f"{op.kind.api_version} {op.resource} is not served (is its CRD installed, "
                    f"at that version?) while trying to {op}: {said}")
+    elif exc.status == 422:
+        return RejectedError(f"the API server refused to {op}: {said}", exc.status)
     else:
         message = f"{op} refused with {exc.status} {exc.reason}: {said}"
     return BackendError(message, exc.status)
@@ -117,8 +133,9 @@ class Kube:
     def __init__(self, api: client.ApiClient, policy: RetryPolicy = RetryPolicy(),
                  timeout_s: float = 10.0, field_manager: str = "slaplanner-actuator",
                  sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, health: Health | None = None) -> None:
         self.api = api
+        self.health = health or Health()
         self.policy = policy
         self.timeout_s = timeout_s
         self.field_manager = field_manager
@@ -138,22 +155,34 @@ class Kube:
         for attempt in range(1, self.policy.attempts + 1):
             delay = min(self.policy.max_s, self.policy.base_s * 2 ** (attempt - 1))
             delay *= 0.5 + self.rng.random() / 2  # jitter: two actuators do not retry in step
+            started = time.monotonic()
             try:
-                return await asyncio.to_thread(fn)
+                result = await asyncio.to_thread(fn)
             except ApiException as exc:
                 status = exc.status or 0
+                if status < 500 and status != 429:
+                    self.health.ok(started)  # it answered
                 if status == 409:
+                    raise ConflictError(f"{op}: {_server_message(exc)}") from None
+                if status == 422 and patch_failed(exc):
+                    # A JSON patch "test" failed: the object changed since it was read.
                     raise ConflictError(f"{op}: {_server_message(exc)}") from None
                 if status != 429 and status < 500:
                     raise permanent_error(op, exc) from None
                 last = f"{status} {exc.reason}: {_server_message(exc)}"
+                self.health.failed(f"{status} {exc.reason}")
                 retry_after = (exc.headers or {}).get("Retry-After") if status == 429 else None
                 if retry_after is not None and retry_after.isdigit():
                     delay = min(self.policy.max_s, float(retry_after))
             except (urllib3.exceptions.HTTPError, OSError) as exc:
                 last = f"{type(exc).__name__}: {exc}"
+                self.health.failed(last)
+            else:
+                self.health.ok(started)
+                return result
             if attempt < self.policy.attempts:
-                log.info("%s failed (%s); retrying in %.2f s", op, last, delay)
+                # Health logs the change of state once; each attempt only at debug level.
+                log.debug("%s failed (%s); retrying in %.2f s", op, last, delay)
                 await self.sleep(delay)
         raise BackendError(f"{op} failed {self.policy.attempts} times; last: {last}")
 
@@ -216,6 +245,27 @@ class Kube:
             op, lambda: self.custom.patch_namespaced_custom_object(
                 kind.group, kind.version, namespace, kind.plural, name, body,
                 field_manager=self.field_manager, _content_type=content_type,
+                _request_timeout=self.timeout_s)))
+
+    def list_raw(self, kind: KindInfo, namespace: str, selector: str, **kwargs: Any) -> Any:
+        """A list (or, with ``watch=True``, a watch) of ``kind`` in ``namespace``, for the
+        informers (blocking: they call it from their own threads)."""
+        label_selector = selector or None
+        if kind.group == "" and kind.plural == "pods":
+            return self.core.list_namespaced_pod(namespace, label_selector=label_selector,
+                                                 **kwargs)
+        return self.custom.list_namespaced_custom_object(
+            kind.group, kind.version, namespace, kind.plural, label_selector=label_selector,
+            **kwargs)
+
+    async def patch_status(self, kind: KindInfo, namespace: str, name: str,
+                           body: list[JSON]) -> JSON:
+        """A JSON patch of the ``status`` subresource."""
+        op = Op("patch", kind, namespace, name, "status")
+        return self.as_json(await self.call(
+            op, lambda: self.custom.patch_namespaced_custom_object_status(
+                kind.group, kind.version, namespace, kind.plural, name, body,
+                field_manager=self.field_manager, _content_type=JSON_PATCH,
                 _request_timeout=self.timeout_s)))
 
     # -- pods

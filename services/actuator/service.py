@@ -18,12 +18,14 @@ from collections.abc import Callable
 import nats.errors
 import nats.js.errors
 import prometheus_client
+from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
 
 from services.actuator import election
 from services.actuator.core import Actuator
 from services.actuator.settings import ActuatorSettings
 from services.actuator.wiring import Assembly
+from shared import partition
 from shared import service as shell
 from shared.messages import SUBJECT_PREFIX, Envelope, ReplicaTarget, ScaleEvent
 from shared.service import Runtime
@@ -57,16 +59,31 @@ class NatsPublisher:
         shell.MESSAGES_PUBLISHED.labels(runtime.name, "virtual").inc()
 
 
-async def restore(runtime: Runtime, actuator: Actuator) -> int:
+def owned_by(settings: ActuatorSettings) -> Callable[[str], bool]:
+    """Whether a subject's deployment belongs to this replica (all of them for a single one)."""
+    def owns(subject: str) -> bool:
+        return partition.owns(subject, settings.replica_count, settings.replica_index)
+
+    return owns
+
+
+def durable_name(settings: ActuatorSettings) -> str:
+    return "actuator" if settings.replica_count == 1 else f"actuator-{settings.replica_index}"
+
+
+async def restore(runtime: Runtime, actuator: Actuator,
+                  owns: Callable[[str], bool] = lambda subject: True) -> int:
     """Feed the last ScaleEvent of every deployment to the actuator's memory, then the last
     target (one a previous instance may have written and died before reporting)."""
     count = 0
     async for msg in runtime.read_stream(SCALED, DeliverPolicy.LAST_PER_SUBJECT):
-        if (event := runtime.stored(ScaleEvent, msg.subject, msg.data)) is not None:
+        if owns(msg.subject) and (
+                event := runtime.stored(ScaleEvent, msg.subject, msg.data)) is not None:
             actuator.restore(event)
             count += 1
     async for msg in runtime.read_stream(CONSUMES, DeliverPolicy.LAST_PER_SUBJECT):
-        if (target := runtime.stored(ReplicaTarget, msg.subject, msg.data)) is not None:
+        if owns(msg.subject) and (
+                target := runtime.stored(ReplicaTarget, msg.subject, msg.data)) is not None:
             actuator.restore_unconfirmed(target)
     log.info("restored the last scale event of %d deployments from the stream", count)
     return count
@@ -75,6 +92,7 @@ async def restore(runtime: Runtime, actuator: Actuator) -> int:
 async def consume(runtime: Runtime, assembly: Assembly, settings: ActuatorSettings,
                   clock: Clock) -> None:
     actuator, elector = assembly.actuator, assembly.elector
+    owns = owned_by(settings)
     leading = False
 
     async def gate() -> bool:
@@ -88,7 +106,7 @@ async def consume(runtime: Runtime, assembly: Assembly, settings: ActuatorSettin
             LEADER.set(1)
             if settings.restore_from_stream:
                 try:
-                    await restore(runtime, actuator)
+                    await restore(runtime, actuator, owns)
                 except (nats.errors.Error, nats.js.errors.Error) as exc:
                     log.warning("could not restore from the stream (%s)", exc)
         return True
@@ -97,13 +115,20 @@ async def consume(runtime: Runtime, assembly: Assembly, settings: ActuatorSettin
         event = await actuator.handle(target, clock())
         if event is None:  # lost the lease meanwhile: leave it to the leader
             return None
+        # One line per target: the outcome and what was written (or why not).
         log.info("%s %s: %s", target.deployment, event.outcome, event.reason)
         OUTCOMES.labels(event.deployment.namespace, event.deployment.name, event.backend,
                         event.outcome.value).inc()
         return [event]
 
     try:
-        await runtime.consume(CONSUMES, ReplicaTarget, on_target, batch=16, gate=gate)
+        sharing = settings.replica_count > 1
+        if sharing:
+            log.info("replica %d of %d: applying only the deployments it owns",
+                     settings.replica_index, settings.replica_count)
+        await runtime.consume(CONSUMES, ReplicaTarget, on_target, durable=durable_name(settings),
+                              batch=16, gate=gate, owns=owns if sharing else None,
+                              ordered_by=deployment_of, max_in_flight=settings.max_in_flight)
     finally:
         LEADER.set(0)
 
@@ -124,10 +149,16 @@ async def _wait(stop: asyncio.Event, seconds: float) -> None:
         await asyncio.wait_for(stop.wait(), timeout=seconds)
 
 
+def deployment_of(msg: Msg) -> str:
+    # Targets of one deployment are applied in order; different deployments side by side.
+    return msg.subject
+
+
 async def run(runtime: Runtime, settings: ActuatorSettings, assembly: Assembly,
               publisher: NatsPublisher | None = None, clock: Clock = time.time) -> None:
     if publisher is not None:
         publisher.runtime = runtime
+    runtime.readiness_checks.append(assembly.not_ready)
     tasks = [asyncio.create_task(consume(runtime, assembly, settings, clock))]
     if assembly.elector is not None:
         tasks.append(asyncio.create_task(
@@ -138,3 +169,4 @@ async def run(runtime: Runtime, settings: ActuatorSettings, assembly: Assembly,
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        assembly.close()

@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from shared.messages import MAX_REPLICAS
+from shared.partition import ReplicaIndex
 from shared.service_settings import DEFAULT_HTTP_PORTS, ServiceSettings, http_port_field
 from shared.settings import CommaList, DurationS
 
@@ -107,7 +108,21 @@ class ActuatorSettings(ServiceSettings):
         default=True,
         description="refuse workloads targeted by an HPA or a KEDA ScaledObject")
     autoscaler_cache_s: DurationS = Field(
-        default=30.0, description="how long a namespace's HPAs and ScaledObjects are cached")
+        default=30.0, description="unused: HPAs and ScaledObjects are now read from the watch "
+        "cache; kept so that existing configurations still start")
+    watch_timeout_s: DurationS = Field(
+        default=300.0, ge=1.0,
+        description="each watch of the watch cache asks the API server to end it after this "
+        "long, seconds; it then resumes from the last resourceVersion seen")
+    replica_count: int = Field(
+        default=1, ge=1, le=1024,
+        description="actuator replicas that share the deployments, each deployment handled by "
+        "exactly one (rendezvous hashing of namespace/name, as the forecaster's replicas); "
+        "with more than one, leader election is off and every replica needs its own index")
+    replica_index: ReplicaIndex = Field(
+        default=0, le=1023,
+        description="this replica's index, 0 to replica_count - 1 (a StatefulSet pod name such "
+        "as slaplanner-actuator-2 is read as its ordinal)")
     record_events: bool = Field(
         default=True, description="record Kubernetes Events on the objects scaled or refused")
     field_manager: str = Field(
@@ -115,6 +130,10 @@ class ActuatorSettings(ServiceSettings):
     virtual_subject: str = Field(
         default="slaplanner.virtual.{namespace}.{name}",
         description="subject the virtual backend publishes targets on")
+    max_in_flight: int = Field(
+        default=64, ge=1, le=10_000,
+        description="targets applied side by side, at most (those of one deployment in order); "
+        "with many deployments the API round trips of different ones overlap")
     restore_from_stream: bool = Field(
         default=True,
         description="on start (and on becoming leader) read the last ScaleEvent of each "
@@ -131,6 +150,9 @@ class ActuatorSettings(ServiceSettings):
                              "two actuators could act at once")
         if self.lease_retry_period_s >= self.lease_renew_deadline_s:
             raise ValueError("lease_retry_period_s must be shorter than lease_renew_deadline_s")
+        if self.replica_index >= self.replica_count:
+            raise ValueError(f"replica_index {self.replica_index} is not below replica_count "
+                             f"{self.replica_count}")
         if "{namespace}" not in self.virtual_subject or "{name}" not in self.virtual_subject:
             raise ValueError("virtual_subject must contain {namespace} and {name}")
         return self

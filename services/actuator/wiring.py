@@ -17,6 +17,17 @@ class Assembly:
     elector: Elector | None
     lock: LeaseLock | None
     kube: kube.Kube | None
+    backends: backends.Backends | None = None
+
+    def not_ready(self) -> str | None:
+        """Why the actuator cannot apply targets now (the Kubernetes API does not answer)."""
+        if self.kube is None or self.kube.health.reachable:
+            return None
+        return f"the Kubernetes API does not answer: {self.kube.health.last_error}"
+
+    def close(self) -> None:
+        if self.backends is not None and self.backends._informers is not None:
+            self.backends._informers.stop()
 
 
 def rules(settings: ActuatorSettings) -> Rules:
@@ -53,8 +64,9 @@ def assemble(settings: ActuatorSettings, publish: backends.Publish | None,
                                          settings.inflight_probe_timeout_s),
         publish=publish, settings=settings)
     router = backends.build_router(settings, mapping, source, parts)
-    elect = settings.leader_election == "on" or (
-        settings.leader_election == "auto" and uses_kubernetes)
+    # Replicas that share the deployments each act on their own: no leader among them.
+    elect = settings.replica_count == 1 and (settings.leader_election == "on" or (
+        settings.leader_election == "auto" and uses_kubernetes))
     elector: Elector | None = None
     lock: LeaseLock | None = None
     if elect:
@@ -67,4 +79,4 @@ def assemble(settings: ActuatorSettings, publish: backends.Publish | None,
                                   settings.lease_name)
     actuator = Actuator(router, rules(settings), mapping.allowlist(), gate=elector,
                         conflict_attempts=settings.conflict_attempts)
-    return Assembly(actuator, elector, lock, kube_client)
+    return Assembly(actuator, elector, lock, kube_client, parts)

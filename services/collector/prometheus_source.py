@@ -14,21 +14,22 @@ import logging
 import math
 import re
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from nats.js.api import DeliverPolicy
 from prometheus_api_client.exceptions import PrometheusApiClientException
 from prometheus_api_client.prometheus_connect import PrometheusConnect
 from urllib3.util.retry import Retry
 
-from services.collector import promql, snapshot, ticks, window
+from services.collector import metrics, promql, snapshot, ticks, window
 from services.collector.query_config import QueryConfig, StaticDeployment
 from services.collector.settings import CollectorSettings
+from shared import window_stats
 from shared.messages import METRICS_SUBJECT, DeploymentKey, MetricSnapshot
 from shared.service import Runtime
 
@@ -49,6 +50,11 @@ class Rejected(Exception):
 class Reader(Protocol):
     def query(self, text: str, at: float) -> list[promql.Sample]:
         """An instant query evaluated at ``at`` (epoch seconds); raises Unavailable/Rejected."""
+        ...
+
+    def query_range(self, text: str, start: float, end: float, step: float
+                    ) -> list[promql.Series]:
+        """A range query from ``start`` to ``end`` every ``step`` seconds; raises likewise."""
         ...
 
 
@@ -92,21 +98,44 @@ class HttpReader:
         except OSError as exc:
             raise Unavailable(f"cannot read {self.token_file}: {exc.strerror}") from None
 
-    def query(self, text: str, at: float) -> list[promql.Sample]:
+    def _ask(self, ask: Callable[[], Any]) -> Any:
         self._refresh_token()
-        params = {"time": f"{at:.3f}", "timeout": promql.duration(self.timeout_s)}
+        started = time.monotonic()
         try:
-            result = self.client.custom_query(query=text, params=params)
+            return ask()
         except OSError as exc:  # requests' errors are OSErrors: refused, unreachable, timeout
+            metrics.QUERY_ERRORS.labels("unavailable").inc()
             raise Unavailable(_short_reason(exc, self.timeout_s)) from None
         except PrometheusApiClientException as exc:
             match = re.search(r"HTTP Status Code (\d+)", str(exc))
             status = int(match.group(1)) if match else 0
             if 400 <= status < 500 and status not in (408, 429):
+                metrics.QUERY_ERRORS.labels("refused").inc()
                 raise Rejected(_api_error(str(exc))) from None
+            metrics.QUERY_ERRORS.labels("unavailable").inc()
             raise Unavailable(f"HTTP {status}: {_api_error(str(exc))}") from None
+        finally:
+            metrics.QUERY_SECONDS.observe(time.monotonic() - started)
+
+    def query(self, text: str, at: float) -> list[promql.Sample]:
+        params = {"time": f"{at:.3f}", "timeout": promql.duration(self.timeout_s)}
+        result = self._ask(lambda: self.client.custom_query(query=text, params=params))
         try:
             return promql.parse_result(result)
+        except ValueError as exc:
+            raise Rejected(str(exc)) from None
+
+    def query_range(self, text: str, start: float, end: float, step: float
+                    ) -> list[promql.Series]:
+        # the client rounds start and end to whole seconds; windows need not end on one
+        params = {"timeout": promql.duration(self.timeout_s), "start": f"{start:.3f}",
+                  "end": f"{end:.3f}"}
+        result = self._ask(lambda: self.client.custom_query_range(
+            query=text, start_time=datetime.fromtimestamp(start, UTC),
+            end_time=datetime.fromtimestamp(end, UTC), step=promql.duration(step),
+            params=params))
+        try:
+            return promql.parse_range(result)
         except ValueError as exc:
             raise Rejected(str(exc)) from None
 
@@ -140,17 +169,24 @@ class Collector:
         self.discovered = Target(self._scope(settings.selector, self.discover))
         self.last_seen: dict[DeploymentKey, float] = {}
         self.checked: set[DeploymentKey] = set()
+        self.rechecked: set[DeploymentKey] = set()  # checked once, with problems
         self.printed = False
         self.failing: str | None = None
         self.no_dialect_logged = False
         self.rejections_logged: set[tuple[str, str]] = set()
+        self.skipped_logged: set[Group] = set()
         self.pool = ThreadPoolExecutor(settings.prometheus_concurrency,
                                        thread_name_prefix="prometheus")
 
     def _scope(self, selector: str, by: tuple[str, ...]) -> promql.Scope:
         s = self.settings
-        return promql.Scope(selector, by, s.prefill_selector, s.decode_selector, s.interval_s,
-                            promql.Method(s.window_method))
+        return promql.Scope(promql.caseless(selector), by, s.prefill_selector, s.decode_selector,
+                            s.interval_s, promql.Method(s.window_method),
+                            s.prefill_fallback_selector, s.decode_fallback_selector)
+
+    def targets(self) -> dict[str, float]:
+        return {"ttft_under_target_share": self.settings.ttft_target_s,
+                "itl_under_target_share": self.settings.itl_target_s}
 
     def known(self) -> list[DeploymentKey]:
         return [d.key for d in self.static] + list(self.last_seen)
@@ -205,9 +241,9 @@ class Collector:
     def _read(self, end: float) -> list[MetricSnapshot]:
         prepared = self._prepare(end)
         if prepared is None:
-            reason = ("no known metric dialect in Prometheus (looked for "
-                      f"{', '.join(sorted(_detect_names()))}); set --dialect and check the "
-                      "scrape targets")
+            looked_for = ", ".join(sorted(promql.detection_names()))
+            reason = (f"no known metric dialect in Prometheus (looked for {looked_for}); set "
+                      "--dialect and check the scrape targets")
             return [snapshot.observed(key, end, self.settings.interval_s, SOURCE,
                                       _nothing(), {"all": reason}) for key in self.known()]
         return self._collect(*prepared, end)
@@ -242,7 +278,8 @@ class Collector:
         if self.dialect is None:
             if not self.no_dialect_logged:
                 log.warning("no known metric dialect in Prometheus yet (looked for %s); "
-                            "trying again every window", ", ".join(sorted(_detect_names())))
+                            "trying again every window",
+                            ", ".join(sorted(promql.detection_names())))
                 self.no_dialect_logged = True
         else:
             log.info("dialect %s auto-detected: %s", self.dialect.name, self.dialect.about)
@@ -255,7 +292,15 @@ class Collector:
         for group in promql.split(samples, self.discover):
             if "" in group:
                 continue  # a series without one of the labels names no deployment
-            key = promql.discovered_key(group, self.discover, self.settings.namespace)
+            try:
+                key = promql.discovered_key(group, self.discover, self.settings.namespace)
+            except ValueError as exc:  # a label value names nothing; the others still count
+                reason = str(exc).rsplit(": ", 1)[-1]
+                metrics.LABEL_VALUES_SKIPPED.labels(reason).inc()
+                if group not in self.skipped_logged:
+                    self.skipped_logged.add(group)
+                    log.warning("label values skipped, they name no deployment: %s", exc)
+                continue
             if group not in target.members:
                 log.info("deployment %s appeared (%s)", key,
                          promql.group_selector(target.scope, group))
@@ -306,11 +351,61 @@ class Collector:
                                   query.field, query.origin, answer, query.promql)
                     continue
                 grouped[query.field] = promql.split(answer, target.scope.by)
+            arrivals = self._arrivals(target, end)
             for group, key in target.members.items():
-                values = promql.values_for(grouped, kinds, group)
+                values = promql.values_for(grouped, kinds, group, self.targets())
+                stats, reason = arrivals.get(group, (None, arrivals.get((), (None, ""))[1]))
+                if stats is not None:
+                    values.values.update(stats.fields())
+                    values.gaps.update(stats.gaps)
+                elif reason:
+                    values.gaps["arrival_dispersion"] = reason
                 snapshots.append(snapshot.observed(key, end, self.settings.interval_s, SOURCE,
                                                    values, {**refused, **plan.unobserved}))
         return snapshots
+
+    def _arrivals(self, target: Target, end: float
+                  ) -> dict[Group, tuple[window_stats.ArrivalStats | None, str]]:
+        """Each group's arrival statistics, from the truest arrival counter it has: the counter
+        read at every bin's edge (a range query), in the finest bins its scrapes allow."""
+        assert self.dialect is not None
+        names = {**self.dialect.metrics, **self.overrides.metrics}
+        window_s, finest = self.settings.interval_s, self.settings.arrival_bin_s
+        scope = target.scope
+        found: dict[Group, tuple[window_stats.ArrivalStats | None, str]] = {}
+        for counter in self.dialect.arrivals:
+            metric = names[counter.metric]
+            try:
+                density = promql.split(self.reader.query(
+                    promql.arrival_samples_query(counter, metric, scope), end), scope.by)
+            except Rejected as exc:
+                return {(): (None, f"Prometheus refused the arrivals query: {exc}")}
+            by_bin: dict[float, list[Group]] = {}
+            for group, samples in density.items():
+                if group in found:
+                    continue
+                most = int(max(s.value for s in samples))
+                bin_s = window_stats.arrival_bin(window_s, finest, most)
+                if bin_s is None:
+                    found[group] = (None, f"--arrival-bin-s {finest:g} does not divide the "
+                                    f"window of {window_s:g} s" if most else
+                                    promql.NO_SERIES[promql.Kind.COUNT])
+                else:
+                    by_bin.setdefault(bin_s, []).append(group)
+            for bin_s, groups in by_bin.items():
+                bins, start = round(window_s / bin_s), end - window_s
+                try:
+                    series = self.reader.query_range(
+                        promql.arrival_counter_query(counter, metric, scope), start, end, bin_s)
+                except Rejected as exc:
+                    return {(): (None, f"Prometheus refused the arrivals query: {exc}")}
+                counts = promql.counts_by_group(series, scope.by, start, bin_s, bins)
+                for group in groups:
+                    if group in counts:
+                        found[group] = (window_stats.arrival_stats(counts[group], bin_s,
+                                                                   counter.signal), "")
+        found.setdefault((), (None, promql.NO_SERIES[promql.Kind.COUNT]))
+        return found
 
     # --- what the operator sees at start ----------------------------------------------------
 
@@ -340,6 +435,8 @@ class Collector:
                 texts += [promql.presence_query(read, scope), promql.anywhere_query(read)]
                 if read.role is not promql.Role.ALL:
                     texts.append(promql.presence_query(read, scope, promql.Role.ALL))
+                    texts += [promql.presence_query(read, scope, role_matcher=m)
+                              for m in scope.role_matchers(read.role)]
         answers = self._queries(texts, end)
 
         def groups(text: str) -> dict[Group, list[promql.Sample]]:
@@ -351,18 +448,33 @@ class Collector:
             down_answer[0].value)
         for group, key in fresh.items():
             problems = []
+            matched: list[str] = []
             for query in plan.queries:
                 if not query.reads and group not in groups(query.promql):
                     problems.append(f"{query.field}: the query from {query.origin} returns no "
                                     f"series: {query.promql}")
-                for read in query.reads:
-                    if group in groups(promql.presence_query(read, scope)):
-                        continue
-                    without_role = group in groups(
-                        promql.presence_query(read, scope, promql.Role.ALL))
-                    anywhere = bool(groups(promql.anywhere_query(read)))
-                    problems.append(promql.diagnose(query, read, scope, group, without_role,
-                                                    anywhere, down))
+                present = [r for r in query.reads
+                           if group in groups(promql.presence_query(r, scope))]
+                if query.kind is promql.Kind.WORKERS and present:
+                    by = _matched_by(present[0], scope, group, groups)
+                    matched.append(f"{query.field} by {by}")
+                if present or not query.reads:
+                    continue
+                read = query.reads[0]
+                without_role = group in groups(
+                    promql.presence_query(read, scope, promql.Role.ALL))
+                anywhere = bool(groups(promql.anywhere_query(read)))
+                problems.append(promql.diagnose(query, read, scope, group, without_role,
+                                                anywhere, down))
+            if matched:
+                log.info("%s: workers counted: %s", key, "; ".join(matched))
+            if problems and key not in self.rechecked:
+                # Prometheus may have just started (or not scraped a new pod yet): look again
+                # at the next window before warning
+                self.rechecked.add(key)
+                log.info("%s: %d of %d queries find no series yet; checking again at the "
+                         "next window before warning", key, len(problems), len(plan.queries))
+                continue
             if problems:
                 log.warning("%s: %d of %d queries have no series to read, so their fields will "
                             "be null:\n  %s", key, len(problems), len(plan.queries),
@@ -372,12 +484,18 @@ class Collector:
             self.checked.add(key)
 
 
+def _matched_by(read: promql.Read, scope: promql.Scope, group: Group,
+                groups: Callable[[str], dict[Group, list[promql.Sample]]]) -> str:
+    """Which of a role's matchers (or the router's registry) a deployment's workers carry."""
+    if read.role is not promql.Role.ALL:
+        for matcher in scope.role_matchers(read.role):
+            if group in groups(promql.presence_query(read, scope, role_matcher=matcher)):
+                return f"{promql.metric_list(read)}{{{matcher}}}"
+    return promql.metric_list(read) + (f"{{{read.extra}}}" if read.extra else "")
+
+
 def _nothing() -> window.WindowValues:
     return window.WindowValues(values={}, gaps={})
-
-
-def _detect_names() -> set[str]:
-    return {n for d in promql.DIALECTS.values() for n in d.metrics[d.detect]}
 
 
 def _utc(epoch_s: float) -> str:
@@ -420,10 +538,13 @@ async def run(runtime: Runtime, settings: CollectorSettings, config: QueryConfig
                 await runtime.publish(message.model_copy(update={"id": snapshot.window_id(
                     SOURCE, message.deployment, message.window_end)}))
                 published[message.deployment] = message.window_end
+                metrics.record_published([message])
 
     await asyncio.to_thread(collector.start, time.time())
     start = ticks.resume(min(published.values(), default=None), time.time(), interval, delay,
                          settings.max_backlog_windows)
+    metrics.WINDOWS_BACKFILLED.inc(start.missed)
+    metrics.WINDOWS_GIVEN_UP.inc(start.given_up)
     if start.given_up:
         log.warning("%d windows came due since the last one published (%s); the oldest %d are "
                     "beyond --max-backlog-windows and not published", start.missed +
@@ -444,6 +565,7 @@ async def run(runtime: Runtime, settings: CollectorSettings, config: QueryConfig
             step = ticks.catch_up(index, time.time(), interval, delay,
                                   settings.max_backlog_windows)
             if step.skipped:
+                metrics.WINDOWS_GIVEN_UP.inc(len(step.skipped))
                 log.warning("fell %d windows behind; publishing them stale", len(step.skipped))
                 for skipped in step.skipped:
                     await publish(collector.stale(ticks.end_of(skipped, interval),

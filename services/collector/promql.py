@@ -22,14 +22,18 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+import unicodedata
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from string import Template
 from typing import Any
 
+import numpy as np
+
 from services.collector import window
-from shared.messages import DNS_LABEL, DeploymentKey
+from shared import window_stats
+from shared.messages import DNS_LABEL, ArrivalSignal, DeploymentKey
 
 
 class Kind(StrEnum):
@@ -39,6 +43,7 @@ class Kind(StrEnum):
     GAUGE_SUM = "gauge_sum"  # sum of a gauge at the window's end
     GAUGE_MEAN = "gauge_mean"  # mean of a gauge over the workers at the window's end
     WORKERS = "workers"  # number of scrape targets (instances) that expose a metric
+    SHARE = "share"  # share under a target, from the window's bucket increases (per ``le``)
 
 
 class Role(StrEnum):
@@ -61,7 +66,13 @@ FIELD_KINDS: dict[str, Kind] = {
     "kv_cache_usage": Kind.GAUGE_MEAN,
     "prefill_workers": Kind.WORKERS,
     "decode_workers": Kind.WORKERS,
+    "ttft_under_target_share": Kind.SHARE,
+    "itl_under_target_share": Kind.SHARE,
 }
+# The snapshot fields a share query fills besides the share itself.
+SHARE_FIELDS = {share: tuple(f"{share.split('_')[0]}_{suffix}" for suffix in
+                             ("target_s", "target_bucket_s", "share_method"))
+                for share in ("ttft_under_target_share", "itl_under_target_share")}
 FIELDS = tuple(FIELD_KINDS)
 
 # Placeholders an operator may use in a query of the queries file.
@@ -82,6 +93,28 @@ class Recipe:
     metric: str  # a key of the dialect's metric table
     role: Role = Role.ALL
     quantile: float | None = None
+    extra: str = ""  # more label matchers (Dynamo's status="error", worker_type="prefill")
+    # a count whose series only appears with its first event (Dynamo's status="error"): 0, not
+    # unknown, while the metric without ``extra`` has series
+    absent_is_zero: bool = False
+    # the metric has no model label (the KV router's per-worker gauges): model matchers of the
+    # deployment's selector are left out for it
+    no_model_label: bool = False
+    # what a WORKERS query counts: scrape targets, or the router's worker ids
+    per: str = "instance"
+    # read per deployment where this recipe finds no series (the router's registry of workers
+    # where the engines' series carry no role label)
+    then: Recipe | None = None
+
+
+@dataclass(frozen=True)
+class ArrivalCounter:
+    """A counter that counts each request once, at ``signal``: what arrivals are read from."""
+
+    signal: ArrivalSignal
+    metric: str  # a key of the dialect's metric table
+    suffix: str = ""  # "_count" of a histogram observed once per request
+    role: Role = Role.ALL
 
 
 @dataclass(frozen=True)
@@ -92,20 +125,30 @@ class Dialect:
     recipes: Mapping[str, Recipe]
     detect: str  # metric key whose presence identifies the dialect
     discovery: str  # metric key whose label values name the deployments
+    # the counters arrivals are counted from, the truest first (see ``ArrivalSignal``)
+    arrivals: tuple[ArrivalCounter, ...] = ()
     unobserved: Mapping[str, str] = field(default_factory=dict)  # field -> why it has no query
 
 
-def _histogram_recipes(role_of: Mapping[str, Role]) -> dict[str, Recipe]:
-    recipes = {"num_requests": Recipe(Kind.COUNT, "requests", role_of["requests"])}
+def _histogram_recipes(role_of: Mapping[str, Role], ok: str = "") -> dict[str, Recipe]:
+    """Every dialect's recipes; ``ok`` is the matcher of requests that did not fail."""
+    recipes = {"num_requests": Recipe(Kind.COUNT, "requests", role_of["requests"], extra=ok)}
     for fld, key in (("isl_avg", "isl"), ("osl_avg", "osl"), ("ttft_avg_s", "ttft"),
-                     ("itl_avg_s", "itl"), ("request_duration_avg_s", "duration")):
+                     ("itl_avg_s", "itl"), ("request_duration_avg_s", "duration"),
+                     ("queue_time_avg_s", "queue_time"), ("prefill_time_avg_s", "prefill_time"),
+                     ("decode_time_avg_s", "decode_time")):
         recipes[fld] = Recipe(Kind.AVERAGE, key, role_of[key])
-    for fld, key, q in (("isl_p90", "isl", 0.9), ("osl_p90", "osl", 0.9),
+    for fld, key, q in (("isl_p50", "isl", 0.5), ("isl_p90", "isl", 0.9),
+                        ("isl_p99", "isl", 0.99), ("osl_p90", "osl", 0.9),
                         ("ttft_p90_s", "ttft", 0.9), ("ttft_p99_s", "ttft", 0.99),
-                        ("itl_p90_s", "itl", 0.9), ("itl_p99_s", "itl", 0.99)):
+                        ("itl_p90_s", "itl", 0.9), ("itl_p99_s", "itl", 0.99),
+                        ("queue_time_p90_s", "queue_time", 0.9),
+                        ("prefill_time_p90_s", "prefill_time", 0.9)):
         recipes[fld] = Recipe(Kind.QUANTILE, key, role_of[key], q)
+    recipes["ttft_under_target_share"] = Recipe(Kind.SHARE, "ttft", role_of["ttft"])
+    recipes["itl_under_target_share"] = Recipe(Kind.SHARE, "itl_per_request", Role.DECODE)
     recipes["requests_running"] = Recipe(Kind.GAUGE_SUM, "inflight", role_of["inflight"])
-    recipes["requests_waiting"] = Recipe(Kind.GAUGE_SUM, "queued", role_of["queued"])
+    recipes["requests_waiting"] = Recipe(Kind.GAUGE_SUM, "engine_queue", Role.ALL)
     recipes["kv_cache_usage"] = Recipe(Kind.GAUGE_MEAN, "kv_usage", Role.DECODE)
     recipes["prefill_workers"] = Recipe(Kind.WORKERS, "workers", Role.PREFILL)
     recipes["decode_workers"] = Recipe(Kind.WORKERS, "workers", Role.DECODE)
@@ -124,11 +167,25 @@ def vllm(*names: str) -> tuple[str, ...]:
 VLLM_KV_USAGE = vllm("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
 VLLM_ITL = vllm("vllm:inter_token_latency_seconds", "vllm:time_per_output_token_seconds")
 VLLM_WORKER = vllm("vllm:num_requests_running")
+# What every dialect reads from the engines (vllm/v1/metrics/loggers.py): the time a request
+# waited in the engine's queue and computed its prefill, observed when the engine finishes it
+# (on a prefill worker: at its first token), its decode time, the engine queue, and the mean ITL
+# of each request (a per-request histogram since vLLM 0.11; the ITL histograms count tokens).
+VLLM_ENGINE = {
+    "queue_time": vllm("vllm:request_queue_time_seconds"),
+    "prefill_time": vllm("vllm:request_prefill_time_seconds"),
+    "decode_time": vllm("vllm:request_decode_time_seconds"),
+    "engine_queue": vllm("vllm:num_requests_waiting"),
+    "itl_per_request": vllm("vllm:request_time_per_output_token_seconds"),
+}
+ENGINE_ROLES = {"queue_time": Role.PREFILL, "prefill_time": Role.PREFILL,
+                "decode_time": Role.DECODE, "engine_queue": Role.ALL}
 
 
-def _frontend(prefix: str, name: str, about: str, queued: bool) -> Dialect:
+def _frontend(prefix: str, name: str, about: str) -> Dialect:
     metrics = {
         "requests": (f"{prefix}_requests_total",),
+        "failed": (f"{prefix}_requests_total",),
         "isl": (f"{prefix}_input_sequence_tokens",),
         "osl": (f"{prefix}_output_sequence_tokens",),
         "ttft": (f"{prefix}_time_to_first_token_seconds",),
@@ -136,22 +193,48 @@ def _frontend(prefix: str, name: str, about: str, queued: bool) -> Dialect:
         "duration": (f"{prefix}_request_duration_seconds",),
         "inflight": (f"{prefix}_inflight_requests",),
         "queued": (f"{prefix}_queued_requests",),
+        # the KV router's view (lib/llm/src/kv_router/metrics.rs): input tokens routed to each
+        # prefill worker and not yet prefilled, and those still in its own queue
+        "prefill_tokens": (f"{prefix}_worker_active_prefill_tokens",
+                           f"{prefix}_router_queue_pending_isl_tokens"),
         "kv_usage": VLLM_KV_USAGE,
         "workers": VLLM_WORKER,
         "discovery": (f"{prefix}_requests_total", f"{prefix}_inflight_requests"),
+        # counted when the frontend accepts a request (Dynamo 1.3 and later,
+        # ai-dynamo/dynamo#9526); requests_total counts it when it ends
+        "requests_started": (f"{prefix}_requests_started_total",),
+        # 1 per worker and DP rank the KV router has registered, by worker_type (Dynamo 1.3
+        # and later, ai-dynamo/dynamo#10587, lib/llm/src/kv_router/metrics.rs)
+        "registered": ("dynamo_component_router_worker_registered",),
+        **VLLM_ENGINE,
     }
-    recipes = _histogram_recipes({k: Role.ALL for k in metrics})
-    unobserved = {}
-    if not queued:
-        del recipes["requests_waiting"]
-        unobserved["requests_waiting"] = f"the {name} dialect has no queue gauge"
+    # Dynamo counts a request in requests_total when it ends, labelled status="success" or
+    # "error" (lib/llm/src/http/service/metrics.rs): failed ones are counted apart
+    roles = {k: ENGINE_ROLES.get(k, Role.ALL) for k in metrics}
+    recipes = _histogram_recipes(roles, ok='status!="error"')
+    recipes["requests_failed"] = Recipe(Kind.COUNT, "failed", extra='status="error"',
+                                        absent_is_zero=True)
+    recipes["requests_before_first_token"] = Recipe(Kind.GAUGE_SUM, "queued")
+    recipes["prefill_tokens_pending"] = Recipe(Kind.GAUGE_SUM, "prefill_tokens",
+                                               extra='worker_type="prefill"',
+                                               no_model_label=True)
+    for fld, role in (("prefill_workers", Role.PREFILL), ("decode_workers", Role.DECODE)):
+        # the engines exposing metrics in the role; where none carries a role label, the
+        # workers the router has registered (distinct worker ids, DP ranks together)
+        recipes[fld] = replace(recipes[fld], then=Recipe(
+            Kind.WORKERS, "registered", extra=f'worker_type="{role}"', no_model_label=True,
+            per="router_worker_id"))
+    arrivals = (ArrivalCounter(ArrivalSignal.REQUEST_START, "requests_started"),
+                ArrivalCounter(ArrivalSignal.FIRST_TOKEN, "ttft", "_count"),
+                ArrivalCounter(ArrivalSignal.REQUEST_END, "requests"))
     return Dialect(name, about, metrics, recipes, detect="requests", discovery="discovery",
-                   unobserved=unobserved)
+                   arrivals=arrivals)
 
 
-DYNAMO = _frontend("dynamo_frontend", "dynamo", "Dynamo frontend (dynamo_frontend_*)", True)
+DYNAMO = _frontend("dynamo_frontend", "dynamo", "Dynamo frontend (dynamo_frontend_*)")
+# DYN_METRICS_PREFIX renames every frontend metric, the queue gauge included
 DYNAMO_LEGACY = _frontend("nv_llm_http_service", "dynamo-legacy",
-                          "Dynamo frontend, older names (nv_llm_http_service_*)", False)
+                          "Dynamo frontend, older names (nv_llm_http_service_*)")
 VLLM = Dialect(
     "vllm",
     "vLLM engine metrics (vllm:*), per worker; prefill and decode told apart by labels",
@@ -163,29 +246,44 @@ VLLM = Dialect(
         "itl": VLLM_ITL,
         "duration": vllm("vllm:e2e_request_latency_seconds"),
         "inflight": VLLM_WORKER,
-        "queued": vllm("vllm:num_requests_waiting"),
         "kv_usage": VLLM_KV_USAGE,
         "workers": VLLM_WORKER,
         "discovery": VLLM_WORKER,
+        **VLLM_ENGINE,
     },
     # Every request finishes on a decode worker, which also records its prompt length; the first
     # token is the prefill worker's (what the prefill profile measures); the ITL is decode's.
     recipes=_histogram_recipes({
         "requests": Role.DECODE, "isl": Role.DECODE, "osl": Role.DECODE, "ttft": Role.PREFILL,
-        "itl": Role.DECODE, "duration": Role.DECODE, "inflight": Role.ALL, "queued": Role.ALL,
+        "itl": Role.DECODE, "duration": Role.DECODE, "inflight": Role.ALL, **ENGINE_ROLES,
     }),
     detect="requests",
     discovery="discovery",
+    # vLLM counts no request at its arrival; every request has its first token on a decode
+    # worker (after its prefill, local or remote) and ends there
+    arrivals=(ArrivalCounter(ArrivalSignal.FIRST_TOKEN, "ttft", "_count", Role.DECODE),
+              ArrivalCounter(ArrivalSignal.REQUEST_END, "requests", "", Role.DECODE)),
+    unobserved={
+        "requests_failed": "vLLM counts finished requests only (request_success_total)",
+        "requests_before_first_token": "the engines do not count requests before their first "
+                                       "token (requests_waiting is their queue)",
+        "prefill_tokens_pending": "vLLM exports no count of queued prefill tokens",
+    },
 )
 
 # In the order auto-detection prefers them: a Dynamo deployment also exposes vllm:* metrics.
 DIALECTS: dict[str, Dialect] = {d.name: d for d in (DYNAMO, DYNAMO_LEGACY, VLLM)}
-METRIC_KEYS = tuple(DYNAMO.metrics)
+METRIC_KEYS = tuple(dict.fromkeys([*DYNAMO.metrics, *VLLM.metrics]))
+
+
+def detection_names() -> set[str]:
+    """The metric names that identify a dialect."""
+    return {n for d in DIALECTS.values() for n in d.metrics[d.detect]}
 
 
 def detection_query() -> str:
     """One query listing which dialects' identifying metrics exist at all."""
-    names = sorted({n for d in DIALECTS.values() for n in d.metrics[d.detect]})
+    names = sorted(detection_names())
     return f'group by (__name__) ({{__name__=~"{"|".join(re.escape(n) for n in names)}"}})'
 
 
@@ -203,6 +301,19 @@ def detect(present: Iterable[str]) -> Dialect | None:
 _MATCHER = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"\s*')
 METRIC_NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
 LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+
+
+_ESCAPED = {"n": "\n", "t": "\t", "r": "\r"}
+
+
+def unquote(value: str) -> str:
+    """A PromQL string literal's content with its backslash escapes undone."""
+    return re.sub(r"\\(.)", lambda m: _ESCAPED.get(m.group(1), m.group(1)), value)
+
+
+def matcher_parts(text: str) -> list[tuple[str, str, str]]:
+    """(label, operator, value) of each label matcher, the value's escapes undone."""
+    return [(m.group(1), m.group(2), unquote(m.group(3))) for m in _MATCHER.finditer(text)]
 
 
 def check_matchers(text: str) -> str:
@@ -260,13 +371,28 @@ class Scope:
     decode: str  # matcher of the decode workers
     window_s: float
     method: Method = Method.EXACT
+    # matchers of the same workers where their series lack the first ones' labels (Dynamo
+    # before 1.0 does not label engine metrics with dynamo_component; a scrape job can label
+    # them with the pod's role)
+    prefill_fallback: str = ""
+    decode_fallback: str = ""
 
     def matcher(self, role: Role) -> str:
-        if role is Role.PREFILL:
-            return join(self.selector, self.prefill)
-        if role is Role.DECODE:
-            return join(self.selector, self.decode)
-        return self.selector
+        """The first matcher of a role's series (``$prefill``, ``$decode``)."""
+        return self.matchers(role)[0]
+
+    def role_matchers(self, role: Role) -> tuple[str, ...]:
+        """A role's own matchers, the preferred first (none for every worker)."""
+        if role is Role.ALL:
+            return ("",)
+        first, fallback = ((self.prefill, self.prefill_fallback) if role is Role.PREFILL
+                           else (self.decode, self.decode_fallback))
+        return (first, fallback) if fallback and fallback != first else (first,)
+
+    def matchers(self, role: Role) -> tuple[str, ...]:
+        """Alternative matchers of a role's series: each series matching any of them is
+        read once (``or``), whichever labels its workers carry."""
+        return tuple(join(self.selector, m) for m in self.role_matchers(role))
 
     def placeholders(self) -> dict[str, str]:
         return {"selector": self.selector, "prefill": self.matcher(Role.PREFILL),
@@ -274,25 +400,62 @@ class Scope:
                 "by": ", ".join(self.by)}
 
 
+# How far back a series must be absent to count as new (all of its value in its first window).
+NEW_SERIES_LOOKBACK = "1h"
+
+
 def increase(series: str, window: str, method: Method) -> str:
     """The increase of every counter series of ``series`` over the window, per series."""
     if method is Method.INCREASE:
         return f"increase({series}[{window}])"
     # exact: end value minus the last sample of the window before (a counter that went down was
-    # reset: all of its value is new); a series without a sample there started (or came back)
-    # inside the window: its last minus its first sample in the window.
+    # reset: all of its value is new). A series without a sample there is either new (no sample
+    # in the hour before the window: Dynamo creates a label set's series with its first
+    # request, so all of its value is new and counts) or back from a scrape gap (it counts
+    # from its first sample in the window, so a gap is not poured into one window).
     start = f"last_over_time({series}[{window}] offset {window})"
+    seen_before = f"last_over_time({series}[{NEW_SERIES_LOOKBACK}] offset {window})"
     return (f"(({series} - {start}) >= 0) or ({series} and {start}) "
+            f"or ({series} unless {seen_before}) "
             f"or ({series} - min_over_time({series}[{window}]))")
 
 
-def _any(names: Sequence[str], suffix: str, match: str,
+_MODEL_MATCHER = re.compile(r'(^|,)model(=~|!~|!=|=)"')
+
+
+def _model_spellings(name: str, match: str) -> list[str]:
+    """vLLM labels its model ``model_name`` (Dynamo may add ``model`` too): a ``model`` matcher
+    on an engine metric also tries ``model_name``."""
+    if not name.startswith("vllm") or not _MODEL_MATCHER.search(match):
+        return [match]
+    return [match, _MODEL_MATCHER.sub(r'\1model_name\2"', match)]
+
+
+def _any(names: Sequence[str], suffix: str, matchers: str | Sequence[str],
          per_series: Callable[[str], str] | None = None) -> str:
-    """Alternatives (renamed metrics) joined with ``or``: each series from its first name."""
-    terms = [f"{n}{suffix}{{{match}}}" for n in names]
+    """Alternatives (renamed metrics, label spellings, role matchers) joined with ``or``: each
+    series once, whichever of them it matches."""
+    alternatives = (matchers,) if isinstance(matchers, str) else tuple(matchers)
+    terms = list(dict.fromkeys(f"{n}{suffix}{{{m}}}" for n in names for match in alternatives
+                               for m in _model_spellings(n, match)))
     if per_series is not None:
         terms = [per_series(t) for t in terms]
     return terms[0] if len(terms) == 1 else " or ".join(f"({t})" for t in terms)
+
+
+def without_model(matchers: str) -> str:
+    """Matchers without those of the model labels (for a metric that has none)."""
+    return ",".join(f'{m.group(1)}{m.group(2)}"{m.group(3)}"' for m in _MATCHER.finditer(matchers)
+                    if m.group(1) not in CASELESS_LABELS)
+
+
+def series_matchers(scope: Scope, role: Role, extra: str = "",
+                    no_model_label: bool = False) -> tuple[str, ...]:
+    """The alternative matchers of a metric's series for a deployment and a role."""
+    out = [join(m, extra) for m in scope.matchers(role)]
+    if no_model_label:
+        out = [without_model(m) for m in out]
+    return tuple(dict.fromkeys(out))
 
 
 def aggregate(op: str, labels: Sequence[str]) -> str:
@@ -302,7 +465,7 @@ def aggregate(op: str, labels: Sequence[str]) -> str:
 
 def render(recipe: Recipe, names: Sequence[str], scope: Scope) -> str:
     """The PromQL of one recipe for one scope."""
-    match = scope.matcher(recipe.role)
+    match = series_matchers(scope, recipe.role, recipe.extra, recipe.no_model_label)
     by = scope.by
     w = duration(scope.window_s)
 
@@ -315,7 +478,11 @@ def render(recipe: Recipe, names: Sequence[str], scope: Scope) -> str:
         return f"{series} and last_over_time({series}[{w}])"
 
     if recipe.kind is Kind.COUNT:
-        return f"{aggregate('sum', by)} ({_any(names, '', match, inc)})"
+        count = f"{aggregate('sum', by)} ({_any(names, '', match, inc)})"
+        if not recipe.absent_is_zero:
+            return count
+        everything = _any(names, "", scope.matchers(recipe.role), inc)
+        return f"{count} or (0 * {aggregate('sum', by)} ({everything}))"
     if recipe.kind is Kind.AVERAGE:
         total = f"{aggregate('sum', by)} ({_any(names, '_sum', match, inc)})"
         count = f"{aggregate('sum', by)} ({_any(names, '_count', match, inc)})"
@@ -325,14 +492,16 @@ def render(recipe: Recipe, names: Sequence[str], scope: Scope) -> str:
         buckets = _any(names, "_bucket", match, inc)
         return f"histogram_quantile({recipe.quantile:g}, {aggregate('sum', ('le', *by))} " \
                f"({buckets}))"
+    if recipe.kind is Kind.SHARE:  # the buckets themselves; the share is worked out here
+        return f"{aggregate('sum', ('le', *by))} ({_any(names, '_bucket', match, inc)})"
     if recipe.kind is Kind.GAUGE_SUM:
         return f"{aggregate('sum', by)} ({_any(names, '', match, fresh)})"
     if recipe.kind is Kind.GAUGE_MEAN:
         return f"{aggregate('avg', by)} ({_any(names, '', match, fresh)})"
     if recipe.kind is Kind.WORKERS:
-        per_instance = f"{aggregate('count', ('instance', *by))} " \
-                       f"({_any(names, '', match, fresh)})"
-        return f"{aggregate('count', by)} ({per_instance})"
+        per_worker = f"{aggregate('count', (recipe.per, *by))} " \
+                     f"({_any(names, '', match, fresh)})"
+        return f"{aggregate('count', by)} ({per_worker})"
     raise AssertionError(recipe.kind)
 
 
@@ -353,11 +522,17 @@ def template_errors(template: str) -> list[str]:
 
 @dataclass(frozen=True)
 class Read:
-    """A metric a query reads, for the missing-metric check: its names and matcher."""
+    """A metric a query reads, for the missing-metric check: its names and matchers."""
 
     names: tuple[str, ...]
     suffix: str  # "", "_bucket", "_count", ...
     role: Role
+    extra: str = ""  # the recipe's own matchers (worker_type="prefill")
+    no_model_label: bool = False
+
+    def matchers(self, scope: Scope, role: Role | None = None) -> tuple[str, ...]:
+        return series_matchers(scope, self.role if role is None else role, self.extra,
+                               self.no_model_label)
 
 
 @dataclass(frozen=True)
@@ -365,7 +540,9 @@ class Query:
     field: str
     kind: Kind
     promql: str
-    reads: tuple[Read, ...]  # empty for an operator's own query
+    # empty for an operator's own query; more than one where a deployment without series of
+    # the first is read from the next (the router's registry of workers)
+    reads: tuple[Read, ...]
     origin: str  # where it comes from, for the log and the reasons
 
 
@@ -382,6 +559,10 @@ class Overrides:
 class Plan:
     queries: tuple[Query, ...]
     unobserved: Mapping[str, str]  # field -> why there is no query for it
+
+
+# The series a query of each kind reads, as the check at start looks for them.
+SUFFIX = {Kind.AVERAGE: "_count", Kind.QUANTILE: "_bucket", Kind.SHARE: "_bucket"}
 
 
 def plan(dialect: Dialect, overrides: Overrides, scope: Scope) -> Plan:
@@ -402,12 +583,27 @@ def plan(dialect: Dialect, overrides: Overrides, scope: Scope) -> Plan:
         if recipe is None:
             unobserved[fld] = dialect.unobserved.get(fld, f"the {dialect.name} dialect has none")
             continue
-        metric_names = names[recipe.metric]
-        suffix = {Kind.AVERAGE: "_count", Kind.QUANTILE: "_bucket"}.get(recipe.kind, "")
+        texts: list[str] = []
+        reads: list[Read] = []
+        link: Recipe | None = recipe
+        while link is not None:
+            if link.no_model_label and CASELESS_LABELS.intersection(scope.by):
+                # its series cannot be told apart per model: not a deployment's own
+                break
+            metric_names = tuple(names[link.metric])
+            texts.append(render(link, metric_names, scope))
+            reads.append(Read(metric_names, SUFFIX.get(link.kind, ""), link.role, link.extra,
+                              link.no_model_label))
+            link = link.then
+        if not texts:
+            unobserved[fld] = (f"{', '.join(names[recipe.metric])} has no model label: it "
+                               "cannot be told apart per model with --discover-labels "
+                               f"{', '.join(scope.by)}")
+            continue
         origin = (f"[metrics].{recipe.metric} in {overrides.origin}"
                   if recipe.metric in overrides.metrics else f"dialect {dialect.name}")
-        queries.append(Query(fld, kind, render(recipe, metric_names, scope),
-                             (Read(tuple(metric_names), suffix, recipe.role),), origin))
+        text = texts[0] if len(texts) == 1 else " or ".join(f"({t})" for t in texts)
+        queries.append(Query(fld, kind, text, tuple(reads), origin))
     return Plan(tuple(queries), unobserved)
 
 
@@ -439,8 +635,79 @@ def parse_result(result: Any) -> list[Sample]:
     return samples
 
 
+# Labels whose values are compared without case: the Dynamo frontend lower-cases its ``model``
+# label while the engines keep the model's own spelling (Dynamo's planner compares them the same
+# way, components/src/dynamo/planner/utils/prometheus.py).
+CASELESS_LABELS = frozenset({"model", "model_name"})
+
+
+@dataclass(frozen=True)
+class Series:
+    labels: Mapping[str, str]
+    values: tuple[tuple[float, float], ...]  # (epoch seconds, value)
+
+
+def parse_range(result: Any) -> list[Series]:
+    """The ``data.result`` of a range query (a matrix); ``ValueError`` for anything else."""
+    if not isinstance(result, list):
+        raise ValueError(f"unexpected result {str(result)[:100]!r}")
+    out = []
+    for item in result:
+        if not isinstance(item, dict) or "values" not in item:
+            raise ValueError("the range query did not return a matrix")
+        out.append(Series(dict(item.get("metric", {})),
+                          tuple((float(t), float(v)) for t, v in item["values"])))
+    return out
+
+
+def arrival_samples_query(counter: ArrivalCounter, names: Sequence[str], scope: Scope) -> str:
+    """How many samples the counter's best-scraped series of each group has in the window: it
+    bounds how fine the window's arrival bins can be."""
+    w = duration(scope.window_s)
+    inner = _any(names, counter.suffix, scope.matchers(counter.role),
+                 lambda t: f"count_over_time({t}[{w}])")
+    return f"{aggregate('max', scope.by)} ({inner})"
+
+
+def arrival_counter_query(counter: ArrivalCounter, names: Sequence[str], scope: Scope) -> str:
+    """The counter's series themselves, for a range query that reads them at every bin's edge:
+    their increases from edge to edge are the arrivals per bin (``window.bin_increases``)."""
+    return _any(names, counter.suffix, scope.matchers(counter.role))
+
+
+def counts_by_group(series: Sequence[Series], by: Sequence[str], start: float, bin_s: float,
+                    bins: int) -> dict[tuple[str, ...], list[float]]:
+    """Each group's arrivals per bin from its counter series read at the bins' edges (``start``
+    and every ``bin_s`` after it, ``bins + 1`` edges): the sum of the series' increases."""
+    groups: dict[tuple[str, ...], np.ndarray] = {}
+    for one in series:
+        readings: list[float | None] = [None] * (bins + 1)
+        for t, v in one.values:
+            index = round((t - start) / bin_s)
+            if 0 <= index <= bins and math.isfinite(v):
+                readings[index] = v
+        counts = np.asarray(window.bin_increases(readings), dtype=np.float64)
+        key = group_key(one.labels, by)
+        groups[key] = groups[key] + counts if key in groups else counts
+    return {g: c.tolist() for g, c in groups.items()}
+
+
 def group_key(labels: Mapping[str, str], by: Sequence[str]) -> tuple[str, ...]:
-    return tuple(labels.get(label, "") for label in by)
+    return tuple(labels.get(label, "").lower() if label in CASELESS_LABELS
+                 else labels.get(label, "") for label in by)
+
+
+def caseless(matchers: str) -> str:
+    """Label matchers with each ``model="X"`` (or ``model_name``) made case-insensitive."""
+    out = []
+    for part in _MATCHER.finditer(matchers):
+        label, op, value = part.groups()
+        if label in CASELESS_LABELS and op in ("=", "!="):
+            literal = re.escape(unquote(value))
+            value = quote(f"(?i){literal}")[1:-1]
+            op = "=~" if op == "=" else "!~"
+        out.append(f'{label}{op}"{value}"')
+    return ",".join(out)
 
 
 def split(samples: Iterable[Sample], by: Sequence[str]) -> dict[tuple[str, ...], list[Sample]]:
@@ -459,6 +726,7 @@ NO_SERIES = {
     Kind.GAUGE_MEAN: "no data: the gauge has no series at the window's end",
     Kind.WORKERS: "no data: no worker exposes the metric (none running, or the role selector "
                   "matches none)",
+    Kind.SHARE: "no data: no series (metric absent, labels not matching, or no sample in window)",
 }
 
 
@@ -489,12 +757,47 @@ def interpret(kind: Kind, samples: Sequence[Sample], fld: str = "") -> tuple[flo
     return value, ""
 
 
+def share(samples: Sequence[Sample], target: float, fld: str) -> tuple[dict[str, Any], str]:
+    """The share under ``target`` (and how it was worked out) from a window's bucket increases
+    per ``le``; the fields it fills, or nothing and why."""
+    if not samples:
+        return {}, NO_SERIES[Kind.SHARE]
+    try:
+        buckets = {float(s.labels["le"]): s.value for s in samples}
+    except (KeyError, ValueError):
+        return {}, "the share query must return one series per bucket bound (by le)"
+    return share_fields(buckets, target, fld)
+
+
+def share_fields(buckets: Mapping[float, float], target: float, fld: str
+                 ) -> tuple[dict[str, Any], str]:
+    """The share fields from a window's bucket increases (``le`` -> observations at or below
+    it), or nothing and why."""
+    result = window_stats.share_from_buckets(buckets, target)
+    if result.share is None:
+        reason = window.UNDEFINED if result.reason == window_stats.NO_SAMPLES else result.reason
+        return {}, reason
+    target_f, bucket_f, method_f = SHARE_FIELDS[fld]
+    return {fld: result.share, target_f: target, bucket_f: result.bucket_s,
+            method_f: result.method}, ""
+
+
 def values_for(groups: Mapping[str, Mapping[tuple[str, ...], Sequence[Sample]]],
-               kinds: Mapping[str, Kind], member: tuple[str, ...]) -> window.WindowValues:
-    """One deployment's window values from every query's grouped answer."""
-    values: dict[str, float | None] = {}
+               kinds: Mapping[str, Kind], member: tuple[str, ...],
+               targets: Mapping[str, float] | None = None) -> window.WindowValues:
+    """One deployment's window values from every query's grouped answer; ``targets`` are the
+    latency targets of the share fields (field -> seconds)."""
+    values: dict[str, Any] = {}
     gaps: dict[str, str] = {}
     for fld, by_group in groups.items():
+        if kinds[fld] is Kind.SHARE:
+            if targets is None or fld not in targets:
+                continue
+            filled, reason = share(by_group.get(member, ()), targets[fld], fld)
+            values.update(filled)
+            if reason:
+                gaps[fld] = reason
+            continue
         value, reason = interpret(kinds[fld], by_group.get(member, ()), fld)
         # worker counts are integers on the bus (and the model is strict about it)
         values[fld] = int(value) if kinds[fld] is Kind.WORKERS and value is not None else value
@@ -506,12 +809,28 @@ def values_for(groups: Mapping[str, Mapping[tuple[str, ...], Sequence[Sample]]],
 # --- deployments from label values -------------------------------------------------------------
 
 _DNS = re.compile(DNS_LABEL)
+# A label value longer than this names no deployment (a DNS name is at most 253 characters;
+# model ids are far shorter): a value that long is a mistake or an attack.
+MAX_LABEL_VALUE_CHARS = 253
+
+
+def label_problem(value: str) -> str | None:
+    """Why a label value cannot name a deployment (skip it), or ``None`` if it can."""
+    if not value:
+        return "empty"
+    if any(unicodedata.category(c) in ("Cc", "Cf", "Cs") for c in value):
+        return "control characters"
+    if len(value) > MAX_LABEL_VALUE_CHARS:
+        return f"longer than {MAX_LABEL_VALUE_CHARS} characters"
+    return None
 
 
 def dns_label(value: str) -> str:
     """A label value as a DNS-1123 label (a subject token): itself if it is one, else a tidied
-    form plus a short hash of the original, so that two values never share a name."""
-    if _DNS.match(value):
+    form plus a short hash of the original, so that two values never share a name.
+
+    ``fullmatch``, not ``match``: Python's ``$`` also matches before a trailing newline."""
+    if _DNS.fullmatch(value):
         return value
     tidy = re.sub(r"[^a-z0-9-]+", "-", value.lower()).strip("-")[:54].strip("-") or "x"
     digest = hashlib.sha256(value.encode("utf-8")).hexdigest()[:8]
@@ -520,7 +839,13 @@ def dns_label(value: str) -> str:
 
 def discovered_key(values: Sequence[str], labels: Sequence[str],
                    default_namespace: str) -> DeploymentKey:
-    """The deployment named by one group of label values: (name) or (namespace, name)."""
+    """The deployment named by one group of label values: (name) or (namespace, name).
+
+    Raises ``ValueError`` naming the value when one of them cannot name a deployment."""
+    for label, value in zip(labels, values, strict=True):
+        problem = label_problem(value)
+        if problem is not None:
+            raise ValueError(f"{label}={value!r}: {problem}")
     if len(labels) == 1:
         return DeploymentKey(namespace=default_namespace, name=dns_label(values[0]))
     return DeploymentKey(namespace=dns_label(values[0]), name=dns_label(values[1]))
@@ -540,10 +865,18 @@ def group_selector(scope: Scope, member: tuple[str, ...]) -> str:
 # --- the missing-metric check ----------------------------------------------------------------
 
 
-def presence_query(read: Read, scope: Scope, role: Role | None = None) -> str:
-    """Which groups have at least one series of the metric (``role`` None: ignore the role)."""
-    match = scope.matcher(read.role if role is None else role)
-    return f"{aggregate('count', scope.by)} ({_any(read.names, read.suffix, match)})"
+def presence_query(read: Read, scope: Scope, role: Role | None = None,
+                   role_matcher: str | None = None) -> str:
+    """Which groups have at least one series of the metric: with the read's own role (any of
+    its matchers), another ``role`` (``Role.ALL``: whatever the role), or one ``role_matcher``
+    of the read's role."""
+    if role_matcher is None:
+        matchers = read.matchers(scope, role)
+    else:
+        matchers = (join(scope.selector, role_matcher, read.extra),)
+        if read.no_model_label:
+            matchers = (without_model(matchers[0]),)
+    return f"{aggregate('count', scope.by)} ({_any(read.names, read.suffix, matchers)})"
 
 
 def anywhere_query(read: Read) -> str:
@@ -560,10 +893,11 @@ def diagnose(query: Query, read: Read, scope: Scope, member: tuple[str, ...],
     names = metric_list(read)
     where = group_selector(scope, member)
     if read.role is not Role.ALL and without_role:
-        role_matcher = scope.prefill if read.role is Role.PREFILL else scope.decode
+        role_matchers = " or ".join(scope.role_matchers(read.role))
         return (f"{query.field}: {names} exists for {{{where}}} but not for its {read.role} "
-                f"workers ({role_matcher}): check --{read.role}-selector (for an aggregated "
-                f"deployment, disable the prefill queries)")
+                f"workers ({role_matchers}): check --{read.role}-selector and "
+                f"--{read.role}-fallback-selector (for an aggregated deployment, disable the "
+                "prefill queries)")
     if anywhere:
         return (f"{query.field}: {names} exists, but no series has the labels {{{where}}}: "
                 "check the deployment's selector or discovery labels")

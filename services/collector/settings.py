@@ -9,7 +9,7 @@ from pydantic import Field, field_validator
 from services.collector import promql
 from shared.messages import DNS_LABEL
 from shared.service_settings import DEFAULT_HTTP_PORTS, ServiceSettings, http_port_field
-from shared.settings import CommaList, DurationS
+from shared.settings import CommaList, DurationS, ItlTargetS, TtftTargetS
 
 
 class CollectorSettings(ServiceSettings):
@@ -29,11 +29,23 @@ class CollectorSettings(ServiceSettings):
     )
     scrape_urls: CommaList = Field(
         default_factory=lambda: ["http://127.0.0.1:8000/metrics"],
-        description="frontend /metrics URLs, comma separated; samples are summed over them",
+        description="frontend /metrics URLs, comma separated ('' for none); samples are summed "
+        "over them",
+    )
+    scrape_prefill_urls: CommaList = Field(
+        default_factory=list,
+        description="prefill workers' /metrics URLs, comma separated; a dns+http://name:port/path "
+        "URL is one per address the name resolves to (a headless Service: one per pod)",
+    )
+    scrape_decode_urls: CommaList = Field(
+        default_factory=list,
+        description="decode workers' (or an aggregated deployment's workers') /metrics URLs, as "
+        "--scrape-prefill-urls",
     )
     scrape_labels: CommaList = Field(
         default_factory=list,
-        description="only samples with these labels, e.g. model=llama (comma separated k=v)",
+        description="only the frontends' samples with these labels, e.g. model=llama (comma "
+        "separated k=v; the model's case is ignored)",
     )
     scrape_timeout_s: DurationS = Field(default=5.0, gt=0.0, description="per-URL timeout")
     trace_file: str | None = Field(
@@ -49,6 +61,27 @@ class CollectorSettings(ServiceSettings):
     )
     profile: str | None = Field(
         default=None, description="profile for the replayed latencies (default: bundled H200)"
+    )
+
+    # --- what every source measures against ---
+    ttft_target_s: TtftTargetS = Field(
+        default=0.5,
+        description="TTFT target: the snapshot reports the share of first tokens within it "
+        "(exact where it is a bucket bound of the TTFT histogram, e.g. vLLM's 0.25/0.5/1 s)",
+        json_schema_extra={"flag_aliases": ["--ttft-target"]},
+    )
+    itl_target_s: ItlTargetS = Field(
+        default=0.05,
+        description="ITL target: the snapshot reports the share of requests whose mean ITL is "
+        "within it (exact where it is a bucket bound, e.g. vLLM's 25/50 ms)",
+        json_schema_extra={"flag_aliases": ["--itl-target"]},
+    )
+    arrival_bin_s: DurationS = Field(
+        default=1.0, gt=0.0,
+        description="the finest bin arrivals are counted in for the burstiness fields; where "
+        "the arrival counter is scraped less often, the smallest multiple of it that divides "
+        "the window and holds a scrape per bin (the snapshot's arrival_bin_s; its peaks are "
+        "lower bounds above 1 s); the scrape source scrapes the arrival counter this often",
     )
 
     # --- source "prometheus" ---
@@ -97,6 +130,18 @@ class CollectorSettings(ServiceSettings):
         default='dynamo_component=~"backend|decode"',
         description="label matcher of decode worker series (Dynamo's vLLM decode component)",
     )
+    prefill_fallback_selector: str = Field(
+        default='role="prefill"',
+        description="label matcher of prefill worker series that lack --prefill-selector's "
+        "labels (Dynamo before 1.0 does not label engine metrics with dynamo_component; deploy's "
+        "scrape config sets role from the pod label nvidia.com/dynamo-sub-component-type or "
+        "slaplanner.io/role); '' for none",
+    )
+    decode_fallback_selector: str = Field(
+        default='role="decode"',
+        description="label matcher of decode worker series that lack --decode-selector's "
+        "labels, as --prefill-fallback-selector; '' for none",
+    )
     discover_labels: CommaList = Field(
         default_factory=list,
         description="discover deployments from these label values: one label (the name; "
@@ -118,7 +163,8 @@ class CollectorSettings(ServiceSettings):
         "while it was down are read (back-filled), older ones are given up",
     )
 
-    @field_validator("selector", "prefill_selector", "decode_selector")
+    @field_validator("selector", "prefill_selector", "decode_selector",
+                     "prefill_fallback_selector", "decode_fallback_selector")
     @classmethod
     def _matchers(cls, value: str) -> str:
         return promql.check_matchers(value)
@@ -133,6 +179,16 @@ class CollectorSettings(ServiceSettings):
                 raise ValueError(f"{label!r} is not a Prometheus label name")
         return value
 
-    def label_filter(self) -> dict[str, str]:
+    @field_validator("scrape_labels")
+    @classmethod
+    def _pairs(cls, value: list[str]) -> list[str]:
+        for item in value:
+            label, sep, _ = item.partition("=")
+            if not sep or not promql.LABEL_NAME.match(label.strip()):
+                raise ValueError(f"{item!r} is not label=value, e.g. model=llama")
+        return value
+
+    def scrape_selector(self) -> str:
+        """--scrape-labels as label matchers."""
         pairs = (item.split("=", 1) for item in self.scrape_labels)
-        return {k.strip(): v.strip() for k, v in pairs}
+        return ",".join(f"{k.strip()}={promql.quote(v.strip())}" for k, v in pairs)

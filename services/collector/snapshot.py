@@ -38,5 +38,5 @@ def observed(key: DeploymentKey, window_end: float, window_s: float, source: str
         gaps.setdefault(field, _reason(reason))
     return MetricSnapshot(
         deployment=key, window_end=window_end, window_s=window_s, source=source,
-        gaps=gaps, **values.values,  # type: ignore[arg-type]
+        gaps=gaps, **values.values,
     )

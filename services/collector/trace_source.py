@@ -11,9 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from dataclasses import dataclass
 
-import numpy as np
 from nats.aio.msg import Msg
 
 from services.collector import window
@@ -25,33 +23,12 @@ from shared.service import Runtime
 log = logging.getLogger("slaplanner.collector")
 
 
-@dataclass(frozen=True)
-class WindowLoad:
-    index: int
-    num_requests: int
-    isl_avg: float | None
-    osl_avg: float | None
-    isl_p90: float | None
-    osl_p90: float | None
+WindowLoad = traces.WindowLoad
 
 
 def trace_windows(trace: traces.Trace, interval_s: float) -> list[WindowLoad]:
     """Every window from the first to the last request, empty ones included (a real idle 0)."""
-    if len(trace) == 0:
-        return []
-    index = np.floor_divide(trace.arrival_s, interval_s).astype(np.int64)
-    windows = []
-    for i in range(int(index[0]), int(index[-1]) + 1):
-        in_window = index == i
-        n = int(in_window.sum())
-        if n == 0:
-            windows.append(WindowLoad(i, 0, None, None, None, None))
-            continue
-        isl = trace.isl_tokens[in_window].astype(np.float64)
-        osl = trace.osl_tokens[in_window].astype(np.float64)
-        windows.append(WindowLoad(i, n, float(isl.mean()), float(osl.mean()),
-                                  float(np.percentile(isl, 90)), float(np.percentile(osl, 90))))
-    return windows
+    return traces.window_loads(trace, interval_s)
 
 
 def profiled_latencies(

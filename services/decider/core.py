@@ -32,8 +32,10 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from services.decider import registry
-from services.decider.policy import PlannedLoad, PolicyDecision, PolicyState
-from services.decider.settings import DeciderSettings, DeploymentKnobs
+from services.decider.knobs import DeploymentKnobs
+from services.decider.policies.contract import PlannedLoad, PolicyDecision, PolicyState
+from services.decider.settings import DeciderSettings
+from shared.explanation import Explanation
 from shared.messages import (
     DeploymentKey,
     LoadForecast,
@@ -86,6 +88,23 @@ class Decider:
             self._profiles[knobs.profile_path] = profile
         return profile
 
+    def describe(self) -> list[str]:
+        """What this decider plans with, one line per set of knobs, for the start log."""
+        lines = []
+        for who, knobs in self.config.describe():
+            profile = self.profile_for(knobs)
+            origin = profile.provenance
+            model = ", ".join(
+                str(v) for v in (origin.model, origin.gpu) if v
+            ) or "model not recorded"
+            lines.append(
+                f"{who}: policy {knobs.policy}, TTFT target {knobs.ttft_target_s:g} s, ITL "
+                f"target {knobs.itl_target_s:g} s, at most {knobs.max_total_gpus} GPUs, "
+                f"interval {knobs.adjustment_interval_s:g} s; profile {knobs.profile_path} "
+                f"({model})"
+            )
+        return lines
+
     def has_fast_path(self) -> bool:
         """Whether any configured deployment's policy reacts to snapshots between intervals."""
         return any(k.policy in registry.FAST_PATHS for k in self.config.all_knobs())
@@ -119,10 +138,10 @@ class Decider:
             load,
             forecast.observed,
             profile,
-            knobs.policy_config(),
+            knobs,
             memory.state if memory is not None else PolicyState(),
         )
-        explanation: dict[str, Any] = {
+        context: dict[str, Any] = {
             "forecast": {
                 "id": forecast.id,
                 "model": forecast.model,
@@ -139,10 +158,9 @@ class Decider:
             },
             "adjustment_interval_s": knobs.adjustment_interval_s,
             "profile": profile.origin,
-            **decision.explanation,
         }
         target = _target(
-            derived_id("target", forecast.id), forecast, knobs, decision, explanation,
+            derived_id("target", forecast.id), forecast, knobs, decision, context,
             forecast_id=forecast.id,
         )
         self._memory[key] = replace(
@@ -169,14 +187,13 @@ class Decider:
         self._learn_deferred(key, before=snapshot.window_end)
         memory = self._memory.get(key)
         state = memory.state if memory is not None else PolicyState()
-        result = fast_path(snapshot, self.profile_for(knobs), knobs.policy_config(), state)
+        result = fast_path(snapshot, self.profile_for(knobs), knobs, state)
         target = (
             None
             if result.decision is None
             else _target(
                 derived_id("fast-path", snapshot.id), snapshot, knobs, result.decision,
-                {"snapshot_id": snapshot.id, "adjustment_interval_s": knobs.adjustment_interval_s,
-                 **result.decision.explanation},
+                {"snapshot_id": snapshot.id, "adjustment_interval_s": knobs.adjustment_interval_s},
             )
         )
         self._memory[key] = replace(
@@ -241,7 +258,7 @@ class Decider:
         hook = registry.SCALE_EVENT_HOOKS[knobs.policy]
         memory = self._memory.get(key)
         state = memory.state if memory is not None else PolicyState()
-        new_state = hook(event, knobs.policy_config(), state)
+        new_state = hook(event, knobs, state)
         self._memory[key] = replace(
             memory or _Memory(new_state), state=new_state, event_id=event.id
         )
@@ -252,10 +269,14 @@ def _target(
     source: LoadForecast | MetricSnapshot,
     knobs: DeploymentKnobs,
     decision: PolicyDecision,
-    explanation: dict[str, Any],
+    context: dict[str, Any],
     forecast_id: str | None = None,
 ) -> ReplicaTarget:
-    """The target for ``source``'s deployment and window; ``forecast_id`` None: the fast path."""
+    """The target for ``source``'s deployment and window; ``forecast_id`` None: the fast path.
+    ``context`` (what the decision answered: forecast, snapshot, profile) leads the policy's
+    own sections in the explanation."""
+    why = decision.explained
+    explained = replace(why, sections={**context, **why.sections})
     return ReplicaTarget(
         id=target_id,
         deployment=source.deployment,
@@ -265,8 +286,18 @@ def _target(
         prefill_replicas=decision.prefill_replicas,
         decode_replicas=decision.decode_replicas,
         forecast_id=forecast_id,
-        explanation=explanation,
+        explanation=explained.to_dict(),
     )
+
+
+def decision_line(target: ReplicaTarget) -> str:
+    """The log line of one decision: the deployment, each role from -> to with the rule that set
+    it, and the predicted attainment where the policy has one."""
+    kind = "planned" if target.forecast_id is not None else "fast path"
+    why = Explanation.from_dict(
+        target.explanation, target.prefill_replicas, target.decode_replicas
+    )
+    return f"{target.deployment} {kind} ({target.policy}): {why.summary()}"
 
 
 def _number(source: Any, *path: str) -> float | None:

@@ -1,4 +1,4 @@
-"""Sizing policies by name; the ``policy`` setting picks one per deployment.
+"""Sizing policies by name; the ``policy`` knob picks one per deployment.
 
 Every policy answers a forecast (``POLICIES``). A policy may also react to snapshots between
 planning intervals (``FAST_PATHS``) and learn from what the actuator did (``SCALE_EVENT_HOOKS``);
@@ -7,19 +7,20 @@ planning intervals (``FAST_PATHS``) and learn from what the actuator did (``SCAL
 
 from __future__ import annotations
 
-from services.decider import dynamo_policy, slaplanner_policy
-from services.decider.policy import FastPath, Policy, ScaleEventHook
+from services.decider import knobs
+from services.decider.policies import dynamo, slaplanner
+from services.decider.policies.contract import FastPath, Policy, ScaleEventHook
 
 POLICIES: dict[str, Policy] = {
-    dynamo_policy.NAME: dynamo_policy.decide,
-    slaplanner_policy.NAME: slaplanner_policy.decide,
+    dynamo.NAME: dynamo.decide,
+    slaplanner.NAME: slaplanner.decide,
 }
-FAST_PATHS: dict[str, FastPath] = {slaplanner_policy.NAME: slaplanner_policy.fast_path}
+FAST_PATHS: dict[str, FastPath] = {slaplanner.NAME: slaplanner.fast_path}
 SCALE_EVENT_HOOKS: dict[str, ScaleEventHook] = {
-    slaplanner_policy.NAME: slaplanner_policy.observe_scale_event,
+    slaplanner.NAME: slaplanner.observe_scale_event,
 }
-# The policy of the decider service when none is configured.
-DEFAULT_POLICY = slaplanner_policy.NAME
+# The policy of every deployment without one.
+DEFAULT_POLICY = knobs.DEFAULT_POLICY
 
 
 def policy_names() -> list[str]:

@@ -13,13 +13,14 @@ deciding the next deployment instead of following it.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Iterable
 from typing import Any
 
 from nats.aio.msg import Msg
 
 from services.decider import gauges
-from services.decider.core import Decider
+from services.decider.core import Decider, decision_line
 from shared.messages import Envelope, LoadForecast, MetricSnapshot, ScaleEvent
 from shared.service import Route, Runtime
 
@@ -35,6 +36,7 @@ RETIRED_DURABLES = ("fast-path", "scaled")
 # a few dozen messages in flight let the publications and acks of one batch share writes.
 FETCH_BATCH = 256
 MAX_IN_FLIGHT = 64
+log = logging.getLogger("slaplanner.decider")
 
 
 def deployment_of(msg: Msg) -> str:
@@ -50,6 +52,7 @@ def routes(decider: Decider) -> list[Route[Any]]:
     async def on_forecast(forecast: LoadForecast) -> Iterable[Envelope]:
         target = decider.decide(forecast)
         gauges.record(target, forecast.observed)
+        log.info("%s", decision_line(target))
         return [target]
 
     async def on_snapshot(snapshot: MetricSnapshot) -> Iterable[Envelope]:
@@ -57,6 +60,7 @@ def routes(decider: Decider) -> list[Route[Any]]:
         if target is None:
             return []
         gauges.record(target, snapshot)
+        log.info("%s", decision_line(target))
         return [target]
 
     async def on_scaled(event: ScaleEvent) -> Iterable[Envelope]:

@@ -203,30 +203,23 @@ class Forecaster:
 def trace_windows(trace: traces.Trace, window_s: float) -> TraceWindows:
     """Cut a trace into consecutive windows from its first to its last complete one. A window
     without requests is a 0 count with undefined ISL/OSL, as the collector would report it."""
-    if len(trace) == 0:
-        return TraceWindows(window_s, np.empty(0), ())
-    load = traces.bucket_by_interval(trace, window_s)
-    # Requests grouped by window, in the order of load.index, for the per-window percentiles.
-    window_of_request = np.floor_divide(trace.arrival_s, window_s).astype(np.int64)
-    order = np.argsort(window_of_request, kind="stable")
-    group_start = np.searchsorted(window_of_request[order], load.index)
-    isl_grouped, osl_grouped = trace.isl_tokens[order], trace.osl_tokens[order]
-    by_index: dict[int, Mapping[SeriesName, float | None]] = {}
-    for position, index in enumerate(load.index):
-        group = slice(group_start[position], group_start[position] + load.num_requests[position])
-        by_index[int(index)] = {
-            SeriesName.NUM_REQUESTS: float(load.num_requests[position]),
-            SeriesName.ISL_AVG: float(load.isl_avg_tokens[position]),
-            SeriesName.OSL_AVG: float(load.osl_avg_tokens[position]),
-            SeriesName.ISL_P90: float(np.percentile(isl_grouped[group], 90)),
-            SeriesName.OSL_P90: float(np.percentile(osl_grouped[group], 90)),
-        }
-    first, last = int(load.index[0]), int(load.index[-1])
+    windows = traces.window_loads(trace, window_s)
     # The last window is cut short by the end of the recording; its count would read as a drop.
-    indices = np.arange(first, max(first + 1, last))
+    kept = windows[: max(1, len(windows) - 1)]
     idle: Mapping[SeriesName, float | None] = {SeriesName.NUM_REQUESTS: 0.0}
-    values = tuple(by_index.get(int(index), idle) for index in indices)
-    return TraceWindows(window_s, (indices + 1).astype(np.float64) * window_s, values)
+    values = tuple(
+        {
+            SeriesName.NUM_REQUESTS: float(w.num_requests),
+            SeriesName.ISL_AVG: w.isl_avg,
+            SeriesName.OSL_AVG: w.osl_avg,
+            SeriesName.ISL_P90: w.isl_p90,
+            SeriesName.OSL_P90: w.osl_p90,
+        }
+        if w.num_requests else idle
+        for w in kept
+    )
+    ends = np.array([w.end_s(window_s) for w in kept], dtype=np.float64)
+    return TraceWindows(window_s, ends, values)
 
 
 def _trace(arrival_s: npt.ArrayLike, isl: npt.ArrayLike, osl: npt.ArrayLike) -> traces.Trace:

@@ -24,10 +24,9 @@ from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
 from prometheus_client.core import CounterMetricFamily
 
-from services.forecaster import partition
 from services.forecaster.core import Forecaster
 from services.forecaster.settings import ForecasterSettings
-from shared import traces
+from shared import partition, traces
 from shared.messages import Envelope, MetricSnapshot
 from shared.service import Runtime
 

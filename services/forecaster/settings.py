@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
-import re
-from typing import Annotated, Any, Literal, Self, get_args
+from typing import Literal, Self, get_args
 
-from pydantic import BeforeValidator, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from shared.partition import ReplicaIndex
 from shared.service_settings import DEFAULT_HTTP_PORTS, ServiceSettings, http_port_field
 from shared.settings import CommaList, DurationS
 
@@ -16,17 +16,6 @@ PredictorName = Literal[
 ]
 PREDICTOR_NAMES: tuple[str, ...] = get_args(PredictorName)
 
-_TRAILING_ORDINAL = re.compile(r"^.*-([0-9]+)$")
-
-
-def _ordinal(value: Any) -> Any:
-    """A StatefulSet pod name (``slaplanner-forecaster-2``) stands for its ordinal (2)."""
-    if isinstance(value, str) and (match := _TRAILING_ORDINAL.match(value.strip())):
-        return match.group(1)
-    return value
-
-
-ReplicaIndex = Annotated[int, BeforeValidator(_ordinal), Field(ge=0)]
 
 
 class ForecasterSettings(ServiceSettings):

@@ -16,8 +16,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from shared.messages import Outcome, ScaleEvent
+from shared.roles import ROLE_NAMES as ROLES
 
-ROLES = ("prefill", "decode")
 RECENT_SAMPLES = 5
 # A start pending longer than this is abandoned (the replicas never came, or were withdrawn
 # without our seeing it); it stops stretching the estimate.

@@ -1,4 +1,7 @@
-"""Which forecaster replica owns a deployment: rendezvous hashing of its key. Pure.
+"""Which replica of a service owns a deployment: rendezvous hashing of its key. Pure.
+
+The forecaster's and the actuator's replicas share deployments this way, so one deployment has
+exactly one owner in each service.
 
 Every replica computes the same answer from the subject alone, with no coordination: the
 deployment's ``namespace/name`` is scored against each replica index with a stable hash
@@ -10,8 +13,25 @@ wins (about 1 / (n + 1) of them) instead of nearly all.
 from __future__ import annotations
 
 import hashlib
+import re
+from typing import Annotated, Any
+
+from pydantic import BeforeValidator, Field
 
 from shared.messages import deployment_from_subject
+
+_TRAILING_ORDINAL = re.compile(r"^.*-([0-9]+)$")
+
+
+def _ordinal(value: Any) -> Any:
+    """A StatefulSet pod name (``slaplanner-forecaster-2``) stands for its ordinal (2)."""
+    if isinstance(value, str) and (match := _TRAILING_ORDINAL.match(value.strip())):
+        return match.group(1)
+    return value
+
+
+# A replica's index in settings: a number, or a StatefulSet pod's name.
+ReplicaIndex = Annotated[int, BeforeValidator(_ordinal), Field(ge=0)]
 
 
 def _score(token: str, replica_index: int) -> int:
@@ -30,3 +50,8 @@ def owner_of_subject(subject: str, replica_count: int) -> int:
     key = deployment_from_subject(subject)
     token = str(key) if key is not None else subject
     return max(range(replica_count), key=lambda index: _score(token, index))
+
+
+def owns(subject: str, replica_count: int, replica_index: int) -> bool:
+    """Whether replica ``replica_index`` of ``replica_count`` handles the subject's messages."""
+    return owner_of_subject(subject, replica_count) == replica_index

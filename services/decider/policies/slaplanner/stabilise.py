@@ -15,7 +15,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from services.decider.policy import Reason
+from shared.explanation import Rule
 
 
 @dataclass(frozen=True)
@@ -47,18 +47,18 @@ def window_max(window: Sequence[Recommendation], role: str) -> int | None:
 
 def scale_down_stabilised(
     desired: int, current: int | None, highest_in_window: int | None
-) -> tuple[int, Reason]:
+) -> tuple[int, Rule]:
     """Up at once; down only to the highest recommendation of the window (never above current).
 
     This is the HPA's rule with no scale-up window: ``desired`` if it is above ``current``,
     otherwise ``min(current, max(window))``.
     """
     if current is None or desired >= current or highest_in_window is None:
-        return desired, Reason.WITHIN_BOUNDS
+        return desired, Rule.WITHIN_BOUNDS
     stabilised = min(current, max(desired, highest_in_window))
     if stabilised > desired:
-        return stabilised, Reason.SCALE_DOWN_STABILISED
-    return desired, Reason.WITHIN_BOUNDS
+        return stabilised, Rule.SCALE_DOWN_STABILISED
+    return desired, Rule.WITHIN_BOUNDS
 
 
 def step_limited(
@@ -68,18 +68,18 @@ def step_limited(
     up_percent: float,
     down_replicas: int,
     down_percent: float,
-) -> tuple[int, Reason]:
+) -> tuple[int, Rule]:
     """At most ``max(up_replicas, up_percent of current)`` more replicas in one step, and at most
     ``max(down_replicas, down_percent of current)`` fewer (the HPA takes the most permissive of
     its policies by default, ``selectPolicy: Max``)."""
     if current is None:
-        return desired, Reason.WITHIN_BOUNDS
+        return desired, Rule.WITHIN_BOUNDS
     if desired > current:
         most = current + max(up_replicas, math.ceil(current * up_percent / 100.0))
         if desired > most:
-            return most, Reason.STEP_LIMIT_UP
+            return most, Rule.STEP_LIMIT_UP
     elif desired < current:
         least = current - max(down_replicas, math.floor(current * down_percent / 100.0))
         if desired < least:
-            return least, Reason.STEP_LIMIT_DOWN
-    return desired, Reason.WITHIN_BOUNDS
+            return least, Rule.STEP_LIMIT_DOWN
+    return desired, Rule.WITHIN_BOUNDS

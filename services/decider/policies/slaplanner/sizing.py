@@ -1,6 +1,6 @@
 """Sizing arithmetic of the ``slaplanner`` policy on a profile: how many engines a load needs,
 and what an observed window says about the engines' speed. Pure functions of numbers, a profile
-and a configuration; the queueing formulas and their sources are in ``queueing.py``.
+and the knobs; the queueing formulas and their sources are in ``queueing.py``.
 """
 
 from __future__ import annotations
@@ -13,8 +13,10 @@ from typing import Any
 import numpy as np
 from scipy import special, stats
 
-from services.decider import policy, queueing
-from services.decider.policy import PolicyConfig, Reason
+from services.decider.knobs import DeploymentKnobs
+from services.decider.policies import contract
+from services.decider.policies.slaplanner import queueing
+from shared.explanation import Rule
 from shared.messages import MAX_REPLICAS, MetricSnapshot
 from shared.perf_model import DecodeModel, IslClamp, Profile
 
@@ -78,15 +80,14 @@ def size_prefill(
     rate_per_s: float,
     isl_tokens: float,
     profile: Profile,
-    config: PolicyConfig,
+    knobs: DeploymentKnobs,
     factor: float,
     variability: Variability | None = None,
 ) -> PrefillSizing:
     """Fewest engines whose queueing delay + prefill time keeps TTFT under target for
     ``ttft_quantile`` of requests (M/G/c, ``queueing.servers_for_wait``)."""
-    knobs = config.planner
     estimate = profile.prefill.estimate(isl_tokens)
-    engine_thpt = estimate.thpt_tokens_per_s_per_gpu * config.prefill_engine_gpus
+    engine_thpt = estimate.thpt_tokens_per_s_per_gpu * knobs.prefill_engine_num_gpu
     # One engine prefills one request at a time: busy ISL / throughput seconds per request (the
     # profile's TTFT, for a one-GPU engine). Dynamo's capacity arithmetic, per request.
     base_service = (
@@ -94,7 +95,7 @@ def size_prefill(
     )
     service = max(base_service, 1e-9) * factor
     prefill_s = max(estimate.ttft_s, 0.0) * factor
-    budget = config.ttft_target_s - prefill_s
+    budget = knobs.ttft_target_s - prefill_s
     reachable = budget >= MIN_WAIT_SHARE * prefill_s
     budget = max(budget, MIN_WAIT_SHARE * prefill_s)
     spread = variability or Variability()
@@ -119,7 +120,7 @@ def size_prefill(
             "correction_factor": factor,
             "service_s": service,
             "prefill_s": prefill_s,
-            "ttft_target_s": config.ttft_target_s,
+            "ttft_target_s": knobs.ttft_target_s,
             "wait_budget_s": budget,
             "ttft_reachable": reachable,
             "arrival_cv2": spread.arrival_cv2,
@@ -139,7 +140,7 @@ class OperatingPoint:
     kv_usage_fraction: float
     concurrency: float  # requests in flight per engine
     itl_s: float  # profiled ITL there (uncorrected)
-    reason: Reason  # ITL_CURVE or KV_CAPACITY
+    reason: Rule  # ITL_CURVE or KV_CAPACITY
     reachable: bool  # False: even one request misses the ITL target
 
 
@@ -158,11 +159,11 @@ def operating_point(
     kv_column = max(int(within_kv[-1]) if within_kv.size else 1, 1)
     reachable = bool(meets[1])
     if not reachable:
-        column, reason = 1, Reason.ITL_CURVE
+        column, reason = 1, Rule.ITL_CURVE
     elif kv_column < itl_column:
-        column, reason = kv_column, Reason.KV_CAPACITY
+        column, reason = kv_column, Rule.KV_CAPACITY
     else:
-        column, reason = max(itl_column, 1), Reason.ITL_CURVE
+        column, reason = max(itl_column, 1), Rule.ITL_CURVE
     usage = float(decode.kv_axis[column])
     return OperatingPoint(
         kv_column=column,
@@ -179,7 +180,7 @@ class DecodeSizing:
     replicas: int
     mean_concurrency: float
     per_engine: float
-    reason: Reason
+    reason: Rule
     detail: dict[str, Any]
 
     def hurt(self, replicas: Sequence[int]) -> list[float]:
@@ -201,21 +202,20 @@ def size_decode(
     isl_tokens: float,
     osl_tokens: float,
     profile: Profile,
-    config: PolicyConfig,
+    knobs: DeploymentKnobs,
     factor: float,
 ) -> DecodeSizing:
     """Engines for the Poisson quantile of requests in flight (Little's law: rate x OSL x ITL),
     each at the busiest point that meets the ITL target and the KV headroom."""
-    knobs = config.planner
     context = isl_tokens + osl_tokens / 2.0
-    target = config.itl_target_s / factor if factor > 0 else config.itl_target_s
+    target = knobs.itl_target_s / factor if factor > 0 else knobs.itl_target_s
     point = operating_point(profile.decode, context, target, knobs.kv_usage_max)
     itl = point.itl_s * factor
     hold_s = max(osl_tokens, 0.0) * itl
     mean = max(rate_per_s, 0.0) * hold_s
     covered = queueing.poisson_quantile(mean, knobs.decode_concurrency_quantile)
     raw = covered / point.concurrency if point.concurrency > 0 else math.inf
-    replicas = policy.ceil_replicas(raw) if mean > 0 else 0
+    replicas = contract.ceil_replicas(raw) if mean > 0 else 0
     return DecodeSizing(
         replicas=replicas,
         mean_concurrency=mean,
@@ -229,7 +229,7 @@ def size_decode(
             "osl_tokens": osl_tokens,
             "context_tokens": context,
             "correction_factor": factor,
-            "itl_target_s": config.itl_target_s,
+            "itl_target_s": knobs.itl_target_s,
             "corrected_itl_target_s": target,
             "itl_reachable": point.reachable,
             "operating_point": {
@@ -266,13 +266,12 @@ def _prefill_model_ttft(
 def observed_prefill_factor(
     observed: MetricSnapshot,
     profile: Profile,
-    config: PolicyConfig,
+    knobs: DeploymentKnobs,
     variability: Variability | None = None,
     backlog_before: bool = False,
 ) -> tuple[float | None, dict[str, Any]]:
     """The engine slowdown that makes the queueing model give the observed mean TTFT at the
     observed rate, ISL and engines; ``None`` (with the reason) when the window cannot say."""
-    knobs = config.planner
     n, ttft, isl, engines = (
         observed.num_requests, observed.ttft_avg_s, observed.isl_avg, observed.prefill_workers,
     )
@@ -284,7 +283,7 @@ def observed_prefill_factor(
         return None, {
             "note": "a long queue at the window's start: its TTFT measures that backlog"
         }
-    probe = size_prefill(0.0, isl, profile, config, 1.0, variability)
+    probe = size_prefill(0.0, isl, profile, knobs, 1.0, variability)
     rate = n / observed.window_s
     utilisation = rate * probe.service_s / engines
     detail: dict[str, Any] = {
