@@ -293,56 +293,39 @@ async def publish_rejected(js: JetStreamContext, message: Rejected) -> None:
 # --------------------------------------------------------------------------- the streams
 
 
-def stream_config(settings: ServiceSettings) -> StreamConfig:
-    """The pipeline's stream: every stage's subjects, bounded by age and size; messages can be
-    neither deleted nor purged through the API (an admin deletes the whole stream if need be),
-    no header can roll a subject up (one message would purge it), and no body may exceed what
-    the services accept."""
+def _bounded_stream(settings: ServiceSettings, name: str, max_age_s: float, max_bytes: int,
+                    **where: Any) -> StreamConfig:
+    """A stream of the layout: limits retention on file, the oldest messages dropped past its
+    age and size; messages can be neither deleted nor purged through the API (an admin deletes
+    the whole stream if need be), no header can roll a subject up (one message would purge
+    it), and no body may exceed ``stream_max_msg_bytes``."""
     return StreamConfig(
-        name=settings.stream_name,
-        subjects=STREAM_SUBJECTS,
-        retention=RetentionPolicy.LIMITS,
-        storage=StorageType.FILE,
-        discard=DiscardPolicy.OLD,
-        max_age=settings.stream_max_age_s,
-        max_bytes=settings.stream_max_bytes,
-        max_msgs=-1,
-        max_msg_size=settings.stream_max_msg_bytes,
-        max_consumers=-1,
-        max_msgs_per_subject=-1,
+        name=name, retention=RetentionPolicy.LIMITS, storage=StorageType.FILE,
+        discard=DiscardPolicy.OLD, max_age=max_age_s, max_bytes=max_bytes, max_msgs=-1,
+        max_msg_size=settings.stream_max_msg_bytes, max_consumers=-1, max_msgs_per_subject=-1,
         duplicate_window=settings.stream_duplicate_window_s,
-        num_replicas=settings.stream_replicas,
-        deny_delete=True,
-        deny_purge=True,
-        allow_rollup_hdrs=False,
-        # the last message of a subject by a request whose subject names it, which auth.conf
-        # can limit to the families a user reads (shared.service.Runtime.read_stream)
-        allow_direct=True,
+        num_replicas=settings.stream_replicas, deny_delete=True, deny_purge=True,
+        allow_rollup_hdrs=False, **where,
     )
+
+
+def stream_config(settings: ServiceSettings) -> StreamConfig:
+    """The pipeline's stream: every stage's subjects. Direct gets give the last message of a
+    subject to a request whose subject names it, which auth.conf can limit to the families a
+    user reads (shared.service.Runtime.read_stream)."""
+    return _bounded_stream(settings, settings.stream_name, settings.stream_max_age_s,
+                           settings.stream_max_bytes, subjects=STREAM_SUBJECTS,
+                           allow_direct=True)
 
 
 def decisions_stream_config(settings: ServiceSettings) -> StreamConfig:
     """A copy of the targets and ScaleEvents with limits of its own: a flood of bodies on other
     subjects evicts old messages of the pipeline's stream, never a decision from this one."""
-    return StreamConfig(
-        name=settings.decisions_stream_name,
+    return _bounded_stream(
+        settings, settings.decisions_stream_name, settings.decisions_max_age_s,
+        settings.decisions_max_bytes,
         sources=[StreamSource(name=settings.stream_name, filter_subject=subject)
-                 for subject in DECISION_SUBJECTS],
-        retention=RetentionPolicy.LIMITS,
-        storage=StorageType.FILE,
-        discard=DiscardPolicy.OLD,
-        max_age=settings.decisions_max_age_s,
-        max_bytes=settings.decisions_max_bytes,
-        max_msgs=-1,
-        max_msg_size=settings.stream_max_msg_bytes,
-        max_consumers=-1,
-        max_msgs_per_subject=-1,
-        duplicate_window=settings.stream_duplicate_window_s,
-        num_replicas=settings.stream_replicas,
-        deny_delete=True,
-        deny_purge=True,
-        allow_rollup_hdrs=False,
-    )
+                 for subject in DECISION_SUBJECTS])
 
 
 # Fields whose value must be exactly what the layout sets; the server fills some of the others
