@@ -34,9 +34,9 @@ DNS_LABEL = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
 # deployment and far below where the forecasters' arithmetic overflows (squares of 1e308 are
 # infinite, and one such snapshot would spoil every later forecast of its deployment).
 MAX_OBSERVED = 1e12
-# The shortest window: the forecast has one step per window up to the horizon, so a window of
-# microseconds would ask for millions of steps (minutes of CPU, gigabytes); at 0.1 s the default
-# 300 s horizon is 3,000 steps, a forecast of about 0.6 MB.
+# The shortest window: the forecaster predicts every window up to the horizon, so a window of
+# microseconds would ask for millions of them (minutes of CPU, gigabytes); at 0.1 s the default
+# 300 s horizon is 3,000 windows, published as at most max_forecast_steps (600) steps, 0.2 MB.
 MIN_WINDOW_S = 0.1
 
 NonNegative = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
@@ -321,6 +321,31 @@ class ForecastStep(_Frozen):
         return self
 
 
+class ModelSelection(_Frozen):
+    """Which model a selecting predictor (``auto``) chose for one series, and how it did in the
+    backtest that chose it."""
+
+    model: str = Field(
+        max_length=64,
+        description=(
+            "the candidate chosen: constant, smoothing, arima(p,d,q), damped-trend or seasonal"
+        ),
+    )
+    period_s: Positive | None = Field(
+        default=None, description="the season the chosen model follows, seconds; null if none"
+    )
+    backtest_mae: NonNegative = Field(
+        description=(
+            "its mean absolute error in the backtest over every step up to the horizon, in the "
+            "series' unit (requests per window, tokens)"
+        )
+    )
+    backtest_mae_constant: NonNegative | None = Field(
+        default=None, description="the same for constant (next = last), the reference"
+    )
+    backtest_origins: int = Field(ge=0, le=1_000_000, description="forecast origins scored")
+
+
 class LoadForecast(Envelope):
     """Predicted load for the next steps, up to the horizon, of one deployment."""
 
@@ -331,9 +356,33 @@ class LoadForecast(Envelope):
     )
     fit_s: NonNegative = Field(default=0.0, description="time spent fitting, seconds")
     steps: list[ForecastStep] = Field(min_length=1, max_length=10_000)
+    step_s: Positive | None = Field(
+        default=None,
+        description=(
+            "seconds each step covers: window_s, or a whole multiple of it when the horizon "
+            "holds more windows than the forecaster publishes steps; such a step carries the "
+            "largest value of its windows, still per window_s (null: window_s)"
+        ),
+    )
+    selection: dict[str, ModelSelection] | None = Field(
+        default=None,
+        description=(
+            "per series (num_requests, isl_avg, ...), the model a selecting predictor chose and "
+            "its backtest error; null for a predictor that does not select"
+        ),
+    )
     observed: MetricSnapshot | None = Field(
         default=None, description="the snapshot this forecast was made from (for corrections)"
     )
+
+    @field_validator("selection")
+    @classmethod
+    def _bounded_selection(
+        cls, value: dict[str, ModelSelection] | None
+    ) -> dict[str, ModelSelection] | None:
+        if value is not None and (len(value) > 16 or any(len(key) > 64 for key in value)):
+            raise ValueError("selection has more than 16 series or a series name over 64 chars")
+        return value
 
 
 class ReplicaTarget(Envelope):

@@ -499,6 +499,19 @@ class Runtime:
         if len(self._newest) > NEWEST_KEPT:  # forget the subject least recently handled
             del self._newest[next(iter(self._newest))]
 
+    async def _publish_or_say_why_never(self, message: Envelope) -> str | None:
+        """Publish; if the bus refuses the message for its size, the reason instead (any
+        other failure propagates, to be retried)."""
+        try:
+            await self.publish(message)
+        except (nats.errors.MaxPayloadError, nats.js.errors.APIError) as exc:
+            size = len(message.to_json())
+            why = _never_publishable(exc, self.nc.max_payload)
+            if why is None:
+                raise
+            return f"its {type(message).__name__} of {size} bytes {why}"
+        return None
+
     async def _skip(self, msg: Msg) -> None:
         MESSAGES_SKIPPED.labels(self.name, _family(msg.subject)).inc()
         try:
@@ -535,7 +548,12 @@ class Runtime:
                     await msg.nak(delay=1.0)
                     return
                 for output in result:
-                    await self.publish(output)
+                    never = await self._publish_or_say_why_never(output)
+                    if never is not None:
+                        # No redelivery could ever publish it: the input is rejected with the
+                        # reason and acked, instead of coming back forever and holding up
+                        # every later message of its key.
+                        await self.reject(msg.subject, msg.data, "unpublishable", never)
                 self._handled(msg.subject, message.window_end)
             await msg.ack()
         except (TimeoutError, nats.errors.Error) as exc:
@@ -544,6 +562,19 @@ class Runtime:
             log.warning("could not publish or ack (%s); the message will be redelivered", exc)
             with contextlib.suppress(Exception):
                 await msg.nak(delay=1.0)
+
+
+# JetStream's answer to a message over the stream's own max_msg_size.
+_STREAM_MESSAGE_TOO_LARGE = 10054
+
+
+def _never_publishable(exc: Exception, max_payload: int) -> str | None:
+    """Why the bus refuses a message for its size (no retry can help), or None."""
+    if isinstance(exc, nats.errors.MaxPayloadError):
+        return f"exceeds the server's max_payload of {max_payload} bytes"
+    if isinstance(exc, nats.js.errors.APIError) and exc.err_code == _STREAM_MESSAGE_TOO_LARGE:
+        return f"exceeds the stream's max_msg_size ({exc.description})"
+    return None
 
 
 class _PerKeyOrder:

@@ -95,12 +95,17 @@ async def shell(nats_server: NatsEndpoint, nc: NATS) -> AsyncIterator[Shell]:
     await nc.subscribe("slaplanner.forecast.>", cb=on_forecast)
     shell = Shell(Runtime("forecaster", settings, runtime_nc, js), settings, forecasts)
     yield shell
+    await close(shell)
+
+
+async def close(shell: Shell) -> None:
+    """Stop the shell's service (cancelled if it does not stop) and close its connection."""
     shell.runtime.stop.set()
     if shell.task is not None and not shell.task.done():
         shell.task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await shell.task
-    await runtime_nc.close()
+    await shell.runtime.nc.close()
 
 
 async def start(shell: Shell, forecaster: Forecaster) -> asyncio.Task[None]:

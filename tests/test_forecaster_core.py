@@ -163,7 +163,11 @@ def test_a_forecast_covers_the_horizon_in_steps_of_the_window():
         last.window_end + 60.0 * k
         for k in range(1, 6)  # ceil(300 s / 60 s) = 5 steps
     ]
-    assert forecast.model == "horizon-smoothing" and forecast.fallback is None
+    assert forecast.model == "auto" and forecast.fallback is None
+    assert forecast.step_s == 60.0
+    assert forecast.selection is not None
+    chosen = forecast.selection["num_requests"]
+    assert chosen.backtest_origins > 0 and chosen.backtest_mae_constant is not None
     assert forecast.fit_s > 0.0
     for step in forecast.steps:
         assert 60 < step.num_requests <= step.num_requests_upper < 200
@@ -290,7 +294,7 @@ def test_per_deployment_override_picks_another_predictor():
         core.forecast(s)
         core.forecast(snapshot(i, requests=float(100 + i), key=MISTRAL))
     assert core.forecast(snapshot(20)).model == "constant"
-    assert core.forecast(snapshot(20, key=MISTRAL)).model == "horizon-smoothing"
+    assert core.forecast(snapshot(20, key=MISTRAL)).model == "auto"
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ from statsmodels.tsa.holtwinters import ExponentialSmoothing
 from services.forecaster import predictors
 from services.forecaster.history import SeriesView
 
-MODELS = ["constant", "arima", "kalman", "holt-winters", "horizon-smoothing"]
+MODELS = ["constant", "arima", "kalman", "holt-winters", "horizon-smoothing", "auto"]
 # statsmodels' estimation warnings are silenced by the predictors module, but pytest restores the
 # default filters around each test.
 pytestmark = [
@@ -68,12 +68,14 @@ def test_constant_repeats_the_last_value_and_widens_its_quantile_with_the_square
         ("kalman", 7, "7 points, kalman needs 8"),
         ("holt-winters", 9, "9 points, holt-winters needs 10"),
         ("horizon-smoothing", 1, "1 points, horizon-smoothing needs 12"),
+        ("auto", 11, "11 points, auto needs 12"),
     ],
     ids=[
         "arima with three points falls back",
         "kalman one point short falls back",
         "holt-winters one point short falls back",
         "horizon-smoothing with a single point falls back",
+        "auto one point short falls back",
     ],
 )
 def test_too_few_points_falls_back_to_constant_and_says_why(name, points, reason):
@@ -90,7 +92,9 @@ def test_no_observations_at_all_forecast_zero_and_say_so(name):
     assert prediction.fallback == "no observations yet"
 
 
-@pytest.mark.parametrize("name", ["arima", "kalman", "holt-winters", "horizon-smoothing"])
+@pytest.mark.parametrize(
+    "name", ["arima", "kalman", "holt-winters", "horizon-smoothing", "auto"]
+)
 def test_an_idle_deployment_forecasts_zero(name):
     prediction = predictors.make_predictor(name).predict(view(np.zeros(30)), 3, now=T0)
     assert list(prediction.point) == [0.0] * 3 and list(prediction.upper) == [0.0] * 3
@@ -185,7 +189,9 @@ def test_refit_schedule(fitted_at, fitted_points, now, points, due):
     assert schedule.due(fitted_at, fitted_points, now, points) is due
 
 
-@pytest.mark.parametrize("name", ["arima", "kalman", "holt-winters", "horizon-smoothing"])
+@pytest.mark.parametrize(
+    "name", ["arima", "kalman", "holt-winters", "horizon-smoothing", "auto"]
+)
 def test_a_new_point_between_refits_updates_the_forecast_without_a_refit(name):
     predictor = predictors.make_predictor(name)
     values = noisy_level(30)
@@ -315,7 +321,7 @@ finite_histories = st.lists(
 @given(
     values=finite_histories,
     steps=st.integers(min_value=1, max_value=6),
-    name=st.sampled_from(["constant", "holt-winters", "horizon-smoothing"]),
+    name=st.sampled_from(["constant", "holt-winters", "horizon-smoothing", "auto"]),
 )
 def test_cheap_models_never_raise_nor_give_nan_or_negative(values, steps, name):
     assert_well_formed(predictors.make_predictor(name).predict(view(values), steps, T0), steps)
@@ -325,3 +331,16 @@ def test_cheap_models_never_raise_nor_give_nan_or_negative(values, steps, name):
 @given(values=finite_histories, name=st.sampled_from(["arima", "kalman"]))
 def test_state_space_models_never_raise_nor_give_nan_or_negative(values, name):
     assert_well_formed(predictors.make_predictor(name).predict(view(values), 3, T0), 3)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    values=st.lists(
+        st.one_of(st.just(0.0), st.floats(min_value=0, max_value=1e9, allow_nan=False)),
+        min_size=12, max_size=240,
+    ),
+    steps=st.integers(min_value=1, max_value=40),
+)
+def test_auto_never_raises_nor_gives_nan_or_negative_on_long_histories(values, steps):
+    # Long enough for every candidate, seasons included, to be fitted and backtested.
+    assert_well_formed(predictors.make_predictor("auto").predict(view(values), steps, T0), steps)

@@ -13,8 +13,8 @@ What is kept out, and why:
 - ISL/OSL (and their spread) of a window with 0 requests: undefined, while the 0 request count is a
   real observation and is recorded.
 
-Each series is a fixed-size ring of (time, value) pairs, so memory per deployment is bounded by
-``capacity_points`` whatever the traffic.
+Each series is a ring of (time, value) pairs that grows up to ``capacity_points`` and no further,
+so memory per deployment is bounded whatever the traffic, and small while the history is short.
 """
 
 from __future__ import annotations
@@ -85,16 +85,27 @@ class RecordResult:
 
 
 class _Ring:
-    """Fixed-capacity ring of (time, value) pairs in two preallocated arrays."""
+    """Ring of (time, value) pairs in two arrays that grow, doubling, up to ``capacity``: a
+    deployment seen once holds a few hundred bytes per series, not a day's worth."""
+
+    INITIAL_POINTS = 32
 
     def __init__(self, capacity: int) -> None:
-        self._times = np.empty(capacity, dtype=np.float64)
-        self._values = np.empty(capacity, dtype=np.float64)
+        self.capacity = capacity
+        allocated = min(capacity, self.INITIAL_POINTS)
+        self._times = np.empty(allocated, dtype=np.float64)
+        self._values = np.empty(allocated, dtype=np.float64)
         self._next = 0
         self._size = 0
         self.total_recorded = 0
 
     def append(self, time: float, value: float) -> None:
+        if self._size == self._times.size < self.capacity:
+            # Not wrapped yet (that happens only at full capacity): the points are in order.
+            allocated = min(self.capacity, 2 * self._times.size)
+            self._times = np.concatenate([self._times, np.empty(allocated - self._size)])
+            self._values = np.concatenate([self._values, np.empty(allocated - self._size)])
+            self._next = self._size
         self._times[self._next] = time
         self._values[self._next] = value
         self._next = (self._next + 1) % self._times.size

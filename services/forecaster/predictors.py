@@ -16,7 +16,9 @@ Models: ``constant`` (next = last, the reference), ``arima`` (statsmodels SARIMA
 a small grid), ``kalman`` (statsmodels UnobservedComponents, local level or local linear trend by
 AIC), ``holt-winters`` (statsmodels ExponentialSmoothing, damped trend, with a daily or weekly
 season when the history covers two of them), ``horizon-smoothing`` (exponential smoothing tuned
-for the forecast horizon; the default, see docs/benchmarks.md) and ``prophet`` (optional extra).
+for the forecast horizon), ``auto`` (per series, the best of constant, smoothing, ARIMA and a
+seasonal model with the period found in the history, by rolling backtest; the default, see
+``backtest`` and docs/benchmarks.md) and ``prophet`` (optional extra).
 """
 
 from __future__ import annotations
@@ -24,21 +26,24 @@ from __future__ import annotations
 import importlib
 import math
 import warnings
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from statistics import NormalDist
 from typing import Any, Protocol
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
-from scipy.signal import lfilter
 from statsmodels.tools import sm_exceptions
 from statsmodels.tsa.holtwinters import ExponentialSmoothing
 from statsmodels.tsa.statespace.mlemodel import MLEModel, MLEResults
 from statsmodels.tsa.statespace.sarimax import SARIMAX
 from statsmodels.tsa.statespace.structural import UnobservedComponents
 
+from services.forecaster import backtest
 from services.forecaster.history import FloatArray, SeriesView
+
+# Re-exported: the upper quantiles of every predictor that calibrates on its own errors.
+conformal_quantiles = backtest.conformal_quantiles
 
 # Fits run in worker threads, where warnings.catch_warnings() is not safe (it swaps a process-wide
 # filter list). statsmodels' own estimation warnings say nothing the fallback reasons do not, so
@@ -63,6 +68,17 @@ class PredictorUnavailable(RuntimeError):
 
 
 @dataclass(frozen=True)
+class Selection:
+    """Which candidate a selecting predictor (``auto``) forecast with, and its backtest."""
+
+    model: str
+    period_s: float | None
+    backtest_mae: float  # in the series' unit, mean over the steps up to the horizon
+    constant_mae: float  # the same for constant, the reference
+    origins: int
+
+
+@dataclass(frozen=True)
 class Prediction:
     """Forecast of one series for steps 1..n ahead."""
 
@@ -71,6 +87,7 @@ class Prediction:
     model: str
     fallback: str | None = None
     refitted: bool = False
+    selection: Selection | None = None
 
 
 class Predictor(Protocol):
@@ -257,8 +274,7 @@ class KalmanPredictor(_StateSpacePredictor):
 class _SmoothingFit:
     alpha: float
     level: float
-    # Conformal quantile of the in-sample errors 1..steps ahead, added to the level.
-    upper_offsets: FloatArray
+    steps: int  # the horizon the constant was tuned for
 
 
 class HorizonSmoothingPredictor:
@@ -278,9 +294,6 @@ class HorizonSmoothingPredictor:
 
     name = "horizon-smoothing"
     min_points = 12
-    ALPHAS: FloatArray = np.linspace(0.05, 1.0, 20)
-    # In-sample errors needed at the tuning horizon; a shorter history tunes for fewer steps.
-    MIN_ERRORS = 8
 
     def __init__(self, confidence: float, schedule: RefitSchedule, fit_points: int) -> None:
         quantile_z(confidence)  # the same range check as every predictor
@@ -291,64 +304,102 @@ class HorizonSmoothingPredictor:
 
     def predict(self, series: SeriesView, steps: int, now: float) -> Prediction:
         new_points = self._books.new_points(series)
+        values = series.values[-self._fit_points :]
         fit = self._fit
-        refit = fit is None or fit.upper_offsets.size != steps or self._books.refit_due(series, now)
+        refit = fit is None or fit.steps != steps or self._books.refit_due(series, now)
         if refit:
-            fit = self._tune(series.values[-self._fit_points :], steps)
+            alpha = backtest.tune_alpha(values, steps)
+            fit = _SmoothingFit(alpha, float(backtest.smoothed_levels(values, alpha)[-1]), steps)
         elif new_points:
             assert fit is not None
             level = fit.level
             for value in series.values[-new_points:]:
                 level += fit.alpha * (float(value) - level)
-            # The constant stays until the next refit, but the spread is measured again on the
-            # latest points: a spread learnt before a trend set in would under-cover it.
-            values = series.values[-self._fit_points :]
-            offsets = self._error_quantiles(values, _smoothed_levels(values, fit.alpha), steps)
-            fit = replace(fit, level=level, upper_offsets=offsets)
+            fit = replace(fit, level=level)
         assert fit is not None
         self._fit = fit
         self._books.caught_up(series, now, refit)
+        # The constant stays until the next refit, but the spread is measured again on the
+        # latest points at every forecast: a spread learnt before a trend set in would
+        # under-cover it.
+        offsets = backtest.upper_offsets(
+            backtest.Smoothing(fit.alpha), values, series.times[-self._fit_points :], steps,
+            self._confidence,
+        )
         point = np.full(steps, fit.level)
-        return Prediction(point, point + fit.upper_offsets, self.name, refitted=refit)
-
-    def _tune(self, values: FloatArray, steps: int) -> _SmoothingFit:
-        tuning_steps = max(1, min(steps, values.size - self.MIN_ERRORS))
-        levels = np.stack([_smoothed_levels(values, alpha) for alpha in self.ALPHAS])
-        errors = values[None, tuning_steps:] - levels[:, :-tuning_steps]
-        best = int(np.argmin(np.mean(errors**2, axis=1)))
-        chosen = levels[best]
-        offsets = self._error_quantiles(values, chosen, steps)
-        return _SmoothingFit(float(self.ALPHAS[best]), float(chosen[-1]), offsets)
-
-    def _error_quantiles(self, values: FloatArray, levels: FloatArray, steps: int) -> FloatArray:
-        """The conformal ``confidence`` quantile of the in-sample errors 1..steps ahead, all
-        steps in one pass (it runs at every forecast)."""
-        # Beyond what the history can show with MIN_ERRORS errors, the farthest spread is held.
-        measured = max(1, min(steps, values.size - self.MIN_ERRORS))
-        ahead = sliding_window_view(values[1:], measured)  # row j: values j+1 .. j+measured
-        errors = ahead - levels[: ahead.shape[0], None]
-        offsets = conformal_quantiles(errors, self._confidence)
-        return np.concatenate([offsets, np.full(steps - measured, offsets[-1])])
+        return Prediction(point, point + offsets, self.name, refitted=refit)
 
 
-def conformal_quantiles(errors: FloatArray, confidence: float) -> FloatArray:
-    """The split-conformal quantile of each column of ``errors`` (n rows): its
-    ceil((n + 1) confidence)-th smallest (the largest if that is beyond n), so that a new error
-    exchangeable with these stays under it with probability at least ``confidence`` (Lei et al.,
-    "Distribution-free predictive inference for regression", JASA 113, 2018). The plain sample
-    quantile covers less than ``confidence`` on the few dozen errors a young history has."""
-    rows = errors.shape[0]
-    rank = min(rows, math.ceil((rows + 1) * confidence))
-    quantiles: FloatArray = np.partition(errors, rank - 1, axis=0)[rank - 1]
-    return quantiles
+class AutoPredictor:
+    """Per series, the candidate (constant, smoothing, ARIMA orders, seasonal with the period
+    found in the history) with the smallest error in a rolling-origin backtest over the latest
+    points (``backtest.select``). The selection runs on the refit schedule, not at every
+    forecast; between selections the winner runs over the latest points with its parameters
+    held. The upper quantile of step h is the point plus the conformal ``confidence`` quantile of
+    the winner's own errors h steps ahead over those points, measured again at every forecast
+    (as ``horizon-smoothing`` does), so a seasonal winner's band follows the season.
+    """
 
+    name = "auto"
+    min_points = 12
+    # A history at least this long when first seen was rebuilt after a restart (a live
+    # deployment is first chosen for at min_points). Choosing for every rebuilt deployment at its
+    # first forecast would cost tens of ms each at once (half a minute of CPU for a thousand),
+    # so each starts with smoothing, the incumbent, and is chosen for within RESTART_SPREAD_S of
+    # window time, at a moment of its own.
+    REBUILT_POINTS = 48
+    RESTART_SPREAD_S = 60.0
 
-def _smoothed_levels(values: FloatArray, alpha: float) -> FloatArray:
-    """level_t = alpha value_t + (1 - alpha) level_(t-1), starting at the first value."""
-    levels: FloatArray = lfilter(
-        [alpha], [1.0, alpha - 1.0], values, zi=[(1.0 - alpha) * values[0]]
-    )[0]
-    return levels
+    def __init__(self, confidence: float, schedule: RefitSchedule, fit_points: int) -> None:
+        quantile_z(confidence)  # the same range check as every predictor
+        self._confidence = confidence
+        self._fit_points = fit_points
+        self._choice: backtest.Choice | None = None
+        self._steps = 0
+        self._choose_at: float | None = None  # a deferred choice, in window time
+        self._books = _FitBookkeeping(schedule)
+
+    def predict(self, series: SeriesView, steps: int, now: float) -> Prediction:
+        choice = self._choice
+        deferred_due = self._choose_at is not None and now >= self._choose_at
+        refit = (
+            choice is None
+            or deferred_due
+            or self._steps != steps
+            or self._books.refit_due(series, now)
+        )
+        if refit:
+            rebuilt = choice is None and len(series) >= self.REBUILT_POINTS
+            choice = backtest.select(
+                series.values, series.times, series.window_s, steps, self._fit_points,
+                challengers=not rebuilt,
+            )
+            self._choice, self._steps = choice, steps
+            self._choose_at = now + self.choice_delay_s(series) if rebuilt else None
+        assert choice is not None
+        self._books.caught_up(series, now, refit)
+        values = series.values[-choice.window_points :]
+        times = series.times[-choice.window_points :]
+        latest = np.array([values.size - 1])
+        point = choice.model.forecasts(values, times, latest, steps)[0]
+        offsets = backtest.upper_offsets(choice.model, values, times, steps, self._confidence)
+        period = choice.period_points
+        selection = Selection(
+            model=choice.model.label,
+            period_s=period * series.window_s if period else None,
+            backtest_mae=choice.backtest_mae,
+            constant_mae=choice.constant_mae,
+            origins=choice.origins,
+        )
+        return Prediction(
+            point, point + offsets, self.name, refitted=refit, selection=selection
+        )
+
+    def choice_delay_s(self, series: SeriesView) -> float:
+        """A delay in [0, RESTART_SPREAD_S) that differs from one series to the next (a hash of
+        its latest values) and not from one run to the next."""
+        digest = zlib.crc32(series.values[-8:].tobytes())
+        return self.RESTART_SPREAD_S * digest / 2**32
 
 
 @dataclass(frozen=True)
@@ -586,6 +637,7 @@ MODELS: dict[str, PredictorFactory] = {
     "kalman": KalmanPredictor,
     "holt-winters": HoltWintersPredictor,
     "horizon-smoothing": HorizonSmoothingPredictor,
+    "auto": AutoPredictor,
     "prophet": ProphetPredictor,
 }
 

@@ -6,14 +6,17 @@ once its forecast is published. With ``replica_count`` > 1 this replica handles 
 deployments that ``partition`` gives its ``replica_index`` and acks the others unread.
 
 On start it rebuilds its deployments' histories from the stream, so a restarted pod forecasts
-as well as before, and optionally arms a warm start from a recorded trace for deployments it has
-never seen.
+as well as before (reading the stream in batches and keeping only numbers, so that a day of
+snapshots fits the pod), and optionally arms a warm start from a recorded trace for deployments
+it has never seen. While it runs, deployments idle for ``idle_forget_s`` are forgotten.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -57,6 +60,13 @@ class _RefitsTotal(prometheus_client.registry.Collector):
 
 REFITS = _RefitsTotal()
 prometheus_client.REGISTRY.register(REFITS)
+DEPLOYMENTS = prometheus_client.Gauge(
+    "slaplanner_forecaster_deployments", "Deployments whose history this forecaster holds"
+)
+FORGOTTEN = prometheus_client.Counter(
+    "slaplanner_forecaster_deployments_forgotten",
+    "Deployments forgotten after idle_forget_s without a snapshot",
+)
 
 
 def owned_by(settings: ForecasterSettings) -> Callable[[str], bool]:
@@ -77,24 +87,50 @@ async def rebuild_from_stream(
     owns: Callable[[str], bool] = lambda subject: True,
 ) -> int:
     """Replay the snapshots the stream still holds (up to ``max_age_s`` old) of the deployments
-    this replica owns into the history."""
+    this replica owns into the history. Read in batches; each snapshot is cut to numbers as it
+    arrives and let go, so memory stays bounded by the histories."""
     since = datetime.now(UTC) - timedelta(seconds=max_age_s)
-    snapshots = []
+    rebuild = forecaster.rebuilder()
+    read = 0
     async for msg in runtime.read_stream(CONSUMES, DeliverPolicy.BY_START_TIME, since):
         if owns(msg.subject):
             snapshot = runtime.stored(MetricSnapshot, msg.subject, msg.data)
-            if snapshot is not None:
-                snapshots.append(snapshot)
-    recorded = await asyncio.to_thread(forecaster.rebuild, snapshots)
-    log.info("rebuilt history from %d snapshots in the stream (%d recorded)", len(snapshots),
-             recorded)
+            if snapshot is not None:  # valid, and not from the future
+                rebuild.add(snapshot)
+                read += 1
+    recorded = await asyncio.to_thread(rebuild.finish)
+    log.info("rebuilt history from %d snapshots in the stream (%d recorded)", read, recorded)
     return recorded
+
+
+async def forget_idle_deployments(
+    runtime: Runtime, forecaster: Forecaster, idle_forget_s: float,
+    clock: Callable[[], float] = time.time,
+) -> None:
+    """Every tenth of ``idle_forget_s`` (at most a minute), forget the deployments idle that
+    long. Idleness is measured in window time, the forecaster's own clock (a replay runs in
+    virtual time); the wall clock only caps it, so that a window stamped far in the future
+    cannot make every other deployment look idle."""
+    if idle_forget_s <= 0.0:
+        return
+    interval_s = min(60.0, max(0.5, idle_forget_s / 10.0))
+    while not runtime.stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(runtime.stop.wait(), timeout=interval_s)
+        newest_s = forecaster.newest_seen_s()
+        if newest_s is None:
+            continue
+        forgotten = forecaster.forget_idle(min(newest_s, clock()))
+        if forgotten:
+            FORGOTTEN.inc(forgotten)
+            log.info("forgot %d deployments idle for %g s or more", forgotten, idle_forget_s)
 
 
 async def run(runtime: Runtime, forecaster: Forecaster, settings: ForecasterSettings) -> None:
     loop = asyncio.get_running_loop()
     owns = owned_by(settings)
     REFITS.source = forecaster.refits_total
+    DEPLOYMENTS.set_function(lambda: float(forecaster.deployment_count()))
     if settings.warm_start_trace:
         trace = await asyncio.to_thread(traces.load_trace, settings.warm_start_trace)
         forecaster.warm_start_new_deployments(trace.arrival_s, trace.isl_tokens, trace.osl_tokens)
@@ -106,6 +142,9 @@ async def run(runtime: Runtime, forecaster: Forecaster, settings: ForecasterSett
     await rebuild_from_stream(runtime, forecaster, settings.rebuild_max_age_s, owns)
 
     fits = ThreadPoolExecutor(settings.fit_threads, thread_name_prefix="fit")
+    forgetting = asyncio.create_task(
+        forget_idle_deployments(runtime, forecaster, settings.idle_forget_s)
+    )
 
     async def on_snapshot(snapshot: MetricSnapshot) -> Iterable[Envelope]:
         forecast = await loop.run_in_executor(fits, forecaster.forecast, snapshot)
@@ -121,5 +160,6 @@ async def run(runtime: Runtime, forecaster: Forecaster, settings: ForecasterSett
             owns=owns if settings.replica_count > 1 else None,
         )
     finally:
+        forgetting.cancel()
         # Not waiting: a fit still running must not block the loop while the service drains.
         fits.shutdown(wait=False, cancel_futures=True)

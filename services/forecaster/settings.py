@@ -12,22 +12,25 @@ from shared.service_settings import DEFAULT_HTTP_PORTS, ServiceSettings, http_po
 from shared.settings import CommaList, DurationS
 
 PredictorName = Literal[
-    "constant", "arima", "kalman", "holt-winters", "horizon-smoothing", "prophet"
+    "auto", "constant", "arima", "kalman", "holt-winters", "horizon-smoothing", "prophet"
 ]
 PREDICTOR_NAMES: tuple[str, ...] = get_args(PredictorName)
 
+# A step of a forecast is at most about 400 bytes of JSON (eleven numbers and their names); 2,000
+# of them leave room under NATS's default 1 MiB payload for the envelope and the observed snapshot.
+MAX_FORECAST_STEPS = 2000
 
 
 class ForecasterSettings(ServiceSettings):
     http_port: int = http_port_field(DEFAULT_HTTP_PORTS["forecaster"])
     predictor: PredictorName = Field(
-        default="horizon-smoothing",
+        default="auto",
         description=(
-            "predictor of every deployment without an override: constant, arima, kalman, "
+            "predictor of every deployment without an override: auto, constant, arima, kalman, "
             "holt-winters, horizon-smoothing or prophet (needs pip install slaplanner[prophet]); "
-            "horizon-smoothing is the default because, measured on both shared traces, it beat "
-            "constant at the horizon at every window length and costs under a millisecond a "
-            "forecast (docs/benchmarks.md, Forecaster)"
+            "auto, the default, picks per deployment and series the best of constant, "
+            "smoothing, ARIMA and a seasonal model with the period found in the history by "
+            "rolling backtest, at each refit (docs/benchmarks.md, Forecaster)"
         ),
     )
     predictor_overrides: CommaList = Field(
@@ -40,6 +43,17 @@ class ForecasterSettings(ServiceSettings):
         description=(
             "how far ahead to forecast, seconds; at least the worker startup time, so that a "
             "worker asked for now is planned for the load it will meet when ready (5 min)"
+        ),
+    )
+    max_forecast_steps: int = Field(
+        default=600,
+        ge=1,
+        le=MAX_FORECAST_STEPS,
+        description=(
+            "steps a forecast publishes at most; when the horizon holds more windows (a 300 s "
+            "horizon at 0.1 s windows is 3,000), each step covers several windows and carries "
+            "their largest values, so that every forecast fits the bus's 1 MiB payload (a step "
+            "is at most about 400 bytes; at most 2,000 steps)"
         ),
     )
     confidence: float = Field(
@@ -89,6 +103,16 @@ class ForecasterSettings(ServiceSettings):
     rebuild_max_age_s: DurationS = Field(
         default=86_400.0,
         description="on start, rebuild histories from the stream's snapshots up to this old",
+    )
+    idle_forget_s: DurationS = Field(
+        default=6 * 3600.0,
+        ge=0.0,
+        description=(
+            "forget a deployment (its history and models) once its last snapshot is this far "
+            "behind the newest one, seconds of window time (6 h), so that memory follows the "
+            "deployments that exist rather than every name ever seen; 0 never forgets. A "
+            "deployment that comes back starts afresh, from the warm-start trace if one is set"
+        ),
     )
 
     replica_count: int = Field(
@@ -152,9 +176,14 @@ class ForecasterSettings(ServiceSettings):
         return parse_overrides(self.predictor_overrides)
 
     def horizon_steps(self, window_s: float) -> int:
-        """Steps of ``window_s`` that cover the horizon (at least one)."""
+        """Windows of ``window_s`` that cover the horizon (at least one)."""
         # The small tolerance keeps 300 / 60 at 5 steps despite float rounding.
         return max(1, math.ceil(self.horizon_s / window_s - 1e-9))
+
+    def windows_per_step(self, window_s: float) -> int:
+        """Windows each published step covers, so that at most ``max_forecast_steps`` steps
+        cover the horizon."""
+        return math.ceil(self.horizon_steps(window_s) / self.max_forecast_steps)
 
 
 def parse_overrides(entries: list[str]) -> dict[str, str]:
