@@ -8,16 +8,32 @@ STAMP := $(VENV)/.installed
 export OPENBLAS_NUM_THREADS ?= 1
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install demo test test-fast test-servers lint bench clean
+.PHONY: install lock demo test test-fast test-servers lint bench clean
 
-$(STAMP): pyproject.toml
+# Every package comes from the lock files, each file checked against its hash: pip, the build
+# backend (build.lock), the project's and the tests' dependencies (dev.lock); then the project
+# itself, with nothing more fetched. `make lock` writes the locks again (see below).
+$(STAMP): pyproject.toml requirements/build.lock requirements/dev.lock
 	$(PYTHON) -c 'import sys; sys.exit("Python 3.11+ is required" if sys.version_info < (3, 11) else 0)'
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --require-hashes --no-deps -r requirements/build.lock
+	$(BIN)/python -m pip install --quiet --require-hashes --no-deps -r requirements/dev.lock
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(BIN)/python -m pip check
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# The locks, from pyproject.toml's ranges, keeping the versions they hold unless asked to move
+# (UV_ARGS=--upgrade, or --upgrade-package NAME). Needs uv (`pip install uv` anywhere). Every
+# file PyPI has of a pinned version is hashed, so the locks install on any platform.
+UV ?= uv
+LOCK_ARGS = --generate-hashes --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+	--no-header --quiet $(UV_ARGS)
+lock:
+	$(UV) pip compile pyproject.toml --extra dev $(LOCK_ARGS) -o requirements/dev.lock
+	$(UV) pip compile pyproject.toml $(LOCK_ARGS) -o requirements/runtime.lock
+	$(UV) pip compile requirements/build.in $(LOCK_ARGS) -o requirements/build.lock
 
 # The bundled trace slice through the services on an embedded NATS; writes demo.png here.
 demo: $(STAMP)
@@ -28,11 +44,14 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 # Integration tests run a real Prometheus (Debian's package) when no Docker engine answers.
+# The version is pinned: Debian 12's, the one the integration tests were written against.
+PROMETHEUS_DEB ?= 2.42.0+ds-5+deb12u1
 test-servers:
 	@command -v prometheus >/dev/null 2>&1 || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus; }
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends \
+	    prometheus=$(PROMETHEUS_DEB); }
 
 test: lint test-servers
 	$(BIN)/pytest

@@ -267,8 +267,8 @@ class Tracking:
 
     async def on_message(self, msg: Msg) -> None:
         now = time.time()
-        # The id is the Nats-Msg-Id header on every stage; the body is parsed only without it.
-        msg_id = (msg.headers or {}).get("Nats-Msg-Id") or orjson.loads(msg.data).get("id", "")
+        # The body's id (the Nats-Msg-Id header is a keyed digest of subject and id).
+        msg_id = orjson.loads(msg.data).get("id", "")
         found = self.origin.get(msg_id)
         if found is None:
             return

@@ -23,6 +23,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "replay": ("sim.replay", "main", "the services on NATS driving the simulator in virtual time"),
     "trace": ("services.cli", "trace_main", "trace tools: `slaplanner trace synth ...`"),
     "schema": ("services.cli", "schema_main", "print the JSON Schema of the bus messages"),
+    "bus": ("shared.bus_admin", "main", "as the NATS admin: create or check the streams and "
+            "consumers"),
     "status": ("shared.operator_tools", "status_main",
                "each deployment's counts, last decision and conditions (like describe hpa)"),
     "watch": ("shared.operator_tools", "watch_main", "one line per decision as it happens"),

@@ -268,7 +268,7 @@ async def read_latest(runtime: Runtime,
 
 async def services_text(js: JetStreamContext, stream: str) -> str:
     consumers = sorted(await js.consumers_info(stream), key=lambda c: c.name)
-    durable = [c for c in consumers if c.config.durable_name]
+    durable = [c for c in consumers if bus.works_through(c.config)]  # not history readers
     if not durable:
         return (f"Services: none reads the stream {stream} yet (no durable consumer): start "
                 "slaplanner forecaster, decider and actuator")

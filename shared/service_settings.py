@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Self
+from typing import Any, Literal, Self
 
 from pydantic import Field, model_validator
 
@@ -21,7 +21,8 @@ _LITERAL_SUBJECT = re.compile(r"[^\s.*>]+(\.[^\s.*>]+)*")
 def http_port_field(default: int) -> Any:
     """The ``http_port`` field with a service's own default (a pydantic ``Field``)."""
     return Field(
-        default=default, ge=0, le=65535, description="port of /metrics and /healthz (0: pick one)"
+        default=default, ge=0, le=65535,
+        description="port of /metrics, /healthz and /readyz (0: pick one)",
     )
 
 
@@ -59,10 +60,74 @@ class ServiceSettings(Settings):
     stream_duplicate_window_s: DurationS = Field(
         default=600.0, description="JetStream drops a repeated Nats-Msg-Id within this window"
     )
+    stream_max_msg_bytes: int = Field(
+        default=1 << 20, ge=1024,
+        description=(
+            "largest body the stream stores (its max_msg_size; a larger publication is refused "
+            "by JetStream); keep it at or below the server's max_payload"
+        ),
+    )
+    stream_replicas: int = Field(
+        default=1, ge=1, le=5, description="copies of the streams in a NATS cluster (1: one node)"
+    )
+    decisions_stream_name: str = Field(
+        default="SLAPLANNER-DECISIONS",
+        description=(
+            "stream that keeps a copy of the targets and ScaleEvents for operators to replay; "
+            "its own limits, so nothing published on other subjects can evict a decision"
+        ),
+    )
+    decisions_max_age_s: DurationS = Field(
+        default=7 * 86_400.0, description="oldest decision the decisions stream keeps (7 days)"
+    )
+    decisions_max_bytes: int = Field(
+        default=1 << 30, ge=1 << 20, description="bytes the decisions stream keeps at most (1 GiB)"
+    )
+    bus_setup: Literal["service", "admin"] = Field(
+        default="service",
+        description=(
+            "who creates the streams and the durable consumers: `service` (each service creates "
+            "what is missing; a server without users) or `admin` (`slaplanner bus setup` as the "
+            "NATS admin, as deploy/ runs it); either way a service verifies what it finds and "
+            "refuses a stream configured otherwise"
+        ),
+    )
+    bus_check_interval_s: DurationS = Field(
+        default=5.0,
+        description=(
+            "how often the streams and the consumers are checked, seconds: a lost JetStream "
+            "store is noticed (/readyz fails) and recovered within about this time"
+        ),
+    )
+    msg_id_key_file: str | None = Field(
+        default=None,
+        description=(
+            "file with the secret that keys this service's Nats-Msg-Id headers, so that no other "
+            "NATS user can predict them and pre-publish a duplicate; default: derived from this "
+            "service's own NATS credential (password, token, NKey seed or creds file)"
+        ),
+    )
+    max_window_ahead_s: DurationS = Field(
+        default=60.0,
+        description=(
+            "a body whose window_end lies further than this ahead of this service's clock is "
+            "refused (a collector whose clock jumped, or a forged body) and never enters a "
+            "history, seconds"
+        ),
+    )
+    connect_deadline_s: DurationS = Field(
+        default=5.0,
+        description=(
+            "how long a service tries to reach NATS at start before it exits with one line "
+            "naming the URL (its supervisor restarts it), seconds"
+        ),
+    )
     max_body_bytes: int = Field(
         default=1 << 20, ge=1024, description="bodies larger than this are rejected unread"
     )
-    http_host: str = Field(default="0.0.0.0", description="address of /metrics and /healthz")
+    http_host: str = Field(
+        default="0.0.0.0", description="address of /metrics, /healthz and /readyz"
+    )
     http_port: int = http_port_field(8080)
     log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING or ERROR")
 
@@ -75,6 +140,11 @@ class ServiceSettings(Settings):
                 "'.', without '*', '>' or whitespace); set SLAPLANNER_NATS_INBOX_PREFIX"
             )
         return self
+
+    def durable_name(self) -> str | None:
+        """This instance's durable consumer, if its service names it itself (the forecaster's
+        replicas do); None: the service's name."""
+        return None
 
     def inbox_prefix(self) -> str:
         """Where this connection's replies come back: a prefix per user, so that no service's

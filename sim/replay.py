@@ -114,7 +114,7 @@ async def quiescent(js: JetStreamContext, deadline: float) -> None:
         infos = await js.consumers_info(STREAM)
         busy = [
             c.name for c in infos
-            if c.config.durable_name and ((c.num_pending or 0) or (c.num_ack_pending or 0))
+            if bus.works_through(c.config) and ((c.num_pending or 0) or (c.num_ack_pending or 0))
         ]
         if not busy:
             return

@@ -71,7 +71,7 @@ def _container_nats(tmp: Path) -> Iterator[NatsEndpoint]:
         f'max_payload: {TEST_MAX_PAYLOAD}\njetstream {{ store_dir: "/data" }}\n'
     )
     container = (
-        DockerContainer("nats:2.10-alpine")
+        DockerContainer("nats:2.15.1-alpine")  # consumer reset needs >= 2.14
         .with_volume_mapping(str(tmp), "/config", "ro")
         .with_command("-c /config/nats.conf")
         .with_exposed_ports(4222)

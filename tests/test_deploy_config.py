@@ -22,6 +22,7 @@ from services.collector import query_config
 from services.collector.settings import CollectorSettings
 from services.decider.settings import DeciderSettings
 from services.forecaster.settings import ForecasterSettings
+from shared.bus_admin import BusAdminSettings
 from shared.service_settings import ServiceSettings
 from shared.settings import ENV_PREFIX, env_name, field_meta, settings_from
 from tests import test_deploy_manifests as deploy
@@ -31,6 +32,8 @@ SETTINGS: dict[str, type[ServiceSettings]] = {
     "forecaster": ForecasterSettings,
     "decider": DeciderSettings,
     "actuator": ActuatorSettings,
+    # the NATS pod's bus-admin container (`slaplanner bus setup`) reads the ConfigMap too
+    "bus-admin": BusAdminSettings,
 }
 S = TypeVar("S", bound=ServiceSettings)
 # What the Deployments add to the ConfigMap's environment for every service.
@@ -63,7 +66,7 @@ def test_every_key_is_a_setting_of_some_service(target: str) -> None:
     assert unknown_keys(env) == []
 
 
-@pytest.mark.parametrize("service", deploy.SERVICES)
+@pytest.mark.parametrize("service", [*deploy.SERVICES, "bus-admin"])
 @pytest.mark.parametrize("target", deploy.TARGETS)
 def test_each_service_accepts_the_configuration(target: str, service: str) -> None:
     settings = parsed(target, SETTINGS[service])

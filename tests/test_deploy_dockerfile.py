@@ -32,8 +32,8 @@ from tests import test_deploy_manifests as deploy
 
 DOCKERFILE = deploy.DEPLOY / "Dockerfile"
 DOCKERIGNORE = deploy.DEPLOY / "Dockerfile.dockerignore"
-CONSTRAINTS = deploy.DEPLOY / "constraints.txt"
-BUILD_CONSTRAINTS = deploy.DEPLOY / "build-constraints.txt"
+LOCKS = deploy.REPO / "requirements"
+BUILD_LOCK, RUNTIME_LOCK, DEV_LOCK = (LOCKS / f"{n}.lock" for n in ("build", "runtime", "dev"))
 
 
 @dataclass(frozen=True)
@@ -92,16 +92,21 @@ def base_images() -> list[str]:
 
 
 def pins(path: Path) -> dict[str, str]:
-    """name -> pinned version of a constraints file; every line must be an exact pin."""
+    """name -> pinned version of a lock file; every requirement must be an exact pin with at
+    least one hash."""
     out: dict[str, str] = {}
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
+    text = path.read_text().replace("\\\n", " ")
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line:
             continue
-        requirement = Requirement(line)
-        [spec] = list(requirement.specifier)
+        requirement, *options = line.split(" --hash=")
+        assert options and all(re.fullmatch(r"sha256:[0-9a-f]{64}", o.strip()) for o in options), (
+            f"{path.name}: {requirement} has no sha256 hash")
+        parsed = Requirement(requirement)
+        [spec] = list(parsed.specifier)
         assert spec.operator == "==", line
-        out[canonicalize_name(requirement.name)] = spec.version
+        out[canonicalize_name(parsed.name)] = spec.version
     return out
 
 
@@ -139,36 +144,56 @@ def test_the_command_picks_the_service() -> None:
         assert deploy.main_container(service)["args"] == [service]
 
 
-def test_dependencies_and_build_backend_are_installed_from_pins_only() -> None:
+def test_every_package_is_installed_from_a_lock_with_hashes_and_the_project_fetches_none(
+) -> None:
     runs = [i.arguments for i in instructions() if i.command == "RUN" and "pip install" in
             i.arguments]
     assert runs
+    locks = set()
     for run in runs:
         for command in run.split("&&"):
             if "pip install" not in command:
                 continue
-            assert "--constraint deploy/build-constraints.txt" in command, command
+            assert "--no-deps" in command, command
             if "/src" in command.split():
-                assert "--constraint deploy/constraints.txt" in command, command
                 assert "--no-build-isolation" in command, command
                 assert "-e " not in command and "--editable" not in command, command
+            else:
+                assert "--require-hashes" in command, command
+                locks.add(command.split(" -r ", 1)[1].split()[0])
+    assert locks == {"requirements/build.lock", "requirements/runtime.lock"}
 
 
-def test_the_constraints_pin_every_dependency_within_what_the_project_allows() -> None:
+def test_the_locks_pin_every_dependency_within_what_the_project_allows() -> None:
     pyproject = tomllib.loads((deploy.REPO / "pyproject.toml").read_text())
-    pinned = pins(CONSTRAINTS)
-    for line in pyproject["project"]["dependencies"]:
-        requirement = Requirement(line)
-        name = canonicalize_name(requirement.name)
-        assert name in pinned, f"{name} is not pinned in deploy/constraints.txt"
-        assert requirement.specifier.contains(pinned[name], prereleases=True), (
-            f"{name}=={pinned[name]} is outside {requirement.specifier}")
-    build = pins(BUILD_CONSTRAINTS)
-    for line in pyproject["build-system"]["requires"]:
-        requirement = Requirement(line)
-        name = canonicalize_name(requirement.name)
-        assert requirement.specifier.contains(build[name]), name
-    assert not set(build) & set(pinned), "a package pinned twice"
+    runtime, dev, build = pins(RUNTIME_LOCK), pins(DEV_LOCK), pins(BUILD_LOCK)
+    for lock, lines in ((runtime, pyproject["project"]["dependencies"]),
+                        (dev, pyproject["project"]["optional-dependencies"]["dev"]),
+                        (build, pyproject["build-system"]["requires"])):
+        for line in lines:
+            requirement = Requirement(line)
+            name = canonicalize_name(requirement.name)
+            assert name in lock, f"{name} is not locked"
+            assert requirement.specifier.contains(lock[name], prereleases=True), (
+                f"{name}=={lock[name]} is outside {requirement.specifier}")
+    # the image runs what the tests ran: the same version of every package it has
+    assert {name: dev[name] for name in runtime} == runtime
+    assert "pip" in build and not set(build) & set(dev), "pip and the backend: build.lock only"
+
+
+def test_the_test_environment_is_exactly_the_lock() -> None:
+    """`make install` installs dev.lock and build.lock and nothing else (pip check passes)."""
+    from importlib import metadata
+
+    wanted = {**pins(DEV_LOCK), **pins(BUILD_LOCK)}
+    installed: dict[str, str] = {canonicalize_name(d.metadata["Name"]): d.version
+                                 for d in metadata.distributions()}
+    installed.pop("slaplanner", None)
+    differing = {name: (installed.get(name), version) for name, version in wanted.items()
+                 if installed.get(name) != version}
+    assert not differing, f"installed vs locked: {differing}"
+    extra = set(installed) - set(wanted)
+    assert not extra, f"installed without a lock: {extra}"
 
 
 def copied_sources() -> list[str]:

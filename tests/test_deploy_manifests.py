@@ -12,6 +12,7 @@ The helpers here (reading kustomizations, env files and manifests) are used by t
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -303,14 +304,17 @@ def test_one_deployment_per_service_runs_that_service(service: str) -> None:
 
 
 @pytest.mark.parametrize("service", SERVICES)
-def test_the_services_are_probed_on_healthz_at_the_named_http_port(service: str) -> None:
+def test_the_services_are_probed_for_life_and_readiness_at_the_named_http_port(
+    service: str,
+) -> None:
     container = main_container(service)
     [port] = container["ports"]
     assert port["name"] == "http"
     assert port["containerPort"] == int(planner_env("base")["SLAPLANNER_HTTP_PORT"])
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        # the actuator is ready only while it can reach the Kubernetes API too
-        path = "/readyz" if (service, probe) == ("actuator", "readinessProbe") else "/healthz"
+    # alive while the event loop runs; ready while the bus (and, for the actuator, the
+    # Kubernetes API) lets it make progress
+    for probe, path in (("startupProbe", "/healthz"), ("readinessProbe", "/readyz"),
+                        ("livenessProbe", "/healthz")):
         assert container[probe]["httpGet"] == {"path": path, "port": "http"}, probe
 
 
@@ -413,11 +417,19 @@ def test_the_nats_server_gets_every_password_the_config_names() -> None:
     assert sorted(u for u, _ in users) == sorted([*SERVICES, "admin"])
     secret = generated(BASE, "secretGenerator", "slaplanner-nats-users")
     assert sorted(secret) == sorted(u for u, _ in users)
-    for container in containers(statefulset["spec"]["template"]["spec"]):
+    pod = statefulset["spec"]["template"]["spec"]
+    for container in pod["initContainers"] + [c for c in pod["containers"] if c["name"] == "nats"]:
         env = env_of(container)
         for user, variable in users:
             assert env[variable]["valueFrom"] == {
                 "secretKeyRef": {"name": "slaplanner-nats-users", "key": user}}, container["name"]
+    # the bus-admin beside it logs in as the admin, and gets no other password
+    [admin] = [c for c in pod["containers"] if c["name"] == "bus-admin"]
+    assert admin["args"][:2] == ["bus", "setup"]
+    assert env_of(admin)["SLAPLANNER_NATS_PASSWORD"]["valueFrom"] == {
+        "secretKeyRef": {"name": "slaplanner-nats-users", "key": "admin"}}
+    assert not {variable for _, variable in users} & set(env_of(admin))
+    assert planner_env("base")["SLAPLANNER_BUS_SETUP"] == "admin"
 
 
 def test_the_shipped_passwords_are_obvious_placeholders_the_server_refuses() -> None:
@@ -429,6 +441,26 @@ def test_the_shipped_passwords_are_obvious_placeholders_the_server_refuses() -> 
     assert "CHANGE-ME*" in script and "exit 1" in script
 
 
+@pytest.mark.parametrize(("password", "accepted"), [
+    pytest.param("CHANGE-ME-admin", False, id="the shipped placeholder"),
+    pytest.param("", False, id="nothing"),
+    pytest.param("password", False, id="the word password"),
+    pytest.param("correct-horse-battery-staple", False, id="a phrase under 32 characters"),
+    pytest.param("0123456789abcdef" * 3, True, id="48 hex characters, as the install makes"),
+])
+def test_the_nats_pod_refuses_to_start_with_a_weak_password(password: str,
+                                                            accepted: bool) -> None:
+    statefulset = find(resources(BASE), "StatefulSet", "slaplanner-nats")
+    [guard] = statefulset["spec"]["template"]["spec"]["initContainers"]
+    strong = "f" * 48
+    env = {"PATH": os.environ["PATH"], "NATS_COLLECTOR_PASSWORD": strong,
+           "NATS_FORECASTER_PASSWORD": strong, "NATS_DECIDER_PASSWORD": password,
+           "NATS_ACTUATOR_PASSWORD": strong, "NATS_ADMIN_PASSWORD": strong}
+    ran = subprocess.run(guard["command"], env=env, capture_output=True, text=True, timeout=10)
+    assert (ran.returncode == 0) == accepted, ran.stderr
+    assert accepted or "generate them" in ran.stderr
+
+
 def test_the_nats_image_is_the_server_version_the_permission_tests_run() -> None:
     out = subprocess.run([embedded_nats.nats_server_binary(), "--version"], capture_output=True,
                          text=True, check=True).stdout
@@ -436,7 +468,8 @@ def test_the_nats_image_is_the_server_version_the_permission_tests_run() -> None
     assert match is not None, out
     statefulset = find(resources(BASE), "StatefulSet", "slaplanner-nats")
     for container in containers(statefulset["spec"]["template"]["spec"]):
-        assert container["image"] == f"nats:{match.group(1)}-alpine"
+        if container["name"] != "bus-admin":  # the planner's own image
+            assert container["image"] == f"nats:{match.group(1)}-alpine"
 
 
 def rule_grants(role: Doc) -> set[tuple[str, str, str, str]]:

@@ -4,9 +4,10 @@ The server runs deploy/base/nats/auth.conf as it is, with the passwords in its e
 the StatefulSet gives them. What each service publishes and reads is taken from the code (the
 message models' subjects and the services' consumer filters), so a service that starts to read
 or write a new subject fails here until auth.conf allows it. Then three services run as real
-processes with their own users and the ConfigMap's settings, and a snapshot typed as the
-collector becomes a ScaleEvent; and two forecaster replicas run as the StatefulSet runs them,
-each on its own durable under the one user.
+processes with their own users and the ConfigMap's settings (streams and consumers made by the
+admin's `slaplanner bus setup`, as the NATS pod's bus-admin container runs it), and a snapshot
+typed as the collector becomes a ScaleEvent; and two forecaster replicas run as the StatefulSet
+runs them, each on its own durable under the one user.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import contextlib
 import os
 import secrets
 import subprocess
+import sys
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -90,9 +92,20 @@ class Bus:
     passwords: dict[str, str]
 
 
+def bus_setup(bus_: Bus, forecaster_replicas: int = 1) -> None:
+    """What the NATS pod's bus-admin container runs: the streams and every consumer."""
+    env = {**os.environ, **deploy.local_env("base"), "SLAPLANNER_NATS_URL": bus_.url,
+           "SLAPLANNER_NATS_USER": "admin", "SLAPLANNER_NATS_PASSWORD": bus_.passwords["admin"],
+           "SLAPLANNER_FORECASTER_REPLICAS": str(forecaster_replicas)}
+    done = subprocess.run([sys.executable, "-m", "services.cli", "bus", "setup"], env=env,
+                          cwd=deploy.REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
 @pytest.fixture(scope="module")
 def server() -> Iterator[Bus]:
-    """nats-server with deploy's auth.conf, its passwords in the environment as in the pod."""
+    """nats-server with deploy's auth.conf, its passwords in the environment as in the pod, and
+    the bus laid out by the admin."""
     passwords = {user: secrets.token_hex(16) for user in USERS}
     with tempfile.TemporaryDirectory(prefix="slaplanner-deploy-nats-") as tmp, \
             pytest.MonkeyPatch.context() as env:
@@ -101,7 +114,9 @@ def server() -> Iterator[Bus]:
         running = embedded_nats.start(Path(tmp),
                                       extra_config=(NATS_DIR / "auth.conf").read_text())
         try:
-            yield Bus(running.url, passwords)
+            found = Bus(running.url, passwords)
+            bus_setup(found)
+            yield found
         finally:
             running.stop()
 
@@ -167,7 +182,9 @@ async def test_a_service_keeps_the_stream_and_publishes_only_its_own_subjects(
 ) -> None:
     async with connect(server, service) as client:
         js = client.nc.jetstream()
-        await bus.ensure_stream(js, ServiceSettings())  # what every service does at start
+        for config in (bus.stream_config(ServiceSettings()),  # what every service checks
+                       bus.decisions_stream_config(ServiceSettings())):
+            assert await bus.check_stream(js, ServiceSettings(), config, create=False) is None
         for subject in PUBLISHES[service]:
             ack = await js.publish(subject, b"{}", headers={"Nats-Msg-Id": uuid.uuid4().hex})
             assert ack.seq > 0, subject
@@ -199,18 +216,32 @@ async def test_a_service_subscribes_only_to_what_it_reads(server: Bus, service: 
 
 
 @pytest.mark.parametrize("service", deploy.SERVICES)
-async def test_no_service_may_delete_or_purge_the_stream(server: Bus, service: str) -> None:
+async def test_no_service_may_create_change_delete_or_purge_a_stream_or_a_consumer(
+    server: Bus, service: str
+) -> None:
+    settings = ServiceSettings()
     async with connect(server, service) as client:
         js = client.nc.jetstream(timeout=0.5)  # a refused request is never answered
-        await bus.ensure_stream(js, ServiceSettings())
-        for attempt in (js.delete_stream, js.purge_stream):
+        attempts = [
+            js.delete_stream(settings.stream_name), js.purge_stream(settings.stream_name),
+            js.update_stream(bus.stream_config(settings)),
+            js.add_stream(bus.stream_config(settings.model_copy(update={"stream_name": "OTHER"}))),
+            js.delete_stream(settings.decisions_stream_name),
+            js.add_consumer(settings.stream_name, durable_name=f"{service}-read",
+                            filter_subject="slaplanner.metrics.>"),
+            js.delete_consumer(settings.stream_name, "forecaster-0"),
+        ]
+        for attempt in attempts:
             with pytest.raises((nats.errors.TimeoutError, nats.errors.NoRespondersError,
                                 nats.js.errors.Error)):
-                await attempt(ServiceSettings().stream_name)
+                await attempt
             assert await client.refused()
     async with connect(server, "admin") as admin:
-        info = await admin.nc.jetstream().stream_info(ServiceSettings().stream_name)
-        assert info.config.name == ServiceSettings().stream_name
+        js = admin.nc.jetstream()
+        info = await js.stream_info(settings.stream_name)
+        assert bus.stream_matches(info.config, bus.stream_config(settings))
+        assert "OTHER" not in await js.streams_info() and f"{service}-read" not in {
+            c.name for c in await js.consumers_info(settings.stream_name)}
 
 
 async def test_the_admin_may_do_anything(server: Bus) -> None:
@@ -339,6 +370,7 @@ async def test_forecaster_replicas_run_under_the_forecaster_user(
         "SLAPLANNER_NATS_PASSWORD": server.passwords["forecaster"],
         "SLAPLANNER_REPLICA_COUNT": str(count),
     }
+    bus_setup(server, forecaster_replicas=count)  # the durables of two replicas too
     procs = []
     for index in range(count):
         log_dir = tmp_path / f"replica-{index}"

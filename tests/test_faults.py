@@ -285,8 +285,8 @@ class StreamLog:
 
 async def consumers_idle(js: JetStreamContext) -> bool:
     infos = await js.consumers_info(STREAM)
-    return not any(c.config.durable_name and ((c.num_pending or 0) or (c.num_ack_pending or 0))
-                   for c in infos)
+    return not any(bus.works_through(c.config)
+                   and ((c.num_pending or 0) or (c.num_ack_pending or 0)) for c in infos)
 
 
 # ----------------------------------------------------------------------------- faults

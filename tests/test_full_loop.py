@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shutil
 import subprocess
 import sys
@@ -423,6 +424,12 @@ async def test_rising_load_scales_the_dgd_up_and_a_prometheus_outage_scales_noth
         overrides = endpoints(proc.env["SLAPLANNER_NATS_URL"], prometheus.url, kube.url)
         proc.env.update({**configmap, **TIME_SCALES, **overrides})
     procs = list(services.values())
+    # what the NATS pod's bus-admin container does in the deployment (SLAPLANNER_BUS_SETUP=admin)
+    admin = subprocess.run([sys.executable, "-m", "services.cli", "bus", "setup",
+                            "--nats-url", procs[0].env["SLAPLANNER_NATS_URL"]],
+                           env={**os.environ, **configmap}, cwd=REPO, capture_output=True,
+                           text=True, timeout=60)
+    assert admin.returncode == 0, admin.stdout + admin.stderr
     await start_and_wait_ready(nc, procs)
 
     metrics_url = f"http://127.0.0.1:{frontend_port}/metrics"

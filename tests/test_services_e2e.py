@@ -8,6 +8,7 @@ import math
 from collections.abc import AsyncIterator
 
 import nats.js.api
+import nats.js.errors
 import orjson
 import pytest
 from nats.aio.client import Client as NATS
@@ -124,16 +125,24 @@ HOSTILE_BODIES = {
     "a negative rate": snapshot_body(1.0, num_requests=-5.0),
     "NaN": snapshot_body(1.0).replace(b"12000.0", b"NaN"),
     "an unknown schema version": snapshot_body(1.0, schema_version=99),
-    "a 10 MB body": b'{"pad": "' + b"x" * (10 << 20) + b'"}',
+    "a 512 KB body": b'{"pad": "' + b"x" * (512 << 10) + b'"}',
 }
+# The services refuse bodies over this themselves; the stream takes up to 1 MiB.
+SERVICE_MAX_BODY_BYTES = 256 << 10
 
 
 async def test_malformed_bodies_are_rejected_with_reasons_and_valid_ones_still_flow(
     nc: NATS, services: dict[str, ServiceProcess], collected: Collected
 ) -> None:
+    for proc in services.values():
+        proc.env["SLAPLANNER_MAX_BODY_BYTES"] = str(SERVICE_MAX_BODY_BYTES)
     await start_and_wait_ready(nc, pipeline(services))
     for raw in HOSTILE_BODIES.values():
         await nc.publish("slaplanner.metrics.prod.llama", raw)
+    # A body larger than the stream's max_msg_size is refused by JetStream itself.
+    with pytest.raises(nats.js.errors.APIError, match="maximum"):
+        await nc.jetstream().publish("slaplanner.metrics.prod.llama",
+                                     b'{"pad": "' + b"x" * (10 << 20) + b'"}')
     # Each later stage refuses garbage on its own subject too.
     await nc.publish("slaplanner.forecast.prod.llama", b'{"steps": "soon"}')
     await nc.publish("slaplanner.target.prod.llama", b'{"prefill_replicas": -3}')
@@ -167,7 +176,7 @@ async def test_malformed_bodies_are_rejected_with_reasons_and_valid_ones_still_f
     assert any("LoadForecast invalid" in r for r in reasons_of("decider"))
     assert len(reasons_of("actuator")) == 1
     big = next(r for r in rejected if "exceeds the limit" in r.reason)
-    assert big.truncated and big.raw_size_bytes > 10 << 20 and len(big.raw) <= 4096
+    assert big.truncated and big.raw_size_bytes > 512 << 10 and len(big.raw) <= 4096
 
     event = ScaleEvent.from_json((await collected.wait_for("scaled", 1))[0])
     assert event.window_end == 1_732_345_260.0

@@ -20,7 +20,6 @@ import nats.js.errors
 import prometheus_client
 from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
-from pydantic import ValidationError
 
 from services.actuator import election
 from services.actuator.core import Actuator
@@ -52,11 +51,10 @@ class NatsPublisher:
         runtime = self.runtime
         if runtime is None:
             raise RuntimeError("the publisher is not bound to a connected runtime yet")
-        headers = {"Nats-Msg-Id": msg_id}
         if subject.startswith(SUBJECT_PREFIX + "."):  # inside the stream: stored, deduplicated
-            await runtime.js.publish(subject, body, headers=headers)
+            await runtime.publish_body(subject, body, msg_id)
         else:
-            await runtime.nc.publish(subject, body, headers=headers)
+            await runtime.nc.publish(subject, body, headers={"Nats-Msg-Id": msg_id})
             await runtime.nc.flush()
         shell.MESSAGES_PUBLISHED.labels(runtime.name, "virtual").inc()
 
@@ -79,14 +77,14 @@ async def restore(runtime: Runtime, actuator: Actuator,
     target (one a previous instance may have written and died before reporting)."""
     count = 0
     async for msg in runtime.read_stream(SCALED, DeliverPolicy.LAST_PER_SUBJECT):
-        if owns(msg.subject):
-            with contextlib.suppress(ValueError, ValidationError):
-                actuator.restore(ScaleEvent.from_json(msg.data))
-                count += 1
+        if owns(msg.subject) and (
+                event := runtime.stored(ScaleEvent, msg.subject, msg.data)) is not None:
+            actuator.restore(event)
+            count += 1
     async for msg in runtime.read_stream(CONSUMES, DeliverPolicy.LAST_PER_SUBJECT):
-        if owns(msg.subject):
-            with contextlib.suppress(ValueError, ValidationError):
-                actuator.restore_unconfirmed(ReplicaTarget.from_json(msg.data))
+        if owns(msg.subject) and (
+                target := runtime.stored(ReplicaTarget, msg.subject, msg.data)) is not None:
+            actuator.restore_unconfirmed(target)
     log.info("restored the last scale event of %d deployments from the stream", count)
     return count
 

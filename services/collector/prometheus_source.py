@@ -10,7 +10,6 @@ windows missed since then first (``ticks.resume``): Prometheus still holds their
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import re
@@ -511,11 +510,11 @@ async def last_published(runtime: Runtime, collector: Collector) -> dict[Deploym
     ends: dict[DeploymentKey, float] = {}
     try:
         async for msg in runtime.read_stream(METRICS, DeliverPolicy.LAST_PER_SUBJECT):
-            with contextlib.suppress(ValueError):
-                last = MetricSnapshot.from_json(msg.data)
-                if (last.source == SOURCE and math.isclose(last.window_s, interval)
-                        and (known is None or last.deployment in known)):
-                    ends[last.deployment] = last.window_end
+            last = runtime.stored(MetricSnapshot, msg.subject, msg.data)
+            if (last is not None and last.source == SOURCE
+                    and math.isclose(last.window_s, interval)
+                    and (known is None or last.deployment in known)):
+                ends[last.deployment] = last.window_end
     except Exception as exc:  # NATS errors and timeouts alike: start afresh rather than not at all
         log.warning("cannot read the last published windows from the stream (%s); starting "
                     "with the first window not yet due", exc)

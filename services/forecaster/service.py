@@ -94,8 +94,9 @@ async def rebuild_from_stream(
     read = 0
     async for msg in runtime.read_stream(CONSUMES, DeliverPolicy.BY_START_TIME, since):
         if owns(msg.subject):
-            with contextlib.suppress(ValueError):
-                rebuild.add(MetricSnapshot.from_json(msg.data))
+            snapshot = runtime.stored(MetricSnapshot, msg.subject, msg.data)
+            if snapshot is not None:  # valid, and not from the future
+                rebuild.add(snapshot)
                 read += 1
     recorded = await asyncio.to_thread(rebuild.finish)
     log.info("rebuilt history from %d snapshots in the stream (%d recorded)", read, recorded)
