@@ -25,6 +25,10 @@ from tests.conftest_k8s import NS, dgd
 
 T0 = 1_700_000_000.0
 NAMES = [f"model-{n}" for n in range(8)]
+# Waits that include a process start: importing the service takes half a minute when other
+# processes hold both cores; a deadline only costs time when the test fails anyway.
+STARTUP_S = 120.0
+GRACE_PERIOD_S = 30.0  # the actuator pod's terminationGracePeriodSeconds (deploy/base)
 
 
 def owner(name: str) -> int:
@@ -61,28 +65,38 @@ async def publish_round(url: str, interval: int, decode: int) -> None:
 async def consumers_exist(url: str, names: set[str]) -> None:
     nc = await nats.connect(url)
     try:
-        await wait_for_consumers(nc, names)
+        await wait_for_consumers(nc, names, STARTUP_S)
     finally:
         await nc.close()
 
 
-async def scale_events(url: str) -> list[ScaleEvent]:
-    """Every ScaleEvent the stream holds."""
+async def scale_events(url: str, timeout_s: float = 60.0) -> list[ScaleEvent]:
+    """Every ScaleEvent the stream holds: read until the consumer has nothing pending (a fetch
+    that times out on a busy machine is no proof that the stream is read to the end)."""
     nc = await nats.connect(url)
     found: list[ScaleEvent] = []
     try:
         js = nc.jetstream()
         sub = await js.pull_subscribe("slaplanner.scaled.>", stream="SLAPLANNER")
-        while True:
-            try:
-                msgs = await sub.fetch(batch=256, timeout=1.0)
-            except (TimeoutError, nats.errors.TimeoutError):
-                return found
-            for msg in msgs:
-                found.append(ScaleEvent.from_json(msg.data))
-                await msg.ack()
+        async with asyncio.timeout(timeout_s):
+            while True:
+                try:
+                    msgs = await sub.fetch(batch=256, timeout=1.0)
+                except (TimeoutError, nats.errors.TimeoutError):
+                    info = await sub.consumer_info()
+                    if info.num_pending == 0 and info.num_ack_pending == 0:
+                        return found
+                    continue
+                for msg in msgs:
+                    found.append(ScaleEvent.from_json(msg.data))
+                    await msg.ack()
     finally:
         await nc.close()
+
+
+def reported(url: str) -> set[str]:
+    """The ids of the targets that a ScaleEvent reports."""
+    return {e.target_id for e in asyncio.run(scale_events(url))}
 
 
 @pytest.fixture
@@ -127,7 +141,7 @@ def test_two_replicas_share_the_deployments_and_a_killed_one_catches_up_once(
 
         asyncio.run(consumers_exist(nats_server.url, {"actuator-0", "actuator-1"}))
         asyncio.run(publish_round(nats_server.url, 1, 2))
-        wait_until(lambda: all(decode_of(n) == 2 for n in NAMES), 60.0)
+        wait_until(lambda: all(decode_of(n) == 2 for n in NAMES), STARTUP_S)
         # Reported too: a replica killed between its write and its report would report that
         # target again as "unchanged" after its restart (docs/reliability.md).
         wait_until(lambda: len(asyncio.run(scale_events(nats_server.url))) == len(NAMES), 30.0)
@@ -138,12 +152,15 @@ def test_two_replicas_share_the_deployments_and_a_killed_one_catches_up_once(
         time.sleep(1.0)  # the other replica's share waits in its durable consumer
         assert all(decode_of(n) == 2 for n in NAMES if owner(n) == 1)
         replicas[1].start()  # the StatefulSet brings the pod back with its name
-        wait_until(lambda: all(decode_of(n) == 3 for n in NAMES), 60.0)
+        wait_until(lambda: all(decode_of(n) == 3 for n in NAMES), STARTUP_S)
 
-        replicas[0].stop()  # the rollout goes on to the other pod (SIGTERM)
+        replicas[0].stop(GRACE_PERIOD_S)  # the rollout goes on to the other pod (SIGTERM)
         replicas[0].start()
         asyncio.run(publish_round(nats_server.url, 3, 4))
-        wait_until(lambda: all(decode_of(n) == 4 for n in NAMES), 60.0)
+        wait_until(lambda: all(decode_of(n) == 4 for n in NAMES), STARTUP_S)
+        # The write comes before the report: killed now, a replica that has patched but not yet
+        # reported would report that target only after its next start.
+        wait_until(lambda: len(reported(nats_server.url)) == 3 * len(NAMES), 60.0)
     finally:
         for proc in replicas:
             proc.kill()
