@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from shared.explanation import Explanation
+from shared.explanation import Explanation, Rule
 from shared.messages import MetricSnapshot, Outcome, ReplicaTarget, ScaleEvent
 from shared.roles import ROLE_NAMES as ROLES
 
@@ -216,6 +216,25 @@ def metrics_stale(snapshot: MetricSnapshot | None, now: float) -> Condition:
                          f"{', '.join(missing)}" + (f" ({gaps})" if gaps else ""))
     return Condition(kind, Status.FALSE, "FreshMetrics",
                      f"the snapshot of {_clock(snapshot.window_end)} has every planning input")
+
+
+def metrics_stale_from_target(target: ReplicaTarget) -> Condition:
+    """``MetricsStale`` as a reader of targets alone sees it (the actuator reads no snapshot):
+    the decider says in the target when it held or kept counts for want of metrics."""
+    kind = ConditionType.METRICS_STALE
+    why = Explanation.from_dict(target.explanation)
+    rule = str(why.held.cause.rule) if why.held is not None else None
+    if rule == Rule.HELD_STALE_METRICS:
+        return Condition(kind, Status.TRUE, "SourceUnreadable",
+                         f"the decider holds the counts: the collector could not read its source "
+                         f"for the window ending {_clock(target.window_end)}")
+    if rule in (Rule.HELD_MISSING_METRICS, Rule.HELD_NO_OBSERVATION) or \
+            Rule.NO_SHRINK_MISSING_METRICS in bound_by(target).values():
+        return Condition(kind, Status.TRUE, "MissingMetrics",
+                         f"the snapshot of {_clock(target.window_end)} lacks planning inputs; "
+                         "the decider holds or does not shrink")
+    return Condition(kind, Status.FALSE, "FreshMetrics",
+                     f"the decider sized from the metrics of {_clock(target.window_end)}")
 
 
 def _budget_text(budget: dict[str, Any]) -> str:

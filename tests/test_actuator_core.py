@@ -441,9 +441,9 @@ async def test_the_same_target_twice_and_an_older_one_change_nothing() -> None:
     original = dry.write
 
     async def counting(key: DeploymentKey, step: core.Step, observed: Observed | None,
-                       target: ReplicaTarget) -> None:
+                       target: ReplicaTarget, shown: Any = None) -> None:
         writes.append(step)
-        await original(key, step, observed, target)
+        await original(key, step, observed, target, shown)
 
     dry.write = counting  # type: ignore[method-assign]
     actuator = core.Actuator(core.StaticRouter(dry, LIMITS), RULES)

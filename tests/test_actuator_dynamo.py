@@ -8,6 +8,7 @@ with a scaling adapter, and acts as the operator and the adapter controller towa
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -42,8 +43,22 @@ def beta_dgd(name: str, prefill: int, decode: int, **decode_extra: Any) -> JSON:
                             **decode_extra}]}}
 
 
+def conditions_of(server: srv.KubeApiServer, name: str) -> dict[str, JSON]:
+    """The conditions the actuator wrote on a DGD, by type."""
+    text = server.get(srv.DGDS_BETA, NS, name)["metadata"]["annotations"][
+        "slaplanner.io/conditions"]
+    return {c["type"]: c for c in json.loads(text)}
+
+
 def patches(server: srv.KubeApiServer) -> list[srv.RecordedRequest]:
     return [r for r in server.requests if r.method == "PATCH"]
+
+
+def replica_patches(server: srv.KubeApiServer) -> list[srv.RecordedRequest]:
+    """Patches other than the conditions annotation alone (and the status)."""
+    return [r for r in patches(server) if "/status" not in r.path
+            and not (isinstance(r.body, dict) and list(r.body) == ["metadata"]
+                     and list(r.body["metadata"]) == ["annotations"])]
 
 
 async def apply(assembly: Any, replicas: tuple[int, int], window_end: float = T0 + 60,
@@ -91,7 +106,10 @@ async def test_a_direct_edit_of_an_adapter_managed_component_is_refused_with_the
                    "llama-vllmdecodeworker"))
     event = await apply(assemble(kube, dynamo_mapping()), (1, 4))
     assert event.outcome is Outcome.REFUSED  # not "failed", not retried as a conflict
-    assert [r.status for r in patches(k8s)] == [404, 422]
+    # the adapter's /scale, the DGD's replicas; then the conditions saying so, on their own
+    assert [r.status for r in patches(k8s)] == [404, 422, 200]
+    assert list(patches(k8s)[-1].body) == ["metadata"]
+    assert conditions_of(k8s, "llama")["AbleToScale"]["reason"] == "ScaleRefused"
     assert 'admission webhook "vdynamographdeployment.kb.io" denied the request: ' \
         'DynamoGraphDeployment.nvidia.com "llama" is invalid: spec.components[2].replicas: ' \
         "Forbidden: cannot be modified directly when scaling adapter is enabled" \
@@ -121,9 +139,10 @@ async def test_a_rollout_in_progress_holds_every_change(k8s: srv.KubeApiServer,
                lambda o: o["status"].update(rollingUpdate={"phase": "InProgress"}))
     await cached(assembly, k8s, srv.DGDS_BETA, "llama")
     event = await apply(assembly, (1, 3), window_end=T0 + 120)
-    assert event.outcome is Outcome.REFUSED and not patches(k8s)
+    assert event.outcome is Outcome.REFUSED and not replica_patches(k8s)
     assert "rolling update of DynamoGraphDeployment prod/llama is InProgress" in (
         event.reason or "")
+    assert conditions_of(k8s, "llama")["AbleToScale"]["reason"] == "ScaleRefused"
 
 
 async def test_a_dynamo_planner_in_the_graph_is_refused_with_a_condition_and_an_event(
@@ -132,8 +151,7 @@ async def test_a_dynamo_planner_in_the_graph_is_refused_with_a_condition_and_an_
     obj["spec"]["components"].append({"name": "Planner", "type": "planner", "replicas": 1})
     k8s.add(srv.DGDS_BETA, obj)
     event = await apply(assemble(kube, dynamo_mapping()), (2, 3))
-    assert event.outcome is Outcome.REFUSED and not [p for p in patches(k8s)
-                                                     if "/status" not in p.path]
+    assert event.outcome is Outcome.REFUSED and not replica_patches(k8s)
     assert "Dynamo Planner component 'Planner'" in (event.reason or "")
     [condition] = [c for c in k8s.get(srv.DGDS_BETA, NS, "llama")["status"]["conditions"]
                    if c["type"] == "slaplanner.io/ScalingActive"]
@@ -242,3 +260,81 @@ async def test_a_scaling_adapter_mapped_with_the_scale_backend_reads_readiness_f
                                 "prod/llama-vllmdecodeworker/scale")
     components = k8s.get(srv.DGDS_BETA, NS, "llama")["spec"]["components"]
     assert components[2]["replicas"] == 3
+
+
+def set_model(dgd: JSON, model: str) -> None:
+    """Have the prefill and decode workers of ``dgd`` (v1beta1) serve ``model``, as Dynamo's
+    examples write it (the container ``main``, ``--model`` in its args)."""
+    for component in dgd["spec"]["components"][1:]:
+        component["podTemplate"] = {"spec": {"containers": [{
+            "name": "main", "image": "nvcr.io/nvidia/ai-dynamo/vllm-runtime:0.7.0",
+            "command": ["python3", "-m", "dynamo.vllm"],
+            "args": ["--model", model, "--disaggregation-mode", component["type"]]}]}}
+
+
+def profiled(prefill: int, decode: int, window_end: float,
+             model: str = "nvidia/Llama-3.1-8B-Instruct-FP8") -> Any:
+    """A target whose explanation names the model of the decider's profile."""
+    plain = target(prefill, decode, window_end=window_end)
+    return plain.model_copy(update={"explanation": {**plain.explanation, "profile_model": model}})
+
+
+async def test_the_conditions_ride_with_the_scale_write_and_are_written_alone_only_on_a_change(
+        k8s: srv.KubeApiServer, kube: Kube) -> None:
+    k8s.add(srv.DGDS_BETA, beta_dgd("llama", 1, 1))
+    assembly = assemble(kube, dynamo_mapping(), record_events=False)
+    assert (await apply(assembly, (1, 3))).outcome is Outcome.APPLIED
+    [scale] = patches(k8s)  # t0: the replicas and the conditions, one write
+    assert any(op["path"] == "/metadata/annotations" for op in scale.body)
+    assert conditions_of(k8s, "llama")["AbleToScale"]["reason"] == "SucceededRescale"
+    assert conditions_of(k8s, "llama")["ScalingLimited"]["status"] == "False"
+    # t0 + 60: already at the target; AbleToScale says so (a new reason): the annotation alone
+    await cached(assembly, k8s, srv.DGDS_BETA, "llama")
+    assert (await apply(assembly, (1, 3), window_end=T0 + 120)).outcome is Outcome.UNCHANGED
+    assert len(patches(k8s)) == 2 and list(patches(k8s)[-1].body) == ["metadata"]
+    shown = conditions_of(k8s, "llama")
+    assert shown["AbleToScale"]["reason"] == "ReadyForNewScale"
+    assert shown["AbleToScale"]["lastTransitionTime"] == "2023-11-14T22:13:20Z"  # still True
+    # t0 + 120: nothing moved: no write at all
+    await cached(assembly, k8s, srv.DGDS_BETA, "llama")
+    assert (await apply(assembly, (1, 3), window_end=T0 + 180)).outcome is Outcome.UNCHANGED
+    assert len(patches(k8s)) == 2
+
+
+async def test_a_workload_serving_another_model_is_warned_of_once_and_shown_as_limited(
+        k8s: srv.KubeApiServer, kube: Kube) -> None:
+    served = beta_dgd("llama", 1, 1)
+    set_model(served, "Qwen/Qwen3-0.6B")
+    k8s.add(srv.DGDS_BETA, served)
+    assembly = assemble(kube, dynamo_mapping())
+
+    def warnings() -> list[JSON]:
+        return [e for e in k8s.objects_of(srv.EVENTS, NS) if e["reason"] == "ModelMismatch"]
+
+    for step in range(3):  # three intervals, one warning
+        if step:  # the watch cache has seen the last write
+            await cached(assembly, k8s, srv.DGDS_BETA, "llama")
+        event = await assembly.actuator.handle(profiled(1, 2 + step, T0 + 60 * (step + 1)),
+                                               T0 + 60 * step)
+        assert event is not None and event.outcome is Outcome.APPLIED, event
+    [warning] = warnings()
+    assert warning["type"] == "Warning"
+    assert warning["involvedObject"]["kind"] == "DynamoGraphDeployment"
+    assert warning["message"].startswith(
+        "prefill workers serve Qwen/Qwen3-0.6B; decode workers serve Qwen/Qwen3-0.6B, but the "
+        "decider's profile was measured on nvidia/Llama-3.1-8B-Instruct-FP8")
+    limited = conditions_of(k8s, "llama")["ScalingLimited"]
+    assert (limited["status"], limited["reason"]) == ("True", "ModelMismatch")
+    # the operator deploys the profiled model: the condition clears, no new warning
+    k8s.mutate(srv.DGDS_BETA, NS, "llama",
+               lambda o: set_model(o, "nvidia/Llama-3.1-8B-Instruct-FP8"))
+    await cached(assembly, k8s, srv.DGDS_BETA, "llama")
+    await assembly.actuator.handle(profiled(1, 4, T0 + 240), T0 + 180)
+    assert conditions_of(k8s, "llama")["ScalingLimited"]["reason"] == "DesiredWithinRange"
+    assert len(warnings()) == 1
+    # back to the other model: a new mismatch, warned of again
+    k8s.mutate(srv.DGDS_BETA, NS, "llama", lambda o: set_model(o, "Qwen/Qwen3-0.6B"))
+    await cached(assembly, k8s, srv.DGDS_BETA, "llama")
+    await assembly.actuator.handle(profiled(1, 4, T0 + 300), T0 + 240)
+    assert len(warnings()) == 2
+    assert conditions_of(k8s, "llama")["ScalingLimited"]["reason"] == "ModelMismatch"

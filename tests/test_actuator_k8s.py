@@ -19,6 +19,7 @@ from services.actuator import election
 from services.actuator.inflight import HttpInflightProbe
 from services.actuator.kube import DELETION_COST, Kube
 from services.actuator.kube import api_client as kube_api_client
+from services.actuator.status import CONDITIONS_ANNOTATION as CONDITIONS
 from shared.messages import Outcome, ReplicaTarget, ScaleEvent
 from tests import k8s_api_server as srv
 from tests import k8s_rbac
@@ -67,6 +68,35 @@ def patches(server: srv.KubeApiServer, contains: str = "") -> list[srv.RecordedR
     return [r for r in server.requests if r.method == "PATCH" and contains in r.path]
 
 
+def conditions_only(request: srv.RecordedRequest) -> bool:
+    """A patch of the conditions annotation alone (no replicas)."""
+    body = request.body
+    return isinstance(body, dict) and list(body) == ["metadata"] \
+        and list(body["metadata"]) == ["annotations"]
+
+
+def scale_patches(server: srv.KubeApiServer, contains: str = "") -> list[srv.RecordedRequest]:
+    return [r for r in patches(server, contains) if not conditions_only(r)]
+
+
+def without_conditions(body: Any) -> Any:
+    """A scale patch's body without the conditions annotation it carries."""
+    if isinstance(body, list):
+        return [op for op in body if not op["path"].startswith("/metadata/annotations")]
+    metadata = {k: v for k, v in body["metadata"].items() if k != "annotations"}
+    return {**body, "metadata": metadata}
+
+
+def conditions_in(body: Any) -> dict[str, dict[str, Any]]:
+    """The conditions a scale patch's body carries, by type."""
+    if isinstance(body, list):
+        [text] = [op["value"] for op in body if op["path"].startswith("/metadata/annotations")]
+        text = text[CONDITIONS] if isinstance(text, dict) else text
+    else:
+        text = body["metadata"]["annotations"][CONDITIONS]
+    return {c["type"]: c for c in json.loads(text)}
+
+
 def events(server: srv.KubeApiServer, reason: str | None = None) -> list[dict[str, Any]]:
     return [e for e in server.objects_of(srv.EVENTS, NS) if reason in (None, e["reason"])]
 
@@ -90,7 +120,9 @@ async def test_on_v1alpha1_the_dynamo_backend_patches_both_services_in_one_merge
 
     [patch] = patches(k8s)
     assert patch.path == ALPHA_PATH and patch.content_type == "application/merge-patch+json"
-    assert patch.body == {"metadata": {"resourceVersion": version},
+    # the conditions ride along in the same write
+    assert conditions_in(patch.body)["AbleToScale"]["reason"] == "SucceededRescale"
+    assert without_conditions(patch.body) == {"metadata": {"resourceVersion": version},
                           "spec": {"services": {"VllmPrefillWorker": {"replicas": 2},
                                                 "VllmDecodeWorker": {"replicas": 4}}}}
     services = k8s.get(srv.DGDS, NS, "llama")["spec"]["services"]
@@ -138,7 +170,8 @@ async def test_on_v1beta1_the_dynamo_backend_sends_one_json_patch_of_the_compone
     assert event.outcome is Outcome.APPLIED, event.reason
     [patch] = patches(k8s)
     assert patch.path == DGD_PATH and patch.content_type == "application/json-patch+json"
-    assert patch.body == [
+    assert conditions_in(patch.body)["AbleToScale"]["reason"] == "SucceededRescale"
+    assert without_conditions(patch.body) == [
         {"op": "test", "path": "/spec/components/1/name", "value": "prefill-worker"},
         {"op": "test", "path": "/spec/components/1/replicas", "value": 1},
         {"op": "add", "path": "/spec/components/1/replicas", "value": 2},
@@ -418,7 +451,10 @@ async def test_limits_are_enforced_again_whatever_the_target_says(
     assert "decode 40 clamped to 5 (max_replicas)" in (clamped.reason or "")
     refused = await apply(assembly, (4, 5), window_end=T0 + 120)
     assert refused.outcome is Outcome.REFUSED and "over the ceiling of 6" in (refused.reason or "")
-    assert len(patches(k8s)) == 1
+    assert len(scale_patches(k8s)) == 1
+    # the refusal changes AbleToScale: the conditions alone are written, once
+    [shown] = [r for r in patches(k8s) if conditions_only(r)]
+    assert conditions_in(shown.body)["AbleToScale"]["reason"] == "ScaleRefused"
 
 
 async def test_the_same_target_twice_patches_once_and_an_older_one_not_at_all(
@@ -433,9 +469,9 @@ async def test_the_same_target_twice_patches_once_and_an_older_one_not_at_all(
     assert first is not None and again is not None and older is not None
     assert first.outcome is Outcome.APPLIED
     assert again.outcome is Outcome.UNCHANGED and older.outcome is Outcome.UNCHANGED
-    assert len(patches(k8s)) == 1
+    assert len(patches(k8s)) == 1  # duplicates and older targets read nothing, show nothing
     same = await apply(assembly, (2, 3), window_end=T0 + 180)
-    assert same.outcome is Outcome.UNCHANGED and len(patches(k8s)) == 1  # already there
+    assert same.outcome is Outcome.UNCHANGED and len(scale_patches(k8s)) == 1  # already there
 
 
 # ----------------------------------------------------------------------------- scale-down
@@ -517,7 +553,7 @@ async def test_a_tight_ceiling_splits_a_dgd_change_into_two_patches(
     k8s.add(srv.DGDS, dgd("llama", 2, 6))
     event = await apply(assemble(kube, dynamo_mapping(), max_total_gpus=8), (4, 4))
     assert event.outcome is Outcome.APPLIED
-    written = [[(o["path"], o["value"]) for o in r.body if o["op"] == "add"]
+    written = [[(o["path"], o["value"]) for o in without_conditions(r.body) if o["op"] == "add"]
                for r in patches(k8s)]
     assert written == [[("/spec/components/2/replicas", 4)],
                        [("/spec/components/1/replicas", 4)]]
@@ -593,7 +629,7 @@ async def test_a_dgd_that_is_not_ready_gets_no_scale_up_but_may_scale_down(kube:
         assembly = assemble(kube_for(server), dynamo_mapping())
         held = await apply(assembly, (2, 3))
         assert held.outcome is Outcome.REFUSED
-        assert not [r for r in server.requests if r.method == "PATCH"]
+        assert not scale_patches(server)
         assert "prefill held at 1: DynamoGraphDeployment prod/llama is not Ready " \
             "(pods_not_ready: Some pods are not ready)" in (held.reason or "")
         assert (held.prefill.ready, held.decode.ready) == (0, 0)

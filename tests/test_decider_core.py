@@ -112,6 +112,8 @@ def test_the_explanation_names_the_forecast_the_profile_and_the_binding_rules(
     assert why["forecast"]["model"] == "constant"
     assert why["forecast"]["num_requests"] == 1800.0
     assert Path(why["profile"]) == default_profile_path()
+    # the model the profile was measured on, for the actuator's check against the workload
+    assert why["profile_model"] == "nvidia/Llama-3.1-8B-Instruct-FP8"
     assert why["prefill_bound_by"] == "profile_capacity"
     assert why["decode"]["capacity_per_replica_tokens_per_s"] == pytest.approx(4555.68, 1e-6)
     json.dumps(why)

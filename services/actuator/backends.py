@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
+from services.actuator import status
 from services.actuator.config import ActuatorConfig, DeploymentConfig, KindInfo, LimitsConfig
 from services.actuator.core import (
     ROLES,
@@ -199,6 +200,9 @@ class _KubeWorkerSets:
             except (BackendError, ConflictError) as exc:
                 log.warning("%s: could not record the event %s: %s", key, notice.reason, exc)
 
+    async def show(self, key: DeploymentKey, shown: status.Shown) -> None:
+        return None  # the conditions go on DynamoGraphDeployments only (their annotation)
+
 
 # ----------------------------------------------------------------------------- scale
 
@@ -268,7 +272,8 @@ class ScaleWorkerSets(_KubeWorkerSets):
         return Observed(states[Role.PREFILL], states[Role.DECODE], seen)
 
     async def write(self, key: DeploymentKey, step: Step, observed: Observed | None,
-                    target: ReplicaTarget) -> Mapping[Role, str]:
+                    target: ReplicaTarget,
+                    shown: status.Shown | None = None) -> Mapping[Role, str]:
         assert observed is not None, "the scale backend always reads before it writes"
         seen: dict[Role, _ScaleSeen] = observed.handle
         via: dict[Role, str] = {}
@@ -332,6 +337,7 @@ class _DynamoSeen:
     adapters: dict[Role, JSON | None]  # each role's scaling adapter, if the cache has one
     managed: dict[Role, bool]  # the component asks for a scaling adapter
     replicas: dict[Role, int | None]  # each component's replicas field as read (None: unset)
+    annotations: dict[str, str] | None  # the DGD's annotations as read (None: the field is unset)
 
 
 DEFAULT_DGD_KIND = KindInfo(kind="DynamoGraphDeployment", group="nvidia.com",
@@ -364,6 +370,23 @@ def _managed(layout: str, service: JSON) -> bool:
     if layout == "components":
         return isinstance(adapter, dict)  # v1beta1: presence opts in
     return isinstance(adapter, dict) and adapter.get("enabled") is True  # v1alpha1
+
+
+def served_model(layout: str, service: JSON) -> str | None:
+    """The model a component's workers serve, from its main container's command line:
+    ``extraPodSpec.mainContainer`` (v1alpha1) or the container ``main`` (else the first) of
+    ``podTemplate.spec.containers`` (v1beta1)."""
+    if layout == "components":
+        containers = [c for c in get_path(service, "podTemplate.spec.containers") or []
+                      if isinstance(c, dict)]
+        container = next((c for c in containers if c.get("name") == "main"),
+                         containers[0] if containers else None)
+    else:
+        container = get_path(service, "extraPodSpec.mainContainer")
+    if not isinstance(container, dict):
+        return None
+    words = [*(container.get("command") or []), *(container.get("args") or [])]
+    return status.model_in_args(words)
 
 
 def ready_condition(dgd: JSON) -> JSON | None:
@@ -485,6 +508,7 @@ class DynamoWorkerSets(_KubeWorkerSets):
                          + (f"{condition.get('reason')}: {condition.get('message')}"
                             if condition else "no Ready condition yet") + ")")
         phase = get_path(dgd, "status.rollingUpdate.phase")
+        annotations = get_path(dgd, "metadata.annotations")
         states: dict[Role, RoleState] = {}
         for role in ROLES:
             service = services[names[role]]
@@ -514,12 +538,13 @@ class DynamoWorkerSets(_KubeWorkerSets):
                 spec=spec, ready=ready, pending=pending, paused_by=paused, owners=tuple(owners),
                 obj=f"{what} service {names[role]}",
                 floor=_int_or_none(service.get("minAvailable")), not_ready=not_ready,
-                rollout=rollout)
+                rollout=rollout, model=served_model(layout, service))
         self._involved[key] = dict.fromkeys(ROLES, involved(dgd, target.kind))
         seen = _DynamoSeen(target, str(get_path(dgd, "metadata.resourceVersion")), layout,
                            names, {r: indexes.get(names[r], -1) for r in ROLES}, adapters,
                            {r: _managed(layout, services[names[r]]) for r in ROLES},
-                           {r: _int_or_none(services[names[r]].get("replicas")) for r in ROLES})
+                           {r: _int_or_none(services[names[r]].get("replicas")) for r in ROLES},
+                           annotations if isinstance(annotations, dict) else None)
         return Observed(states[Role.PREFILL], states[Role.DECODE], seen)
 
     async def _say_planner_conflict(self, target: DynamoTarget, dgd: JSON, text: str) -> None:
@@ -556,7 +581,8 @@ class DynamoWorkerSets(_KubeWorkerSets):
         dgds.observe(written)
 
     async def write(self, key: DeploymentKey, step: Step, observed: Observed | None,
-                    target: ReplicaTarget) -> Mapping[Role, str]:
+                    target: ReplicaTarget,
+                    shown: status.Shown | None = None) -> Mapping[Role, str]:
         assert observed is not None, "the dynamo backend always reads before it writes"
         seen: _DynamoSeen = observed.handle
         where = seen.target
@@ -591,7 +617,7 @@ class DynamoWorkerSets(_KubeWorkerSets):
                 adapters.observe(updated)
         if direct:
             try:
-                written = await self._patch_dgd(seen, direct)
+                written = await self._patch_dgd(seen, direct, shown)
             except ConflictError:
                 self._stale.add(key)
                 raise
@@ -601,11 +627,19 @@ class DynamoWorkerSets(_KubeWorkerSets):
                 via[role] = f"{where.kind.kind} {where.namespace}/{where.name}"
         return via
 
-    async def _patch_dgd(self, seen: _DynamoSeen, step: list[tuple[Role, int]]) -> JSON:
+    async def _patch_dgd(self, seen: _DynamoSeen, step: list[tuple[Role, int]],
+                         shown: status.Shown | None) -> JSON:
+        """One patch: the replicas, and the conditions annotation with them (one write per
+        target, and the conditions never claim a change the API server refused)."""
         where = seen.target
+        conditions = None if shown is None else status.render(
+            shown, (seen.annotations or {}).get(status.CONDITIONS_ANNOTATION))
         if seen.layout == "services":
+            metadata: JSON = {"resourceVersion": seen.version}
+            if conditions is not None:
+                metadata["annotations"] = {status.CONDITIONS_ANNOTATION: conditions}
             body: JSON | list[JSON] = {
-                "metadata": {"resourceVersion": seen.version},
+                "metadata": metadata,
                 "spec": {"services": {seen.names[r]: {"replicas": n} for r, n in step}},
             }
             return await self.kube.patch_custom_object(where.kind, where.namespace, where.name,
@@ -627,8 +661,40 @@ class DynamoWorkerSets(_KubeWorkerSets):
                                "value": seen.version})
             ops.append({"op": "add", "path": f"/spec/components/{index}/replicas",
                         "value": replicas})
+        if conditions is not None:
+            if seen.annotations is None:
+                ops.append({"op": "add", "path": "/metadata/annotations",
+                            "value": {status.CONDITIONS_ANNOTATION: conditions}})
+            else:
+                ops.append({"op": "add", "path": "/metadata/annotations/"
+                            + status.CONDITIONS_ANNOTATION.replace("~", "~0").replace("/", "~1"),
+                            "value": conditions})
         return await self.kube.patch_custom_object(where.kind, where.namespace, where.name, ops,
                                                    JSON_PATCH)
+
+    async def show(self, key: DeploymentKey, shown: status.Shown) -> None:
+        """The conditions annotation, written on its own when no scale write carried it and a
+        condition's status or reason moved; the object is the watch cache's (no read)."""
+        where = self.target(key)
+        dgds = await self.informers.synced(Source(where.kind, where.namespace))
+        dgd = dgds.get(where.name)
+        if dgd is None:
+            return
+        previous = (get_path(dgd, "metadata.annotations") or {}).get(
+            status.CONDITIONS_ANNOTATION)
+        if not status.changed(previous, shown):
+            return
+        # A merge of one annotation: nobody else writes it, so no resourceVersion guard.
+        body = {"metadata": {"annotations": {
+            status.CONDITIONS_ANNOTATION: status.render(shown, previous)}}}
+        try:
+            written = await self.kube.patch_custom_object(where.kind, where.namespace,
+                                                          where.name, body, MERGE_PATCH)
+        except (BackendError, ConflictError) as exc:
+            log.warning("%s: could not write the annotation %s: %s", where.ref(),
+                        status.CONDITIONS_ANNOTATION, exc)
+            return
+        dgds.observe(written)
 
 
 # ----------------------------------------------------------------------------- virtual
@@ -655,7 +721,8 @@ class VirtualWorkerSets:
         return Observed(RoleState(last[Role.PREFILL]), RoleState(last[Role.DECODE]))
 
     async def write(self, key: DeploymentKey, step: Step, observed: Observed | None,
-                    target: ReplicaTarget) -> Mapping[Role, str]:
+                    target: ReplicaTarget,
+                    shown: status.Shown | None = None) -> Mapping[Role, str]:
         replicas = dict(self._published.get(key) or {})
         if observed is not None:
             replicas.update({r: observed.role(r).spec for r in ROLES if r not in replicas})
@@ -680,6 +747,9 @@ class VirtualWorkerSets:
     async def record(self, key: DeploymentKey, notices: Iterable[Notice], now: float) -> None:
         for notice in notices:  # the shell logs the outcome once; the details at debug
             log.debug("%s: %s: %s", key, notice.reason, notice.message)
+
+    async def show(self, key: DeploymentKey, shown: status.Shown) -> None:
+        return None  # the orchestrator outside reads the ScaleEvents
 
 
 # ----------------------------------------------------------------------------- routing

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any, Protocol
 
+from services.actuator import status
 from shared import explanation
 from shared.messages import (
     DeploymentKey,
@@ -61,6 +62,7 @@ class EventReason(StrEnum):
     EXTERNAL_RESCALE = "ExternalRescale"
     PENDING_REPLICAS = "PendingReplicas"
     DRY_RUN_RESCALE = "DryRunRescale"
+    MODEL_MISMATCH = "ModelMismatch"
 
 
 # ----------------------------------------------------------------------------- what is observed
@@ -79,6 +81,7 @@ class RoleState:
     floor: int | None = None  # fewest replicas the workload accepts above zero (minAvailable)
     not_ready: str | None = None  # why the workload is not Ready, if it is not
     rollout: str | None = None  # the rollout in progress, if one is
+    model: str | None = None  # the model its workers serve, where the workload says
 
     @property
     def waiting(self) -> int:
@@ -151,6 +154,7 @@ class DeploymentMemory:
     prefill: RoleMemory = RoleMemory()
     decode: RoleMemory = RoleMemory()
     last_refusal: str | None = None  # to record one Event per refusal, not one per interval
+    model_mismatch: str | None = None  # the mismatch last warned about (one Event for each)
 
     def role(self, role: Role) -> RoleMemory:
         return self.prefill if role is Role.PREFILL else self.decode
@@ -410,14 +414,21 @@ class WorkerSets(Protocol):
         ...
 
     async def write(self, key: DeploymentKey, step: Step, observed: Observed | None,
-                    target: ReplicaTarget) -> Mapping[Role, str] | None:
-        """Set the replicas of the roles in ``step``; what was written for each role (an object
-        and subresource, a subject), or None. Raises ConflictError, RejectedError or
+                    target: ReplicaTarget,
+                    shown: status.Shown | None = None) -> Mapping[Role, str] | None:
+        """Set the replicas of the roles in ``step`` (and, in the same write where the backend
+        can, the conditions ``shown``); what was written for each role (an object and
+        subresource, a subject), or None. Raises ConflictError, RejectedError or
         BackendError."""
         ...
 
     async def record(self, key: DeploymentKey, notices: Iterable[Notice], now: float) -> None:
         """Record notices where operators look (Kubernetes Events); never raises."""
+        ...
+
+    async def show(self, key: DeploymentKey, shown: status.Shown) -> None:
+        """Show the conditions where operators look, if they moved since last shown; never
+        raises. Backends without such a place do nothing."""
         ...
 
 
@@ -456,13 +467,17 @@ class DryRunWorkerSets:
         return Observed(RoleState(known[Role.PREFILL]), RoleState(known[Role.DECODE]))
 
     async def write(self, key: DeploymentKey, step: Step, observed: Observed | None,
-                    target: ReplicaTarget) -> Mapping[Role, str] | None:
+                    target: ReplicaTarget,
+                    shown: status.Shown | None = None) -> Mapping[Role, str] | None:
         self._replicas.setdefault(key, {Role.PREFILL: 0, Role.DECODE: 0}).update(dict(step))
         return None
 
     async def record(self, key: DeploymentKey, notices: Iterable[Notice], now: float) -> None:
         for notice in notices:  # the shell logs the outcome once; the details at debug
             log.debug("%s: %s: %s (dry run, not recorded)", key, notice.reason, notice.message)
+
+    async def show(self, key: DeploymentKey, shown: status.Shown) -> None:
+        return None
 
 
 @dataclass(frozen=True)
@@ -613,16 +628,33 @@ class Actuator:
                                 now)
                 return event(Outcome.FAILED, f"could not read the worker sets: {exc}", asked,
                              backend=ws.backend_name)
+            mismatch = None if observed is None else status.model_mismatch(
+                status.profile_model(target), {r.value: observed.role(r).model for r in ROLES})
+            memory = await self._warn_of_model(ws, key, memory, mismatch, now)
             plan = decide(asked, observed, memory, route.limits, self.rules, now)
             memory = plan.memory
             self.memory[key] = memory
+
+            async def shown(result: ScaleEvent, seen: Observed | None = observed,
+                            wrong_model: str | None = mismatch) -> ScaleEvent:
+                # Not on a paused workload (left alone), nor after a failed write: the API
+                # that just failed would be asked again for the annotation.
+                paused = seen is None or any(seen.role(r).paused_by for r in ROLES)
+                if not paused and result.outcome is not Outcome.FAILED:
+                    await ws.show(key, status.for_target(target, result, now, wrong_model))
+                return result
+
             if plan.outcome is not Outcome.APPLIED:
                 await self._record(ws, key, plan, now)
                 if plan.outcome is Outcome.UNCHANGED:
                     self.memory[key] = replace(self.memory[key],
                                                last_window_end=target.window_end)
-                return event(plan.outcome, "; ".join(plan.notes), plan.replicas, observed,
-                             backend=ws.backend_name)
+                return await shown(event(plan.outcome, "; ".join(plan.notes), plan.replicas,
+                                         observed, backend=ws.backend_name))
+            # The conditions as they stand once the plan is written, written with its last step.
+            expected = status.for_target(target, event(
+                Outcome.APPLIED if ws.applies else Outcome.DRY_RUN, "", plan.replicas, observed,
+                backend=ws.backend_name), now, mismatch)
             done: list[tuple[Role, int]] = []
             via: dict[Role, str] = {}
             try:
@@ -635,7 +667,9 @@ class Actuator:
                         memory = memory.with_role(role, replace(
                             role_memory, attempted=role_memory.attempted | {replicas}))
                     self.memory[key] = memory
-                    via.update(await ws.write(key, step, current, target) or {})
+                    last = index == len(plan.steps) - 1
+                    via.update(await ws.write(key, step, current, target,
+                                              expected if last else None) or {})
                     done += step
             except ConflictError as exc:
                 if attempt < self.conflict_attempts:
@@ -643,15 +677,17 @@ class Actuator:
                              attempt, self.conflict_attempts)
                     await self.sleep(self.conflict_backoff_s * attempt)
                     continue
-                return await self._failed(ws, key, target, plan, done, observed, now, event,
-                                          f"conflict persisted after {attempt} attempts: {exc}")
+                return await shown(await self._failed(
+                    ws, key, target, plan, done, observed, now, event,
+                    f"conflict persisted after {attempt} attempts: {exc}"))
             except RejectedError as exc:
-                return await self._failed(ws, key, target, plan, done, observed, now, event,
-                                          str(exc), Outcome.REFUSED)
+                return await shown(await self._failed(ws, key, target, plan, done, observed,
+                                                      now, event, str(exc), Outcome.REFUSED))
             except BackendError as exc:
-                return await self._failed(ws, key, target, plan, done, observed, now, event,
-                                          str(exc))
-            return await self._applied(ws, key, target, plan, observed, now, event, via)
+                return await shown(await self._failed(ws, key, target, plan, done, observed,
+                                                      now, event, str(exc)))
+            return await shown(await self._applied(ws, key, target, plan, observed, now, event,
+                                                   via))
         raise AssertionError("unreachable")  # pragma: no cover
 
     @staticmethod
@@ -665,6 +701,18 @@ class Actuator:
                     raise ConflictError(f"{role} moved from {planned_from.role(role).spec} to "
                                         f"{fresh.role(role).spec} between two steps")
         return fresh
+
+    @staticmethod
+    async def _warn_of_model(ws: WorkerSets, key: DeploymentKey, memory: DeploymentMemory,
+                             mismatch: str | None, now: float) -> DeploymentMemory:
+        """One warning Event per mismatch between the workload's model and the profile's (not
+        one per interval); a mismatch that goes away and comes back is warned of again."""
+        if mismatch == memory.model_mismatch:
+            return memory
+        if mismatch is not None:
+            await ws.record(key, [Notice(EventReason.MODEL_MISMATCH, mismatch, warning=True)],
+                            now)
+        return replace(memory, model_mismatch=mismatch)
 
     async def _record(self, ws: WorkerSets, key: DeploymentKey, plan: Plan, now: float) -> None:
         """Record the plan's notices; a refusal only when it differs from the last one."""

@@ -158,6 +158,8 @@ class Decider:
             },
             "adjustment_interval_s": knobs.adjustment_interval_s,
             "profile": profile.origin,
+            # for the actuator, which warns when the workload serves another model
+            "profile_model": profile.provenance.model,
         }
         target = _target(
             derived_id("target", forecast.id), forecast, knobs, decision, context,
@@ -193,7 +195,8 @@ class Decider:
             if result.decision is None
             else _target(
                 derived_id("fast-path", snapshot.id), snapshot, knobs, result.decision,
-                {"snapshot_id": snapshot.id, "adjustment_interval_s": knobs.adjustment_interval_s},
+                {"snapshot_id": snapshot.id, "adjustment_interval_s": knobs.adjustment_interval_s,
+                 "profile_model": self.profile_for(knobs).provenance.model},
             )
         )
         self._memory[key] = replace(
