@@ -8,12 +8,14 @@ rules, and every rule must have been used.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
 import pytest
 
-from services.actuator import election
+from services.actuator import election, rbac
 from shared.messages import DeploymentKey, Outcome
 from tests import k8s_api_server as srv
 from tests import k8s_rbac
@@ -58,6 +60,51 @@ def test_nothing_is_granted_cluster_wide_and_the_bindings_hold_together() -> Non
         assert not rule.verbs & {"delete", "deletecollection", "escalate", "bind",
                                  "impersonate"}, rule
         assert "secrets" not in rule.resources
+
+
+def rules_of(path: Path, role: str) -> list[dict[str, Any]]:
+    [doc] = [d for d in k8s_rbac.documents(path)
+             if d["kind"] == "Role" and d["metadata"]["name"] == role]
+    return list(doc["rules"])
+
+
+def drift(path: Path, role: str, named: tuple[rbac.Rule, ...]) -> dict[str, list[Any]]:
+    """How the Role ``role`` of ``path`` differs from the rules the code names."""
+    have, want = rules_of(path, role), [r.as_manifest() for r in named]
+    return {"missing from the manifest": [r for r in want if r not in have],
+            "not named in the code": [r for r in have if r not in want],
+            "out of order": [] if have == want or sorted(map(str, have)) != sorted(
+                map(str, want)) else have}
+
+
+NO_DRIFT: dict[str, list[Any]] = {"missing from the manifest": [], "not named in the code": [],
+                                  "out of order": []}
+
+
+def test_the_manifests_write_out_the_rules_the_code_names() -> None:
+    """deploy/ and services/actuator/rbac.py say the same, rule for rule and in order."""
+    overlays = k8s_rbac.REPO / "deploy" / "overlays"
+    assert drift(k8s_rbac.RBAC_FILE, "slaplanner-actuator-leader-election",
+                 rbac.LEADER_ELECTION) == NO_DRIFT
+    assert drift(k8s_rbac.WORKLOAD_ROLE_FILE, "slaplanner-actuator", rbac.WORKLOAD) == NO_DRIFT
+    assert drift(overlays / "dynamo" / "workload-rbac.yaml", "slaplanner-actuator",
+                 rbac.for_backend("dynamo")) == NO_DRIFT
+    # the scale overlay pins its Deployments by name and lists pods without a watch: a subset
+    pinned = k8s_rbac.rules(k8s_rbac.documents(overlays / "scale" / "workload-rbac.yaml"))
+    assert set().union(*(rule.grants() for rule in pinned)) <= rbac.grants(
+        rbac.for_backend("scale"))
+
+
+def test_a_manifest_that_drifts_from_the_code_is_caught_rule_by_rule(tmp_path: Path) -> None:
+    role = k8s_rbac.documents(k8s_rbac.WORKLOAD_ROLE_FILE)[0]
+    events = {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]}
+    secrets = {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}
+    role["rules"] = [r for r in role["rules"] if r != events] + [secrets]
+    edited = tmp_path / "role.yaml"
+    edited.write_text(json.dumps(role))  # JSON is YAML
+    found = drift(edited, "slaplanner-actuator", rbac.WORKLOAD)
+    assert found["missing from the manifest"] == [events]
+    assert found["not named in the code"] == [secrets]
 
 
 def in_namespace(rules: list[k8s_rbac.Rule], namespace: str) -> list[k8s_rbac.Rule]:
@@ -182,6 +229,7 @@ async def test_the_role_permits_every_call_of_a_full_tour_and_grants_nothing_unu
     used = {k8s_rbac.used(a) for a in calls}
     granted = set().union(*(rule.grants() for rule in rules))
     assert used <= granted
+    assert granted == rbac.grants(rbac.LEADER_ELECTION + rbac.WORKLOAD)  # the code's own list
     assert granted - used == set(), "the Role grants rights the actuator never uses"
     lease_calls = [a for a in calls if a.resource == "leases"]
     assert {(a.verb, a.namespace) for a in lease_calls} == {
