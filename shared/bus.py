@@ -93,12 +93,56 @@ def display_url(url: str | ParseResult | None) -> str:
 
 
 def _tls_context(settings: ServiceSettings) -> ssl.SSLContext | None:
-    if not (settings.nats_tls_ca_file or settings.nats_tls_cert_file):
+    if not settings.wants_tls():
         return None
+    # Verifies the server's certificate and name; without a CA file, against the system's CAs.
     context = ssl.create_default_context(cafile=settings.nats_tls_ca_file)
     if settings.nats_tls_cert_file:
         context.load_cert_chain(settings.nats_tls_cert_file, settings.nats_tls_key_file)
     return context
+
+
+class PlaintextRefused(nats.errors.Error):
+    """The server offered no TLS where the settings ask for TLS."""
+
+
+class Client(NATS):
+    """nats-py's client, refusing plaintext where TLS is wanted.
+
+    nats-py (2.16) upgrades to TLS only when the server's INFO requires it: at a tls:// URL, a
+    server (or whatever answers in its place) that does not would receive CONNECT, password
+    included, in plaintext. Like nats.go's checkForSecure, refuse before CONNECT is sent; this
+    runs on every connect and reconnect (tests/test_nats_tls.py holds it to that).
+    """
+
+    def __init__(self, wants_tls: bool) -> None:
+        super().__init__()
+        self.wants_tls = wants_tls
+
+    async def _process_info(self, info: dict[str, Any], initial_connection: bool = False) -> None:
+        if initial_connection and self.wants_tls and not info.get("tls_required"):
+            server = self._current_server.uri if self._current_server else None
+            raise PlaintextRefused(
+                f"NATS at {display_url(server)} does not require TLS; refusing to send "
+                "credentials in plaintext (TLS is wanted: tls:// URL or a CA file)")
+        await super()._process_info(info, initial_connection)
+
+
+def new_client(settings: ServiceSettings) -> Client:
+    """A client to ``connect`` with ``connect_options(settings, ...)``."""
+    return Client(wants_tls=settings.wants_tls())
+
+
+def _tls_failure(exc: BaseException, settings: ServiceSettings) -> str | None:
+    """One line for a TLS failure that no retry mends, None for any other error."""
+    if isinstance(exc, PlaintextRefused):
+        return str(exc)
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        trusted = (f"the CA in {settings.nats_tls_ca_file}" if settings.nats_tls_ca_file
+                   else "the system's CAs (no SLAPLANNER_NATS_TLS_CA_FILE given)")
+        return (f"NATS at {_servers(settings)}: the server's TLS certificate is not trusted by "
+                f"{trusted}: {exc.verify_message}")
+    return None
 
 
 def connect_options(settings: ServiceSettings, name: str) -> dict[str, Any]:
@@ -194,7 +238,7 @@ async def connect(
     events = _Events(settings, on_fatal)
     last_error: BaseException | None = None
     while True:
-        client = NATS()
+        client = new_client(settings)
         remaining = deadline - time.monotonic()
         try:
             # A try or two per call (nats-py counts attempts per server and gives up after
@@ -210,13 +254,17 @@ async def connect(
             break
         except (OSError, TimeoutError, nats.errors.Error, ssl.SSLError) as exc:
             last_error = exc
+            # Bounded: after a failed TLS handshake nats-py's close waits for ever on a stream
+            # that never closes.
             with contextlib.suppress(Exception):
-                await client.close()
+                await asyncio.wait_for(client.close(), timeout=2.0)
             if _is_auth_error(exc):
                 raise BusError(
                     f"NATS at {_servers(settings)} refused {_who(settings)}: authorization "
                     "violation (check the NATS user and password the service is given)"
                 ) from None
+            if (tls_failure := _tls_failure(exc, settings)) is not None:
+                raise BusError(tls_failure) from None
             if time.monotonic() + 0.5 >= deadline:
                 reason = str(last_error) or type(last_error).__name__
                 raise BusError(f"cannot reach NATS at {_servers(settings)} within "

@@ -189,7 +189,7 @@ def check_own_overlay(overlay: Path) -> None:
                 and d["metadata"]["name"].startswith("slaplanner-config-")]
     assert config["data"]["SLAPLANNER_TTFT_TARGET_S"] == "300ms"
     assert config["data"]["SLAPLANNER_MAX_TOTAL_GPUS"] == "16"
-    assert config["data"]["SLAPLANNER_NATS_URL"] == "nats://slaplanner-nats:4222"  # the base's
+    assert config["data"]["SLAPLANNER_NATS_URL"] == "tls://slaplanner-nats:4222"  # the base's
     [files] = [d for d in docs if d["kind"] == "ConfigMap"
                and d["metadata"]["name"].startswith("slaplanner-files-")]
     mapping = actuator_config.parse(tomllib.loads(files["data"]["actuator.toml"]),
