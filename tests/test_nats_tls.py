@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import secrets
+import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -184,6 +185,51 @@ def test_a_service_that_trusts_another_ca_exits_with_one_line_naming_it(
     assert code == 1 and took_s < 10.0, (code, took_s, actuator.log())
     [line] = error_lines(actuator)
     assert "not trusted" in line and str(other_ca) in line, line
+
+
+async def test_a_reload_serves_a_renewed_certificate_without_a_restart(
+    certificates: Certificates, tmp_path: Path
+) -> None:
+    """What docs/operations.md says to do after cert-manager renews: SIGHUP (kill -HUP 1 in the
+    pod). The new certificate comes from another CA here, so that which one is served shows."""
+    served = Certificates(tmp_path / "ca.crt", tmp_path / "tls.crt", tmp_path / "tls.key")
+    for source, target in zip(vars(certificates).values(), vars(served).values(), strict=True):
+        target.write_bytes(source.read_bytes())
+    port = embedded_nats.free_port()
+    config = shipped_config(tmp_path, served, port, embedded_nats.free_port())
+    env = {**os.environ, "POD_NAME": "slaplanner-nats-0",
+           **{f"NATS_{user.upper()}_PASSWORD": "x" * 48 for user in USERS}}
+    process = subprocess.Popen([embedded_nats.nats_server_binary(), "-c", str(config)], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        embedded_nats.wait_for_port(port)
+        renewed_ca = trustme.CA()
+        renewed_ca_file = tmp_path / "renewed-ca.crt"
+        renewed_ca.cert_pem.write_to_path(str(renewed_ca_file))
+        trusting_renewed = ServiceSettings(
+            nats_url=[f"tls://127.0.0.1:{port}"], nats_user="admin", nats_password="x" * 48,
+            nats_tls_ca_file=str(renewed_ca_file), connect_deadline_s=3.0)
+        with pytest.raises(bus.BusError, match="not trusted"):
+            await bus.connect(trusting_renewed, "test")
+        # the kubelet updates the mounted Secret's files; then the reload
+        leaf = renewed_ca.issue_cert("127.0.0.1")
+        leaf.private_key_pem.write_to_path(str(served.server_key))
+        served.server_cert.write_bytes(b"".join(pem.bytes() for pem in leaf.cert_chain_pems))
+        process.send_signal(signal.SIGHUP)
+        deadline = asyncio.get_running_loop().time() + 30.0
+        while True:
+            try:
+                nc = await bus.connect(trusting_renewed, "test")
+                break
+            except bus.BusError:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
+        assert process.poll() is None  # the same process: reloaded, not restarted
+        await nc.close()
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
 
 
 # --- no password in plaintext where TLS is wanted -----------------------------------------------
