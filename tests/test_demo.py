@@ -64,6 +64,30 @@ def test_the_demo_replays_the_bundled_slice_and_prints_the_table_the_report_and_
     assert 0.0 < lower <= gpu_hours and ratio >= 1.0 and actions >= 1
     assert abs(ratio - gpu_hours / lower) < 0.05
 
+    # What the product buys: the same slice under Dynamo's policy, the best fixed fleet and the
+    # clairvoyant, each with slaplanner's GPU-hours over its own.
+    (product,) = _match(rf"slaplanner N x: its {NUMBER} GPU-hours over theirs", out)
+    assert float(product) == round(gpu_hours, 3)
+    (goal,) = _match(rf"the cheapest reaching {NUMBER} %", out)
+    assert float(goal) == 99.0  # the demo's --goal
+    compared = {}
+    for name in ("Dynamo's policy", "best fixed fleet", "clairvoyant"):
+        hours, attainment, times = map(float, _match(
+            rf"\n  {name} \([^)]*\) +{NUMBER} GPU-hours, SLA attainment +{NUMBER} %, "
+            rf"slaplanner {NUMBER} x\n", out + "\n"))
+        assert hours > 0.0 and 0.0 <= attainment <= 100.0
+        # The printed ratio is the printed figures' quotient, to their rounding (3 and 2 places).
+        low = (float(product) - 0.0005) / (hours + 0.0005) - 0.005
+        high = (float(product) + 0.0005) / (hours - 0.0005) + 0.005
+        assert low <= times <= high, (name, product, hours, times)
+        compared[name] = (hours, attainment)
+    # The clairvoyant may change its fleet every interval and the fixed fleet may not: it is
+    # never dearer for the same goal, and both reach it on this slice.
+    assert compared["clairvoyant"][0] <= compared["best fixed fleet"][0]
+    assert min(compared["clairvoyant"][1], compared["best fixed fleet"][1]) >= 99.0
+    (fixed_p, fixed_d) = map(int, _match(r"best fixed fleet \((\d+) P \+ (\d+) D\)", out))
+    assert fixed_p >= 1 and fixed_d >= 1
+
     # The plot, in the working directory by default.
     (where,) = _match(r"plot of load, forecast, replicas and latencies: (\S+)", out)
     plot = tmp_path / "demo.png"
