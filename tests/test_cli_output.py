@@ -54,16 +54,55 @@ def test_an_output_that_is_a_folder_is_refused(tmp_path: Path) -> None:
         f"slaplanner simulate: --json {tmp_path}: is a folder; name a file in it"]
 
 
+INSTALL_PROPHET = "pip install 'slaplanner[prophet]'"  # quoted: zsh globs the brackets
+
+
 @pytest.mark.skipif(importlib.util.find_spec("prophet") is not None,
                     reason="the prophet extra is installed here")
-@pytest.mark.parametrize("command", ["simulate", "replay"])
-def test_a_missing_optional_extra_is_named_with_its_install_command(command: str) -> None:
-    result = slaplanner(command, "--trace", TRACE, "--policy", "slaplanner",
-                        "--predictor", "prophet")
+@pytest.mark.parametrize(("command", "env", "prefix"), [
+    pytest.param(["simulate", "--trace", TRACE, "--predictor", "prophet"], {},
+                 "slaplanner simulate: --predictor prophet: ", id="simulate"),
+    pytest.param(["replay", "--trace", TRACE, "--predictor", "prophet"], {},
+                 "slaplanner replay: --predictor prophet: ", id="replay"),
+    pytest.param(["demo", "--predictor", "prophet"], {},
+                 "slaplanner demo: --predictor prophet: ", id="demo"),
+    pytest.param(["dry-run", "--trace", TRACE, "--predictor", "prophet"], {},
+                 "slaplanner dry-run: --predictor prophet: ", id="dry-run"),
+    pytest.param(["forecaster", "--predictor", "prophet"], {},
+                 "slaplanner forecaster: ", id="the forecaster service"),
+    pytest.param(["forecaster"], {"SLAPLANNER_PREDICTOR_OVERRIDES": "prod/llama=prophet"},
+                 "slaplanner forecaster: ", id="the forecaster with one deployment on prophet"),
+])
+def test_a_missing_optional_extra_is_one_line_with_its_install_command(
+    command: list[str], env: dict[str, str], prefix: str, tmp_path: Path
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "services.cli", *command], cwd=tmp_path,
+        env={"PATH": "/usr/bin:/bin", **env}, capture_output=True, text=True, timeout=60,
+    )
     assert result.returncode == 2 and result.stdout == ""
-    [line] = result.stderr.splitlines()
-    assert line.startswith(f"slaplanner {command}: --predictor prophet: ")
-    assert line.endswith("pip install slaplanner[prophet]")
+    assert result.stderr.splitlines() == [
+        f"{prefix}the prophet predictor needs the optional dependency: {INSTALL_PROPHET}"]
+    assert list(tmp_path.iterdir()) == []  # nothing was run or written
+
+
+@pytest.mark.skipif(importlib.util.find_spec("prophet") is not None,
+                    reason="the prophet extra is installed here")
+def test_the_planning_benchmark_names_the_missing_extra_before_any_run(tmp_path: Path) -> None:
+    config = tmp_path / "bench.toml"
+    config.write_text(
+        '[[scenario]]\nname = "short"\ntrace = "azure_llm_2023_code.csv"\ninterval = "15s"\n'
+        'startup_delay = "60s"\nttft = "2s"\nitl = "30ms"\n\n'
+        '[[policy]]\nname = "ours with prophet"\nplanner = "slaplanner"\n'
+        'predictor = "prophet"\n', encoding="utf-8")
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.planning_benchmark", "--config", str(config), "--no-docs"],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.splitlines() == [
+        f"python -m bench.planning_benchmark: {config}: policy 'ours with prophet': predictor "
+        f"'prophet': the prophet predictor needs the optional dependency: {INSTALL_PROPHET}"]
 
 
 def test_the_services_default_to_ports_of_their_own() -> None:
