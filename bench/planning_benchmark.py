@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from bench import planning_docs, planning_report
+from bench.planning_cache import CACHE as CACHE_DIR
 from bench.planning_cache import Cache
 from services.decider import knobs as knob_model
 from services.decider import registry
@@ -341,6 +342,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--only", action="append", default=[], help="scenario name (repeatable)")
     parser.add_argument("--no-cache", action="store_true",
                         help="search the references again (and cache the results)")
+    parser.add_argument("--cache-dir", default=str(CACHE_DIR),
+                        help="where the searched references are cached (default %(default)s)")
     args = parser.parse_args(argv)
     try:
         bench = load_config(Path(args.config))
@@ -357,7 +360,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"unknown scenario(s): {', '.join(sorted(unknown))}", file=sys.stderr)
             return 2
         bench = replace(bench, scenarios=tuple(s for s in bench.scenarios if s.name in args.only))
-    cache = Cache(enabled=not args.no_cache)
+    cache = Cache(Path(args.cache_dir), enabled=not args.no_cache)
     started = time.perf_counter()
     rows: list[dict[str, Any]] = []
     with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
@@ -377,11 +380,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                 use = start if bench.warm_start == "clairvoyant" else None
                 futures.append(pool.submit(run_one, bench, scenario, skew, policy, use, cache))
         total = len(cells) * len(bench.policies)
-        for done, future in enumerate(futures, 1):
-            row = future.result()
-            rows.append(row)
-            so_far = progress.eta_text(done, total, time.perf_counter() - started, "runs")
-            print(f"[{so_far}] {planning_report.progress(row)}", flush=True)
+        # Each run's result as it comes (the log of a long run); on a terminal, a progress line
+        # under them.
+        bar = progress.Progress(parser.prog, unit="runs")
+        bar(0, total)
+        try:
+            for done, future in enumerate(futures, 1):
+                row = future.result()
+                rows.append(row)
+                bar.above(planning_report.progress(row))
+                bar(done, total)
+        finally:
+            bar.close()
     wall = time.perf_counter() - started
     text = planning_report.render(bench, rows, wall, args.jobs)
     print("\n" + text)

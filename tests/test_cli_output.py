@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import os
+import pty
+import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -165,6 +169,89 @@ def test_progress_writes_nothing_where_stderr_is_not_a_terminal() -> None:
     bar(1, 4)
     bar.close()
     assert out.getvalue() == ""
+
+
+def run_with_stderr_on_a_terminal(
+    args: list[str], cwd: Path, terminal: bool, timeout_s: float = 150.0
+) -> tuple[int, str, str]:
+    """Run ``args`` with stdout piped and stderr on a pseudo-terminal (``terminal``) or a pipe:
+    the exit status, stdout, and what stderr received."""
+    master, slave = pty.openpty() if terminal else os.pipe()
+    try:
+        proc = subprocess.Popen(args, cwd=cwd, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=slave)
+    finally:
+        os.close(slave)
+    received = bytearray()
+
+    def drain() -> None:
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # EIO: every writer closed the terminal
+                return
+            if not chunk:
+                return
+            received.extend(chunk)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        out, _ = proc.communicate(timeout=timeout_s)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        reader.join(timeout=10)
+        os.close(master)
+    return proc.returncode, out.decode(), received.decode(errors="replace")
+
+
+def _bench_config(folder: Path) -> Path:
+    """The benchmark on the demo's scenario alone, once, with three quick policies."""
+    config = folder / "bench.toml"
+    config.write_text(
+        '[defaults]\nperf_skews = [1.0]\n\n'
+        '[[scenario]]\nname = "azure-code-x10"\ntrace = "azure_llm_2023_code.csv"\n'
+        'speedup = 10.0\ninterval = "15s"\nstartup_delay = "60s"\nttft = "2s"\n'
+        'itl = "30ms"\n\n'
+        '[[policy]]\nname = "static peak"\nplanner = "static"\n\n'
+        '[[policy]]\nname = "best fixed"\nplanner = "best-fixed"\n\n'
+        '[[policy]]\nname = "clairvoyant"\nplanner = "clairvoyant"\n', encoding="utf-8")
+    return config
+
+
+LONG_RUNS = {
+    "simulate": (["-m", "services.cli", "simulate", "--trace", TRACE, "--speedup", "10",
+                  "--quiet"], "slaplanner simulate", "intervals"),
+    "replay": (["-m", "services.cli", "replay", "--trace", TRACE, "--speedup", "10",
+                "--max-intervals", "3", "--quiet"], "slaplanner replay", "intervals"),
+    "benchmark": (["-m", "bench.planning_benchmark", "--config", "{folder}/bench.toml",
+                   "--jobs", "1", "--no-docs", "--cache-dir", "{folder}/cache"],
+                  "python -m bench.planning_benchmark", "runs"),
+}
+
+
+@pytest.mark.parametrize("terminal", [True, False], ids=["stderr a terminal", "stderr a pipe"])
+@pytest.mark.parametrize("command", list(LONG_RUNS))
+def test_a_long_run_shows_progress_on_a_terminal_only(
+    command: str, terminal: bool, tmp_path: Path
+) -> None:
+    _bench_config(tmp_path)
+    args, label, unit = LONG_RUNS[command]
+    status, out, err = run_with_stderr_on_a_terminal(
+        [sys.executable, *(a.format(folder=tmp_path) for a in args)], REPO, terminal)
+    assert status == 0, out + err
+    assert "GPU-h" in out  # the report (or each run's row) is on stdout either way
+    if not terminal:
+        assert err == ""  # a log file or a pipe gets no progress lines
+        return
+    # One line rewritten in place ("\r", clear to the end of the line), the last drawing the
+    # whole run done, then cleared so that the terminal is left as it was.
+    assert err.startswith("\r\033[K") and err.endswith("\r\033[K"), err
+    drawings = [drawing for drawing in err.split("\r\033[K") if drawing]
+    assert drawings and all(d.startswith(f"{label}: ") for d in drawings), err
+    assert re.match(rf"{re.escape(label)}: (\d+)/\1 {unit} \(100 %\)", drawings[-1]), err
 
 
 @pytest.mark.parametrize(("seconds", "span_s", "label"), [
