@@ -43,12 +43,18 @@ class Progress:
         self._started = clock()
         self._drawn_at: float | None = None
         self._last: tuple[int, int] | None = None
+        self._run = 1  # a search (a reference policy) simulates several runs, one after another
 
     def __call__(self, done: int, total: int) -> None:
         if not self.enabled or total <= 0:
             return
-        self._last = (done, total)
         now = self._clock()
+        if self._last is not None and done < self._last[0]:
+            # counting from the start again: the next run of a search, timed on its own
+            self._run += 1
+            self._started = now
+            self._drawn_at = None
+        self._last = (done, total)
         if self._drawn_at is not None and now - self._drawn_at < REDRAW_S and done < total:
             return
         self._draw(now)
@@ -58,7 +64,8 @@ class Progress:
         self._drawn_at = now
         done, total = self._last
         text = eta_text(done, total, now - self._started, self.unit)
-        self.stream.write(f"\r\033[K{self.label}: {text}")
+        run = f"run {self._run}: " if self._run > 1 else ""
+        self.stream.write(f"\r\033[K{self.label}: {run}{text}")
         self.stream.flush()
 
     def above(self, line: str, out: TextIO | None = None) -> None:

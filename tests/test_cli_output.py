@@ -163,6 +163,23 @@ def test_progress_is_one_line_rewritten_on_a_terminal_and_cleared_at_the_end() -
     ]
 
 
+def test_progress_counts_the_runs_of_a_search_and_times_each_on_its_own() -> None:
+    clock = iter([0.0, 1.0, 2.0, 10.0, 11.0])
+    out = _Terminal()
+    bar = progress.Progress("slaplanner simulate", stream=out, clock=lambda: next(clock))
+    bar(1, 2)  # t = 1 s
+    bar(2, 2)  # t = 2 s: the first run done
+    bar(1, 2)  # t = 10 s: a second run starts, timed from here
+    bar(2, 2)  # t = 11 s
+    bar.close()
+    assert out.getvalue().split("\r\033[K")[1:-1] == [
+        "slaplanner simulate: 1/2 intervals (50 %), 1 s, about 1 s left",
+        "slaplanner simulate: 2/2 intervals (100 %), 2 s",
+        "slaplanner simulate: run 2: 1/2 intervals (50 %), 0 s, about 0 s left",
+        "slaplanner simulate: run 2: 2/2 intervals (100 %), 1 s",
+    ]
+
+
 def test_progress_writes_nothing_where_stderr_is_not_a_terminal() -> None:
     out = io.StringIO()
     bar = progress.Progress("slaplanner simulate", stream=out)
@@ -224,6 +241,9 @@ def _bench_config(folder: Path) -> Path:
 LONG_RUNS = {
     "simulate": (["-m", "services.cli", "simulate", "--trace", TRACE, "--speedup", "10",
                   "--quiet"], "slaplanner simulate", "intervals"),
+    "simulate a reference": (["-m", "services.cli", "simulate", "--trace", TRACE,
+                              "--speedup", "10", "--quiet", "--policy", "clairvoyant"],
+                             "slaplanner simulate", "intervals"),
     "replay": (["-m", "services.cli", "replay", "--trace", TRACE, "--speedup", "10",
                 "--max-intervals", "3", "--quiet"], "slaplanner replay", "intervals"),
     "benchmark": (["-m", "bench.planning_benchmark", "--config", "{folder}/bench.toml",
@@ -251,7 +271,9 @@ def test_a_long_run_shows_progress_on_a_terminal_only(
     assert err.startswith("\r\033[K") and err.endswith("\r\033[K"), err
     drawings = [drawing for drawing in err.split("\r\033[K") if drawing]
     assert drawings and all(d.startswith(f"{label}: ") for d in drawings), err
-    assert re.match(rf"{re.escape(label)}: (\d+)/\1 {unit} \(100 %\)", drawings[-1]), err
+    # (a reference's search simulates several runs: "run 2: ...")
+    assert re.match(rf"{re.escape(label)}: (run \d+: )?(\d+)/\2 {unit} \(100 %\)",
+                    drawings[-1]), err
 
 
 @pytest.mark.parametrize(("seconds", "span_s", "label"), [
