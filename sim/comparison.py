@@ -51,13 +51,17 @@ def compare(
                            max_intervals=max_intervals)
     oracle = references.run("clairvoyant", trace, profile, setup, config, goal=goal,
                             max_intervals=max_intervals)
-    reached = "" if oracle.detail.get("reached_goal", True) else ", goal not reached"
     return [
         _line(DYNAMO, "constant predictor, same start", dynamo),
         _line(BEST_FIXED, f"{fixed.detail['prefill']} P + {fixed.detail['decode']} D"
-              + ("" if fixed.detail["reached_goal"] else ", goal not reached"), fixed.run),
-        _line(CLAIRVOYANT, f"a fleet per interval{reached}", oracle.run),
+              + _missed(fixed), fixed.run),
+        _line(CLAIRVOYANT, "a fleet per interval" + _missed(oracle), oracle.run),
     ]
+
+
+def _missed(found: references.Reference) -> str:
+    """A reference that could not reach the goal says so (the closest it came is shown)."""
+    return "" if found.detail["reached_goal"] else ", goal not reached"
 
 
 def _line(name: str, detail: str, run: LoopResult) -> Line:

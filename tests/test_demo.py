@@ -12,7 +12,7 @@ from pathlib import Path
 
 from shared import traces
 from shared.messages import Outcome
-from sim import demo
+from sim import comparison, demo
 from tests.conftest import NatsEndpoint
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -120,6 +120,20 @@ def test_an_output_into_a_missing_folder_fails_at_once_in_one_line(tmp_path: Pat
     assert result.stderr.splitlines() == [
         "slaplanner demo: --plot plots/demo.png: the folder plots does not exist; create it "
         "(mkdir -p plots) or write elsewhere"]
+
+
+def test_the_comparison_line_divides_the_products_gpu_hours_by_each() -> None:
+    lines = [comparison.Line("Dynamo's policy", "constant predictor, same start", 0.5, 0.25),
+             comparison.Line("clairvoyant", "a fleet per interval, goal not reached", 1.5, None)]
+    text = comparison.format_lines("slaplanner", 3.0, lines, 0.99)
+    assert text.splitlines() == [
+        "the same slice in the simulator (slaplanner N x: its 3.000 GPU-hours over theirs;",
+        "best fixed and clairvoyant: the cheapest reaching 99.00 %, found knowing every request):",
+        "  Dynamo's policy (constant predictor, same start)      0.500 GPU-hours, "
+        "SLA attainment  25.00 %, slaplanner 6.00 x",  # 3.000 / 0.500
+        "  clairvoyant (a fleet per interval, goal not reached)  1.500 GPU-hours, "
+        "SLA attainment        -, slaplanner 2.00 x",  # 3.000 / 1.500
+    ]
 
 
 def _match(pattern: str, text: str) -> tuple[str, ...]:
