@@ -47,6 +47,12 @@ SNAPSHOT_GAUGES: dict[str, str] = {
     "window, seconds",
     "observed_itl_p99_seconds": "Observed 99th percentile inter-token latency in the last "
     "window, seconds",
+    "observed_ttft_attainment_ratio": "Share of the last window's first tokens within the TTFT "
+    "target, as the collector measured it (a lower bound where the target lies beyond the "
+    "histogram's buckets); NaN where the snapshot has none for this target",
+    "observed_itl_attainment_ratio": "Share of the requests finished in the last window whose "
+    "mean inter-token latency was within the ITL target, as the collector measured it; NaN "
+    "where the snapshot has none for this target",
 }
 # From the target as a whole.
 TARGET_GAUGES: dict[str, str] = {
@@ -65,11 +71,20 @@ BINDING_RULE_HELP = ("1 for the rule that set the role's count in the last targe
                      "a sizing model, a bound, the GPU budget, a hold, ...)")
 
 
-def snapshot_values(snapshot: MetricSnapshot | None) -> dict[str, float | None]:
-    return {
+def snapshot_values(
+    snapshot: MetricSnapshot | None, ttft_target_s: float | None = None,
+    itl_target_s: float | None = None,
+) -> dict[str, float | None]:
+    """The tail and the shares within the targets, from the snapshot the target was decided
+    on (a share measured against another target than the decider's is not its attainment)."""
+    values: dict[str, float | None] = {
         "observed_ttft_p99_seconds": None if snapshot is None else snapshot.ttft_p99_s,
         "observed_itl_p99_seconds": None if snapshot is None else snapshot.itl_p99_s,
     }
+    for latency, target_s in (("ttft", ttft_target_s), ("itl", itl_target_s)):
+        share = conditions.observed_share(snapshot, latency, target_s)
+        values[f"observed_{latency}_attainment_ratio"] = None if share is None else share.share
+    return values
 
 
 def _nan(value: float | None) -> float:
@@ -95,7 +110,8 @@ class DeciderGauges:
         key = target.deployment
         labels = {"namespace": key.namespace, "deployment": key.name}
         values = gauge_values(target)
-        values.update(snapshot_values(observed))
+        values.update(snapshot_values(observed, values.get("ttft_target_seconds"),
+                                      values.get("itl_target_seconds")))
         values["predicted_attainment_ratio"] = conditions.predicted_attainment(target)
         values["last_decision_timestamp_seconds"] = target.window_end
         for name, gauge in self._gauges.items():
