@@ -124,14 +124,17 @@ class Decider:
         return max((m.last_seen_s for m in self._memory.values() if m.last_seen_s is not None),
                    default=None)
 
-    def forget_idle(self, now_s: float, idle_s: float) -> int:
+    def forget_idle(self, now_s: float, idle_s: float) -> list[DeploymentKey]:
         """Forget every deployment whose newest input is ``idle_s`` or more behind ``now_s``
-        (window time); how many. One that comes back starts afresh, as a new one."""
+        (window time); the ones forgotten. One that comes back starts afresh, as a new one."""
         idle = [key for key, memory in self._memory.items()
                 if memory.last_seen_s is not None and now_s - memory.last_seen_s >= idle_s]
+        forgotten = []
         for key in idle:
+            namespace, name = key.split("/", 1)
+            forgotten.append(DeploymentKey(namespace=namespace, name=name))
             del self._memory[key]
-        return len(idle)
+        return forgotten
 
     def _seen(self, key: str, window_end: float) -> None:
         memory = self._memory.get(key)

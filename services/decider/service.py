@@ -123,9 +123,12 @@ async def forget_idle_deployments(
         if newest_s is None:
             continue
         forgotten = decider.forget_idle(min(newest_s, clock()), idle_forget_s)
+        for deployment in forgotten:
+            gauges.forget(deployment)
         if forgotten:
-            FORGOTTEN.inc(forgotten)
-            log.info("forgot %d deployments idle for %g s or more", forgotten, idle_forget_s)
+            FORGOTTEN.inc(len(forgotten))
+            log.info("forgot %d deployments idle for %g s or more", len(forgotten),
+                     idle_forget_s)
 
 
 async def run(runtime: Runtime, decider: Decider) -> None:
