@@ -20,7 +20,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -44,6 +44,9 @@ CORRECTION_HALF_LIVES = 4.0
 # The read back gives up after this long (a NATS user without the history reader's rights gets
 # no answer at all, only waits): the decider then starts with what it read, seconds.
 READ_DEADLINE_S = 120.0
+
+# Inputs replayed between two turns of the event loop (a few to tens of milliseconds).
+REPLAY_SLICE = 16
 
 Input = LoadForecast | MetricSnapshot | ScaleEvent
 
@@ -76,6 +79,11 @@ class Held:
 
     answers: dict[tuple[str, str, str], list[Envelope]] = field(default_factory=dict)
 
+    def keep(self, sequence: int, message: Input, answer: list[Envelope],
+             held_after: int) -> None:
+        if sequence > held_after:
+            self.answers[_key(message)] = answer
+
     def take(self, message: Input) -> list[Envelope] | None:
         return self.answers.pop(_key(message), None)
 
@@ -105,15 +113,17 @@ class Replay:
     def count(self) -> int:
         return sum(len(kept) for kept in self.inputs.values())
 
+    def in_order(self) -> Iterator[tuple[int, Input]]:
+        """Every kept input, each deployment's in stream order."""
+        for kept in self.inputs.values():
+            yield from kept
+
     def replay(self, decider: Decider, held_after: int) -> Held:
         """Feed every kept input to the core in order; hold the answers to those after stream
         sequence ``held_after`` (taken, not acked: they come again)."""
         held = Held()
-        for kept in self.inputs.values():
-            for sequence, message in kept:
-                answer = feed(decider, message)
-                if sequence > held_after:
-                    held.answers[_key(message)] = answer
+        for sequence, message in self.in_order():
+            held.keep(sequence, message, feed(decider, message), held_after)
         return held
 
 
@@ -169,7 +179,13 @@ async def from_stream(
         # Deciding with part of the memory beats not deciding: go on with what was read.
         log.warning("could not read back all the inputs to restore from (%s); starting with "
                     "what was read", str(exc) or type(exc).__name__)
-    held = replay.replay(decider, held_after=acked)
+    # Replayed in slices, letting the event loop run between them: a long replay (thousands of
+    # deployments at a short interval) must not silence /healthz and get the pod restarted.
+    held = Held()
+    for count, (sequence, message) in enumerate(replay.in_order(), start=1):
+        held.keep(sequence, message, feed(decider, message), acked)
+        if count % REPLAY_SLICE == 0:
+            await asyncio.sleep(0)
     log.info("restored %d deployments from %d inputs up to %g s back; %d answers held for "
              "redelivery", len(replay.inputs), replay.count(), longest_s, len(held))
     return held
