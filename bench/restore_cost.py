@@ -1,5 +1,5 @@
 """What a decider restart and the bus cost per deployment, in process: the inputs of the paper
-estimate for many deployments (docs/benchmarks.md, Scale).
+estimate for many deployments (docs/benchmarks.md, "100,000 deployments, on paper").
 
 Feeds ``--deployments`` deployments of ``bench.load``'s traffic through the real forecaster and
 decider cores for as many intervals as the decider's replay horizon at ``--interval-s`` (the
