@@ -21,7 +21,7 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from services.decider import restore
+from services.decider import restore, service
 from services.decider.core import Decider
 from services.decider.knobs import knob_environment
 from shared import bus
@@ -190,3 +190,39 @@ async def test_a_decider_killed_mid_run_decides_after_restart_as_one_never_stopp
     assert "restored 1 deployments" in decider.log()
 
 
+
+
+def test_the_replay_keeps_each_deployment_back_to_its_horizon_from_its_newest_input() -> None:
+    # Horizon 480 s = 8 intervals: of 12 forecasts (t = 0 ... 660), those at 180 ... 660 stay
+    # (660 - 480 = 180), whatever came between them for another deployment.
+    replay = restore.Replay(lambda key: HORIZON_S)
+    other = LLAMA.model_copy(update={"name": "other"})
+    for k in range(12):
+        replay.add(2 * k + 1, forecast(k * WINDOW_S))
+        replay.add(2 * k + 2, forecast(k * WINDOW_S).model_copy(update={"deployment": other}))
+    kept = [message.window_end - window_end_of(0) for _, message in replay.inputs[str(LLAMA)]]
+    assert kept == [k * WINDOW_S for k in range(3, 12)]
+    assert replay.count() == 2 * 9
+
+
+async def test_a_replayed_message_delivered_again_gets_the_replays_answer_and_is_not_decided_twice(
+) -> None:
+    intervals, expected = reference_run()
+    replay = restore.Replay(lambda key: HORIZON_S)
+    sequence = 0
+    for interval in intervals[:4]:
+        for message in interval.inputs:
+            sequence += 1
+            replay.add(sequence, message)
+    decider = make_decider(**KNOBS)
+    held = replay.replay(decider, held_after=sequence - 3)  # interval 3: taken, not acked
+    state = decider.state_of(LLAMA)
+    snapshot_3, forecast_3, event_3 = intervals[3].inputs
+    handlers = {route.model: route.handler for route in service.routes(decider, held)}
+    assert list(await handlers[type(forecast_3)](forecast_3)) == [
+        t for t in expected if t.forecast_id == forecast_3.id]
+    assert list(await handlers[type(event_3)](event_3)) == []
+    assert list(await handlers[type(snapshot_3)](snapshot_3)) == [
+        t for t in expected if t.forecast_id is None and t.window_end == snapshot_3.window_end]
+    assert decider.state_of(LLAMA) is state  # nothing learnt twice
+    assert len(held) == 0
