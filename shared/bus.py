@@ -57,6 +57,8 @@ METRICS = f"{SUBJECT_PREFIX}.metrics.>"
 FORECASTS = f"{SUBJECT_PREFIX}.forecast.>"
 TARGETS = f"{SUBJECT_PREFIX}.target.>"
 SCALED = f"{SUBJECT_PREFIX}.scaled.>"
+# What the decider reads, in stream order: forecasts, snapshots (fast path), ScaleEvents.
+DECIDER_FAMILIES = (FORECASTS, METRICS, SCALED)
 # The decisions an operator replays: what was asked for and what was done.
 DECISION_SUBJECTS = (TARGETS, SCALED)
 # What a Rejected message keeps of the raw body: enough to see what was sent, small enough to
@@ -535,9 +537,10 @@ def works_through(config: ConsumerConfig) -> bool:
     return bool(config.durable_name) and config.ack_policy != AckPolicy.NONE
 
 
-def history_reader(durable: str, subject_filter: str) -> ConsumerSpec:
-    """The consumer under which the service of ``durable`` reads stored history."""
-    return ConsumerSpec(f"{durable}-history", (subject_filter,), history=True)
+def history_reader(durable: str, *subject_filters: str) -> ConsumerSpec:
+    """The consumer under which the service of ``durable`` reads stored history (one or more
+    families, in stream order)."""
+    return ConsumerSpec(f"{durable}-history", subject_filters, history=True)
 
 
 def replica_durables(service: str, replicas: int) -> list[str]:
@@ -546,16 +549,17 @@ def replica_durables(service: str, replicas: int) -> list[str]:
     return [service] if replicas == 1 else [f"{service}-{i}" for i in range(replicas)]
 
 
-def pipeline_consumers(forecaster_replicas: int = 1,
-                       actuator_replicas: int = 1) -> list[ConsumerSpec]:
+def pipeline_consumers(forecaster_replicas: int = 1, actuator_replicas: int = 1,
+                       decider_replicas: int = 1) -> list[ConsumerSpec]:
     """Every consumer the services use, as the admin creates them: a durable per service (one
-    per forecaster and actuator replica) and the forecasters' history readers. The decider's
-    durable reads all three of its families; a policy that needs fewer acks the others
-    unread."""
+    per replica) and the forecasters' and deciders' history readers. The decider's durable
+    reads all three of its families; a policy that needs fewer acks the others unread."""
     specs = []
     for durable in replica_durables("forecaster", forecaster_replicas):
         specs += [ConsumerSpec(durable, (METRICS,)), history_reader(durable, METRICS)]
-    specs.append(ConsumerSpec("decider", (FORECASTS, METRICS, SCALED)))
+    for durable in replica_durables("decider", decider_replicas):
+        specs += [ConsumerSpec(durable, DECIDER_FAMILIES),
+                  history_reader(durable, *DECIDER_FAMILIES)]
     specs += [ConsumerSpec(durable, (TARGETS,))
               for durable in replica_durables("actuator", actuator_replicas)]
     return specs

@@ -27,6 +27,7 @@ import kubernetes_validate
 import pytest
 import yaml  # type: ignore[import-untyped]
 
+from services.decider.settings import DeciderSettings
 from services.forecaster.settings import ForecasterSettings
 from shared import embedded_nats
 
@@ -38,9 +39,10 @@ TARGETS = {"base": BASE, **OVERLAYS}
 # Components an overlay may add; what they name and render is checked on the base.
 FORECASTER_REPLICAS = DEPLOY / "components" / "forecaster-replicas"
 NO_CERT_MANAGER = DEPLOY / "components" / "no-cert-manager"
+DECIDER_REPLICAS = DEPLOY / "components" / "decider-replicas"
 SERVICES = ("collector", "forecaster", "decider", "actuator")
 # The forecaster is a StatefulSet (its replicas need stable ordinals), the others Deployments.
-WORKLOAD_KINDS = {service: "StatefulSet" if service == "forecaster" else "Deployment"
+WORKLOAD_KINDS = {service: "StatefulSet" if service in ("forecaster", "decider") else "Deployment"
                   for service in SERVICES}
 K8S_VERSIONS = ["1.31.0", kubernetes_validate.utils.latest_version()]
 GENERATORS = ("configMapGenerator", "secretGenerator")
@@ -372,19 +374,21 @@ def test_the_actuator_runs_as_its_account_with_its_pod_name_and_one_leader() -> 
             "automountServiceAccountToken"] is False
 
 
-@pytest.mark.parametrize("service", ("collector", "decider"))
+@pytest.mark.parametrize("service", ("collector",))
 def test_stateful_services_never_run_twice(service: str) -> None:
     spec = workload(service)["spec"]
     assert spec["replicas"] == 1
     assert spec["strategy"] == {"type": "Recreate"}
 
 
-def forecaster_durables_the_nats_user_may_ack() -> set[str]:
+def forecaster_durables_the_nats_user_may_ack(service: str = "forecaster") -> set[str]:
     auth = (BASE / "nats" / "auth.conf").read_text()
-    return set(re.findall(r'"\$JS\.ACK\.SLAPLANNER\.(forecaster(?:-\d+)?)\.>"', auth))
+    return set(re.findall(rf'"\$JS\.ACK\.SLAPLANNER\.({service}(?:-\d+)?)\.>"', auth))
 
 
-def check_forecaster_replicas(statefulset: Doc) -> int:
+def check_forecaster_replicas(statefulset: Doc,
+                              settings: type[ForecasterSettings | DeciderSettings]
+                              = ForecasterSettings) -> int:
     """The replicas agree on their count, each reads its index from its pod name, and each
     replica's durable is one the NATS user may use; the count."""
     spec = statefulset["spec"]
@@ -399,12 +403,13 @@ def check_forecaster_replicas(statefulset: Doc) -> int:
     assert env["SLAPLANNER_REPLICA_INDEX"]["valueFrom"] == {
         "fieldRef": {"fieldPath": "metadata.name"}}
     durables = {
-        ForecasterSettings(replica_count=count,
-                           replica_index=f"{statefulset['metadata']['name']}-{i}").durable_name()
+        settings(replica_count=count,
+                 replica_index=f"{statefulset['metadata']['name']}-{i}").durable_name()
         for i in range(count)
     }
+    service = statefulset["metadata"]["name"].removeprefix("slaplanner-")
     assert len(durables) == count
-    assert durables <= forecaster_durables_the_nats_user_may_ack(), durables
+    assert durables <= forecaster_durables_the_nats_user_may_ack(service), durables
     return int(count)
 
 
@@ -542,6 +547,35 @@ def test_the_forecaster_replicas_component_scales_the_base_with_its_count() -> N
         assert main_container("forecaster", docs)[probe] == main_container("forecaster")[probe]
     assert env_of(main_container("forecaster", docs))["SLAPLANNER_NATS_USER"]["value"] == (
         "forecaster")
+
+
+def test_the_decider_is_one_replica_that_can_be_scaled_with_its_count() -> None:
+    assert check_forecaster_replicas(workload("decider"), DeciderSettings) == 1
+    assert forecaster_durables_the_nats_user_may_ack("decider") == {
+        "decider", *(f"decider-{i}" for i in range(8))}
+    auth = (BASE / "nats" / "auth.conf").read_text()
+    for name in ("decider", *(f"decider-{i}" for i in range(8))):  # its history readers too
+        assert f'"$JS.API.CONSUMER.RESET.SLAPLANNER.{name}-history"' in auth
+
+
+def test_the_decider_replicas_component_scales_the_base_and_the_admins_durables() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        overlay = Path(tmp)
+
+        def relative(path: Path) -> str:
+            return str(Path(*[".."] * len(overlay.resolve().parts[1:])) / path.relative_to("/"))
+
+        (overlay / "kustomization.yaml").write_text(yaml.safe_dump({
+            "resources": [relative(BASE)], "components": [relative(DECIDER_REPLICAS)]}))
+        docs = list(kustomize(overlay))
+    for doc in docs:
+        kubernetes_validate.validate(doc, K8S_VERSIONS[-1], strict=True)
+    count = check_forecaster_replicas(workload("decider", docs), DeciderSettings)
+    assert count == 2
+    nats = find(docs, "StatefulSet", "slaplanner-nats")
+    [admin] = [c for c in nats["spec"]["template"]["spec"]["containers"]
+               if c["name"] == "bus-admin"]
+    assert env_of(admin)["SLAPLANNER_DECIDER_REPLICAS"]["value"] == str(count)
 
 
 @pytest.mark.parametrize("target", TARGETS)

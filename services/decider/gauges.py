@@ -12,13 +12,14 @@ Prometheus scaler and an HPA's external metric read (``deploy/examples/keda``).
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 from prometheus_client import REGISTRY, CollectorRegistry, Gauge
 
 from services.decider.core import gauge_values
 from shared import conditions
-from shared.messages import MetricSnapshot, ReplicaTarget
+from shared.messages import DeploymentKey, MetricSnapshot, ReplicaTarget
 
 PREFIX = "slaplanner_decider_"
 LABELS = ["namespace", "deployment"]
@@ -123,6 +124,20 @@ class DeciderGauges:
         for role, rule in conditions.bound_by(target).items():
             self._set_rule((key.namespace, key.name, role), rule or "unknown")
 
+    def forget(self, deployment: DeploymentKey) -> None:
+        """Remove every series of a deployment (one the decider forgot: idle too long)."""
+        labels = (deployment.namespace, deployment.name)
+        for gauge in self._gauges.values():
+            with contextlib.suppress(KeyError):
+                gauge.remove(*labels)
+        for role in ROLES:
+            for gauge in self._role_gauges.values():
+                with contextlib.suppress(KeyError):
+                    gauge.remove(*labels, role)
+            rule = self._rule_of.pop((*labels, role), None)
+            if rule is not None:
+                self._rules.remove(*labels, role, rule)
+
     def _set_rule(self, series: tuple[str, str, str], rule: str) -> None:
         # One series per role: the old rule's goes when the rule changes.
         previous = self._rule_of.get(series)
@@ -141,3 +156,9 @@ def record(target: ReplicaTarget, observed: MetricSnapshot | None = None) -> Non
     if _default is None:
         _default = DeciderGauges()
     _default.record(target, observed)
+
+
+def forget(deployment: DeploymentKey) -> None:
+    """Remove a deployment's series from the process-wide registry."""
+    if _default is not None:
+        _default.forget(deployment)
