@@ -122,12 +122,19 @@ def replica(services: dict[str, ServiceProcess], tmp_path: Path, index: int, map
     return ServiceProcess("actuator", env, folder)
 
 
+def of_replicas(body: object) -> bool:
+    """A patch that sets replicas (a JSON patch of components, or a merge patch of services),
+    not the conditions annotation written alone when an outcome changes without a scale."""
+    if isinstance(body, list):
+        return any(str(op.get("path", "")).endswith("/replicas") for op in body)
+    return isinstance(body, dict) and "spec" in body
+
+
 def decode_patches(k8s: srv.KubeApiServer) -> Counter[tuple[str, str]]:
-    """(DGD, field manager) of every successful patch of replicas (the conditions annotation
-    may also be written alone, when an outcome changes without a scale)."""
+    """(DGD, field manager) of every successful patch of replicas."""
     return Counter((r.path.rsplit("/", 1)[-1], r.query["fieldManager"][0])
                    for r in k8s.requests if r.method == "PATCH" and r.status == 200
-                   and isinstance(r.body, dict) and "spec" in r.body)
+                   and of_replicas(r.body))
 
 
 def test_two_replicas_share_the_deployments_and_a_killed_one_catches_up_once(
