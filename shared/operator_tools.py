@@ -115,8 +115,12 @@ async def connect(settings: ServiceSettings, tool: str) -> NATS:
     urls = ", ".join(settings.nats_url)
     try:
         client = bus.new_client(settings)
+        # one attempt per server, each bounded by the connect timeout: a refused port is not
+        # always reported at once by the client, which tries the pool until this runs out
         await asyncio.wait_for(
-            client.connect(**options, error_cb=quiet), timeout=2 * CONNECT_TIMEOUT_S + 1.0)
+            client.connect(**options, error_cb=quiet),
+            timeout=CONNECT_TIMEOUT_S * len(settings.nats_url) + 1.0,
+        )
         return client
     except (OSError, TimeoutError, nats.errors.Error) as exc:
         raise ToolError(

@@ -123,8 +123,9 @@ class ServiceProcess:
         )
         return self
 
-    def stop(self, timeout_s: float = 10.0) -> int:
-        """SIGTERM, and the exit code; the service must drain and exit within the timeout."""
+    def stop(self, timeout_s: float = 30.0) -> int:
+        """SIGTERM, and the exit code; the service must drain and exit within the timeout (the
+        pods' terminationGracePeriodSeconds: on a busy machine a drain takes seconds)."""
         assert self.process is not None
         if self.process.poll() is None:
             self.process.terminate()
