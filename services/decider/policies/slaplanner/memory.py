@@ -377,8 +377,9 @@ def observe_sla(
     raise on (capacity asked for needs that long to show; misses from before it say nothing of
     the quantile planned now). Up by ``sla_feedback_step`` (in normal units) when those windows
     miss more than the role's share of the goal and the newest does too; down by
-    ``sla_feedback_relax_per_hour`` while they miss less than half its share. Bounded by
-    ``load_confidence_min`` and ``load_confidence_max``."""
+    ``sla_feedback_relax_per_hour`` while they miss less than half its share and span at least
+    half the sliding window (a quantile that just stopped the misses is not lowered at once).
+    Bounded by ``load_confidence_min`` and ``load_confidence_max``."""
     detail: dict[str, Any] = {"enabled": knobs.sla_feedback}
     if not knobs.sla_feedback:
         return memory, detail
@@ -401,6 +402,8 @@ def observe_sla(
     )
     confidences = list(planning_confidences(memory, knobs))
     raised = list(memory.raised_at_s)
+    first_start = samples[0].window_end - observed.window_s
+    half_window = knobs.sla_feedback_window_s / 2
     for index, role in enumerate(("prefill", "decode")):
         # judged on the windows since the last raise could show (a startup delay after it):
         # misses from before it say nothing of the quantile planned now
@@ -418,8 +421,10 @@ def observe_sla(
         elif share > budgets[index] and newest > budgets[index]:
             z, move = z + knobs.sla_feedback_step, "raised"
             raised[index] = now
-        elif share < budgets[index] / 2:
+        elif share < budgets[index] / 2 and now - max(since, first_start) >= half_window:
             z, move = z - knobs.sla_feedback_relax_per_hour * elapsed_h, "relaxed"
+        elif share < budgets[index] / 2:
+            move = "held: within the budget for less than half the window"
         else:
             move = "held: within the budget"
         confidences[index] = NormalDist().cdf(min(max(z, low), high))

@@ -166,8 +166,13 @@ def normalise(
                 # hold no more than the forecast's upper quantile needs over the lookahead
                 highest = min(highest, sized.covered[index])
                 stabilisation[f"{role}_held_at_most"] = highest
-            trail.add("scale_down_stabilisation",
-                      *stabilise.scale_down_stabilised(trail.last, now_at, highest))
+            wanted = trail.last
+            held = trail.add("scale_down_stabilisation",
+                             *stabilise.scale_down_stabilised(wanted, now_at, highest))
+            if held > wanted:
+                stabilisation[f"{role}_release_at_s"] = stabilise.release_at(
+                    memory.recommendations, role, wanted, hold_s
+                )
             value = trail.add("step_limit", *stabilise.step_limited(
                 trail.last, now_at, knobs.scale_up_step_replicas, knobs.scale_up_step_percent,
                 knobs.scale_down_step_replicas, knobs.scale_down_step_percent,
