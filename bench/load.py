@@ -10,7 +10,8 @@ each decision's latency is measured from the snapshot's publication to its Scale
 RSS and CPU of every process are sampled from /proc once a second.
 
 Usage: ``python -m bench.load [--deployments 1000] [--interval-s 10] [--intervals 8]
-[--forecaster-replicas 1] [--json out.json]``; exit code 1 if a decision is missing or late.
+[--forecaster-replicas 1] [--decider-replicas 1] [--actuator-replicas 1] [--json out.json]``;
+exit code 1 if a decision is missing or late.
 ``--forecasting-only`` runs only the forecasters on the whole backlog at once (their throughput),
 ``--profile decider`` runs a service under cProfile. Results: docs/benchmarks.md, Load.
 """
@@ -113,7 +114,7 @@ class Service:
 
 
 def replica_env(index: int, count: int) -> dict[str, str]:
-    """The sharding settings of forecaster replica ``index`` of ``count``."""
+    """The sharding settings of replica ``index`` of ``count`` (any service)."""
     return {"SLAPLANNER_REPLICA_COUNT": str(count), "SLAPLANNER_REPLICA_INDEX": str(index)}
 
 
@@ -174,22 +175,37 @@ def start_pipeline(nats_url: str, args: argparse.Namespace, log_dir: Path) -> li
     ]
     if args.forecasting_only:
         return services
-    services.append(start_service("decider", "decider", env, log_dir, where("decider")))
+    services += [
+        start_service("decider", replica_label("decider", i, args.decider_replicas),
+                      {**env, **replica_env(i, args.decider_replicas)}, log_dir, where("decider"))
+        for i in range(args.decider_replicas)
+    ]
     # The virtual backend needs no allowlist (it touches no Kubernetes object), and every
-    # deployment the mapping file does not list goes to the default backend: all 1,000 admitted.
-    services.append(start_service(
-        "actuator", "actuator",
-        {**env, "SLAPLANNER_BACKEND": args.backend, "SLAPLANNER_MAX_TOTAL_GPUS": "100000",
-         "SLAPLANNER_MAX_PREFILL_REPLICAS": "1000", "SLAPLANNER_MAX_DECODE_REPLICAS": "1000"},
-        log_dir, where("actuator")))
+    # deployment the mapping file does not list goes to the default backend: all admitted.
+    services += [
+        start_service(
+            "actuator", replica_label("actuator", i, args.actuator_replicas),
+            {**env, **replica_env(i, args.actuator_replicas), "SLAPLANNER_BACKEND": args.backend,
+             "SLAPLANNER_MAX_TOTAL_GPUS": "100000", "SLAPLANNER_MAX_PREFILL_REPLICAS": "1000",
+             "SLAPLANNER_MAX_DECODE_REPLICAS": "1000"},
+            log_dir, where("actuator"))
+        for i in range(args.actuator_replicas)
+    ]
     return services
 
 
-def durable_names(forecaster_replicas: int, forecasting_only: bool) -> set[str]:
-    """The durable consumers of a running pipeline (one per forecaster replica)."""
-    forecasters = {ForecasterSettings(replica_count=forecaster_replicas, replica_index=i)
-                   .durable_name() for i in range(forecaster_replicas)}
-    return forecasters if forecasting_only else forecasters | {"decider", "actuator"}
+def replica_label(service: str, index: int, count: int) -> str:
+    return service if count == 1 else f"{service}-{index}"
+
+
+def durable_names(args: argparse.Namespace) -> set[str]:
+    """The durable consumers of a running pipeline (one per replica)."""
+    forecasters = {ForecasterSettings(replica_count=args.forecaster_replicas, replica_index=i)
+                   .durable_name() for i in range(args.forecaster_replicas)}
+    if args.forecasting_only:
+        return forecasters
+    return forecasters | set(bus.replica_durables("decider", args.decider_replicas)) | set(
+        bus.replica_durables("actuator", args.actuator_replicas))
 
 
 async def wait_ready(js: Any, services: Sequence[Service], wanted: set[str],
@@ -353,8 +369,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             js = nc.jetstream()
             await bus.ensure_stream(js, ServiceSettings(nats_url=[server.url]))
             services = start_pipeline(server.url, args, log_dir)
-            await wait_ready(js, services, durable_names(args.forecaster_replicas,
-                                                           args.forecasting_only))
+            await wait_ready(js, services, durable_names(args))
             await nc.subscribe("slaplanner.forecast.>", cb=tracking.on_message)
             await nc.subscribe("slaplanner.target.>", cb=tracking.on_message)
             await nc.subscribe("slaplanner.scaled.>", cb=tracking.on_message)
@@ -410,6 +425,7 @@ def summarise(args: argparse.Namespace, tracking: Tracking, usages: dict[str, Pr
     result: dict[str, Any] = {
         "deployments": args.deployments, "interval_s": args.interval_s,
         "intervals": args.intervals, "forecaster_replicas": args.forecaster_replicas,
+        "decider_replicas": args.decider_replicas, "actuator_replicas": args.actuator_replicas,
         "backend": args.backend, "cpus": os.cpu_count(), "load_avg": os.getloadavg(),
         "wall_s": wall_s, "publish_s_median": statistics.median(publish_s),
         "expected": expected, "duplicates": tracking.duplicates,
@@ -454,7 +470,9 @@ def report(result: dict[str, Any]) -> str:
     only = result["forecasting_only"]
     lines = [
         f"{result['deployments']} deployments x {result['intervals']} intervals of "
-        f"{result['interval_s']:g} s, {result['forecaster_replicas']} forecaster replica(s), "
+        f"{result['interval_s']:g} s, replicas: {result['forecaster_replicas']} forecaster, "
+        f"{result.get('decider_replicas', 1)} decider, {result.get('actuator_replicas', 1)} "
+        "actuator, "
         + ("forecasters only" if only else f"actuator backend {result['backend']}")
         + f"; {result['cpus']} CPUs, load average "
         + " ".join(f"{v:.2f}" for v in result["load_avg"]),
@@ -500,6 +518,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--interval-s", type=float, default=10.0)
     parser.add_argument("--intervals", type=int, default=8)
     parser.add_argument("--forecaster-replicas", type=int, default=1)
+    parser.add_argument("--decider-replicas", type=int, default=1)
+    parser.add_argument("--actuator-replicas", type=int, default=1)
     parser.add_argument("--forecasting-only", action="store_true",
                         help="start only the forecaster replicas and publish every interval's "
                         "snapshots at once: measures forecasting throughput")

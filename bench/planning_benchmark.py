@@ -37,10 +37,12 @@ from typing import Any
 import numpy as np
 
 from bench import planning_docs, planning_report
+from bench.planning_cache import CACHE as CACHE_DIR
 from bench.planning_cache import Cache
 from services.decider import knobs as knob_model
 from services.decider import registry
-from services.forecaster.settings import ForecasterSettings
+from services.forecaster import predictors
+from services.forecaster.settings import PREDICTOR_NAMES, ForecasterSettings
 from shared import traces
 from shared.perf_model import Profile, default_profile_path, load_profile
 from shared.settings import parse_duration_s
@@ -125,6 +127,20 @@ def _duration(seconds: float) -> str:
     return f"{seconds * 1000:g} ms" if seconds < 1 else f"{seconds:g} s"
 
 
+def _check_predictor(path: Path, policy: Policy) -> None:
+    """A decider policy's predictor exists and its optional extra is installed: said before
+    the first run, not as a traceback from a worker process."""
+    if policy.planner not in registry.POLICIES:
+        return  # the baselines and references forecast nothing
+    where = f"{path}: policy {policy.name!r}: predictor {policy.predictor!r}"
+    if policy.predictor not in PREDICTOR_NAMES:
+        raise ValueError(f"{where} is unknown; one of {', '.join(PREDICTOR_NAMES)}")
+    try:
+        predictors.ensure_available(policy.predictor)
+    except predictors.PredictorUnavailable as exc:
+        raise ValueError(f"{where}: {exc}") from None
+
+
 def load_config(path: Path) -> Bench:
     raw = tomllib.loads(path.read_text(encoding="utf-8"))
     defaults = raw.get("defaults", {})
@@ -161,12 +177,14 @@ def load_config(path: Path) -> Bench:
         unknown = sorted(set(knobs) - set(knob_model.KNOB_SPECS))
         if unknown:
             raise ValueError(f"{path}: policy {entry['name']!r}: unknown knob {unknown[0]!r}")
-        policies.append(Policy(
+        policy = Policy(
             name=entry["name"],
             planner=entry["planner"],
             predictor=default_predictor if predictor == "default" else predictor,
             knobs=tuple(sorted(knobs.items())),
-        ))
+        )
+        _check_predictor(path, policy)
+        policies.append(policy)
     return Bench(
         scenarios=tuple(scenarios),
         policies=tuple(policies),
@@ -324,15 +342,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--only", action="append", default=[], help="scenario name (repeatable)")
     parser.add_argument("--no-cache", action="store_true",
                         help="search the references again (and cache the results)")
+    parser.add_argument("--cache-dir", default=str(CACHE_DIR),
+                        help="where the searched references are cached (default %(default)s)")
     args = parser.parse_args(argv)
-    bench = load_config(Path(args.config))
+    try:
+        bench = load_config(Path(args.config))
+    except (ValueError, OSError) as exc:  # TOMLDecodeError is a ValueError
+        print(f"{parser.prog}: {exc}", file=sys.stderr)
+        return 2
+    except KeyError as exc:
+        print(f"{parser.prog}: {args.config}: a scenario or policy lacks the key {exc}",
+              file=sys.stderr)
+        return 2
     if args.only:
         unknown = set(args.only) - {s.name for s in bench.scenarios}
         if unknown:
             print(f"unknown scenario(s): {', '.join(sorted(unknown))}", file=sys.stderr)
             return 2
         bench = replace(bench, scenarios=tuple(s for s in bench.scenarios if s.name in args.only))
-    cache = Cache(enabled=not args.no_cache)
+    cache = Cache(Path(args.cache_dir), enabled=not args.no_cache)
     started = time.perf_counter()
     rows: list[dict[str, Any]] = []
     with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
@@ -352,11 +380,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                 use = start if bench.warm_start == "clairvoyant" else None
                 futures.append(pool.submit(run_one, bench, scenario, skew, policy, use, cache))
         total = len(cells) * len(bench.policies)
-        for done, future in enumerate(futures, 1):
-            row = future.result()
-            rows.append(row)
-            so_far = progress.eta_text(done, total, time.perf_counter() - started, "runs")
-            print(f"[{so_far}] {planning_report.progress(row)}", flush=True)
+        # Each run's result as it comes (the log of a long run); on a terminal, a progress line
+        # under them.
+        bar = progress.Progress(parser.prog, unit="runs")
+        bar(0, total)
+        try:
+            for done, future in enumerate(futures, 1):
+                row = future.result()
+                rows.append(row)
+                bar.above(planning_report.progress(row))
+                bar(done, total)
+        finally:
+            bar.close()
     wall = time.perf_counter() - started
     text = planning_report.render(bench, rows, wall, args.jobs)
     print("\n" + text)

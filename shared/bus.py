@@ -57,6 +57,8 @@ METRICS = f"{SUBJECT_PREFIX}.metrics.>"
 FORECASTS = f"{SUBJECT_PREFIX}.forecast.>"
 TARGETS = f"{SUBJECT_PREFIX}.target.>"
 SCALED = f"{SUBJECT_PREFIX}.scaled.>"
+# What the decider reads, in stream order: forecasts, snapshots (fast path), ScaleEvents.
+DECIDER_FAMILIES = (FORECASTS, METRICS, SCALED)
 # The decisions an operator replays: what was asked for and what was done.
 DECISION_SUBJECTS = (TARGETS, SCALED)
 # What a Rejected message keeps of the raw body: enough to see what was sent, small enough to
@@ -93,12 +95,56 @@ def display_url(url: str | ParseResult | None) -> str:
 
 
 def _tls_context(settings: ServiceSettings) -> ssl.SSLContext | None:
-    if not (settings.nats_tls_ca_file or settings.nats_tls_cert_file):
+    if not settings.wants_tls():
         return None
+    # Verifies the server's certificate and name; without a CA file, against the system's CAs.
     context = ssl.create_default_context(cafile=settings.nats_tls_ca_file)
     if settings.nats_tls_cert_file:
         context.load_cert_chain(settings.nats_tls_cert_file, settings.nats_tls_key_file)
     return context
+
+
+class PlaintextRefused(nats.errors.Error):
+    """The server offered no TLS where the settings ask for TLS."""
+
+
+class Client(NATS):
+    """nats-py's client, refusing plaintext where TLS is wanted.
+
+    nats-py (2.16) upgrades to TLS only when the server's INFO requires it: at a tls:// URL, a
+    server (or whatever answers in its place) that does not would receive CONNECT, password
+    included, in plaintext. Like nats.go's checkForSecure, refuse before CONNECT is sent; this
+    runs on every connect and reconnect (tests/test_nats_tls.py holds it to that).
+    """
+
+    def __init__(self, wants_tls: bool) -> None:
+        super().__init__()
+        self.wants_tls = wants_tls
+
+    async def _process_info(self, info: dict[str, Any], initial_connection: bool = False) -> None:
+        if initial_connection and self.wants_tls and not info.get("tls_required"):
+            server = self._current_server.uri if self._current_server else None
+            raise PlaintextRefused(
+                f"NATS at {display_url(server)} does not require TLS; refusing to send "
+                "credentials in plaintext (TLS is wanted: tls:// URL or a CA file)")
+        await super()._process_info(info, initial_connection)
+
+
+def new_client(settings: ServiceSettings) -> Client:
+    """A client to ``connect`` with ``connect_options(settings, ...)``."""
+    return Client(wants_tls=settings.wants_tls())
+
+
+def _tls_failure(exc: BaseException, settings: ServiceSettings) -> str | None:
+    """One line for a TLS failure that no retry mends, None for any other error."""
+    if isinstance(exc, PlaintextRefused):
+        return str(exc)
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        trusted = (f"the CA in {settings.nats_tls_ca_file}" if settings.nats_tls_ca_file
+                   else "the system's CAs (no SLAPLANNER_NATS_TLS_CA_FILE given)")
+        return (f"NATS at {_servers(settings)}: the server's TLS certificate is not trusted by "
+                f"{trusted}: {exc.verify_message}")
+    return None
 
 
 def connect_options(settings: ServiceSettings, name: str) -> dict[str, Any]:
@@ -194,7 +240,7 @@ async def connect(
     events = _Events(settings, on_fatal)
     last_error: BaseException | None = None
     while True:
-        client = NATS()
+        client = new_client(settings)
         remaining = deadline - time.monotonic()
         try:
             # A try or two per call (nats-py counts attempts per server and gives up after
@@ -210,13 +256,17 @@ async def connect(
             break
         except (OSError, TimeoutError, nats.errors.Error, ssl.SSLError) as exc:
             last_error = exc
+            # Bounded: after a failed TLS handshake nats-py's close waits for ever on a stream
+            # that never closes.
             with contextlib.suppress(Exception):
-                await client.close()
+                await asyncio.wait_for(client.close(), timeout=2.0)
             if _is_auth_error(exc):
                 raise BusError(
                     f"NATS at {_servers(settings)} refused {_who(settings)}: authorization "
                     "violation (check the NATS user and password the service is given)"
                 ) from None
+            if (tls_failure := _tls_failure(exc, settings)) is not None:
+                raise BusError(tls_failure) from None
             if time.monotonic() + 0.5 >= deadline:
                 reason = str(last_error) or type(last_error).__name__
                 raise BusError(f"cannot reach NATS at {_servers(settings)} within "
@@ -487,9 +537,10 @@ def works_through(config: ConsumerConfig) -> bool:
     return bool(config.durable_name) and config.ack_policy != AckPolicy.NONE
 
 
-def history_reader(durable: str, subject_filter: str) -> ConsumerSpec:
-    """The consumer under which the service of ``durable`` reads stored history."""
-    return ConsumerSpec(f"{durable}-history", (subject_filter,), history=True)
+def history_reader(durable: str, *subject_filters: str) -> ConsumerSpec:
+    """The consumer under which the service of ``durable`` reads stored history (one or more
+    families, in stream order)."""
+    return ConsumerSpec(f"{durable}-history", subject_filters, history=True)
 
 
 def replica_durables(service: str, replicas: int) -> list[str]:
@@ -498,16 +549,17 @@ def replica_durables(service: str, replicas: int) -> list[str]:
     return [service] if replicas == 1 else [f"{service}-{i}" for i in range(replicas)]
 
 
-def pipeline_consumers(forecaster_replicas: int = 1,
-                       actuator_replicas: int = 1) -> list[ConsumerSpec]:
+def pipeline_consumers(forecaster_replicas: int = 1, actuator_replicas: int = 1,
+                       decider_replicas: int = 1) -> list[ConsumerSpec]:
     """Every consumer the services use, as the admin creates them: a durable per service (one
-    per forecaster and actuator replica) and the forecasters' history readers. The decider's
-    durable reads all three of its families; a policy that needs fewer acks the others
-    unread."""
+    per replica) and the forecasters' and deciders' history readers. The decider's durable
+    reads all three of its families; a policy that needs fewer acks the others unread."""
     specs = []
     for durable in replica_durables("forecaster", forecaster_replicas):
         specs += [ConsumerSpec(durable, (METRICS,)), history_reader(durable, METRICS)]
-    specs.append(ConsumerSpec("decider", (FORECASTS, METRICS, SCALED)))
+    for durable in replica_durables("decider", decider_replicas):
+        specs += [ConsumerSpec(durable, DECIDER_FAMILIES),
+                  history_reader(durable, *DECIDER_FAMILIES)]
     specs += [ConsumerSpec(durable, (TARGETS,))
               for durable in replica_durables("actuator", actuator_replicas)]
     return specs

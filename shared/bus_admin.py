@@ -44,6 +44,12 @@ class BusAdminSettings(ServiceSettings):
         description=("actuator replicas to make durables for: `actuator` for one, `actuator-0` "
                      "... for several (the actuator's SLAPLANNER_REPLICA_COUNT)"),
     )
+    decider_replicas: int = Field(
+        default=1, ge=1, le=bus.MAX_FORECASTER_REPLICAS,
+        description=("decider replicas to make durables (and history readers) for: `decider` "
+                     "for one, `decider-0` ... for several (the decider's "
+                     "SLAPLANNER_REPLICA_COUNT)"),
+    )
     keep_interval_s: DurationS = Field(
         default=0.0,
         description=("0: set up once and exit; else stay and set up again at this period, "
@@ -56,7 +62,8 @@ async def setup_once(js: JetStreamContext, settings: BusAdminSettings) -> list[s
     done = await bus.update_streams(js, settings)
     done += await bus.update_consumers(js, settings,
                                        bus.pipeline_consumers(settings.forecaster_replicas,
-                                                settings.actuator_replicas))
+                                                settings.actuator_replicas,
+                                                settings.decider_replicas))
     for line in done:
         log.info("%s", line)
     return done
@@ -74,7 +81,8 @@ async def check(js: JetStreamContext, settings: BusAdminSettings) -> list[str]:
         found += [f"stream {config.name}: {d}"
                   for d in bus.stream_differences(info.config, config)]
     for spec in bus.pipeline_consumers(settings.forecaster_replicas,
-                                                settings.actuator_replicas):
+                                                settings.actuator_replicas,
+                                                settings.decider_replicas):
         try:
             consumer = await js.consumer_info(settings.stream_name, spec.name)
         except NotFoundError:

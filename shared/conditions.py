@@ -24,7 +24,7 @@ from enum import StrEnum
 from typing import Any
 
 from shared.explanation import Explanation
-from shared.messages import MetricSnapshot, Outcome, ReplicaTarget, ScaleEvent
+from shared.messages import MetricSnapshot, Outcome, ReplicaTarget, ScaleEvent, ShareMethod
 from shared.roles import ROLE_NAMES as ROLES
 
 # A snapshot older than this many of its windows is stale: the collector skipped two intervals.
@@ -103,6 +103,43 @@ def predicted_attainment(target: ReplicaTarget) -> float | None:
     if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
         return float(value)
     return None
+
+
+# The latencies the SLA judges, as the snapshot's fields are prefixed.
+LATENCIES = ("ttft", "itl")
+
+
+@dataclass(frozen=True)
+class ObservedShare:
+    """The share of a window's requests within a latency target, as the collector measured it
+    (``ttft_under_target_share``, ``itl_under_target_share``), and how."""
+
+    share: float
+    method: ShareMethod | None
+    target_s: float | None  # the target it was measured against
+
+    @property
+    def lower_bound(self) -> bool:
+        """The target lies beyond the histogram's last finite bucket: at least this share."""
+        return self.method is ShareMethod.BEYOND_BUCKETS
+
+
+def observed_share(snapshot: MetricSnapshot | None, latency: str,
+                   target_s: float | None) -> ObservedShare | None:
+    """The snapshot's share within the ``latency`` (``ttft``, ``itl``) target, if it measured
+    one against ``target_s`` (any target when ``target_s`` is not known); ``None`` for a
+    version 1 body, a window without samples or a collector set to another target."""
+    if snapshot is None:
+        return None
+    share = getattr(snapshot, f"{latency}_under_target_share")
+    measured_at = getattr(snapshot, f"{latency}_target_s")
+    if share is None:
+        return None
+    if target_s is not None and measured_at is not None \
+            and not math.isclose(measured_at, target_s, rel_tol=1e-9):
+        return None
+    return ObservedShare(float(share), getattr(snapshot, f"{latency}_share_method"),
+                         measured_at if measured_at is not None else target_s)
 
 
 def conditions(

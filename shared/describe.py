@@ -2,8 +2,9 @@
 
 ``Watch`` takes one deployment's messages in stream order and gives one line per decision: the
 load of the window, the forecast, the counts (running -> desired), the rule that bound each role,
-the latency p99s and what the actuator did. ``describe`` gives ``kubectl describe hpa``'s view of
-one deployment from its latest snapshot, forecast, target and ScaleEvent.
+the latency p99s, the shares of the window's requests within the targets (the observed
+attainment) and what the actuator did. ``describe`` gives ``kubectl describe hpa``'s view of one
+deployment from its latest snapshot, forecast, target and ScaleEvent.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from shared.messages import (
     Outcome,
     ReplicaTarget,
     ScaleEvent,
+    ShareMethod,
 )
 
 # Windows of snapshots and forecasts kept per deployment to match a target with its inputs.
@@ -148,8 +150,22 @@ def interval_line(target: ReplicaTarget, snapshot: MetricSnapshot | None,
     if snapshot is not None:
         parts.append(f"TTFT p99 {latency(snapshot.ttft_p99_s)}, "
                      f"ITL p99 {latency(snapshot.itl_p99_s)}")
+        within = _within_text(snapshot, *_targets(target))
+        if within:
+            parts.append(within)
     parts.append(_outcome(event))
     return "  ".join(parts)
+
+
+def _within_text(snapshot: MetricSnapshot, ttft_target: float | None,
+                 itl_target: float | None) -> str | None:
+    """``within target TTFT 97.61 %, ITL 100.00 %``: the window's observed attainment."""
+    ttft = observed_within(snapshot, "ttft", ttft_target)
+    itl = observed_within(snapshot, "itl", itl_target)
+    if ttft is None and itl is None:
+        return None
+    return (f"within target TTFT {ttft.bracket.text() if ttft else '-'}, "
+            f"ITL {itl.bracket.text() if itl else '-'}")
 
 
 def event_line(event: ScaleEvent) -> str:
@@ -205,19 +221,34 @@ def timestamp(epoch_s: float) -> str:
 
 @dataclass(frozen=True)
 class Bracket:
-    """What a window's percentiles say about the share of requests within a target."""
+    """What a window tells of the share of its requests within a target: a measured share
+    (``low == high``), or bounds."""
 
     low: float
     high: float
+    approximate: bool = False  # interpolated inside a histogram bucket
 
     def text(self) -> str:
-        # Bounds, not measurements: whole percents read better than 99.00 %.
-        low, high = f"{100 * self.low:.0f} %", f"{100 * self.high:.0f} %"
+        if self.high - self.low < 5e-5:
+            return ("about " if self.approximate else "") + conditions.percent(self.low)
+        low, high = _bound(self.low, up=False), _bound(self.high, up=True)
         if self.high >= 1.0:
             return f"at least {low}"
         if self.low <= 0.0:
             return f"under {high}"
         return f"{low} to {high}"
+
+
+def _bound(share: float, up: bool) -> str:
+    """A bound as a percent, rounded away from the inside: whole where it is whole (the 90 %
+    and 99 % that p90 and p99 give), to the hundredth otherwise."""
+    hundredths = share * 10_000
+    whole = round(hundredths)
+    if abs(hundredths - whole) < 1e-6:
+        value = whole / 100
+        return f"{value:.0f} %" if whole % 100 == 0 else f"{value:.2f} %"
+    value = (math.ceil(hundredths) if up else math.floor(hundredths)) / 100
+    return f"{value:.2f} %"
 
 
 def within_target(p90: float | None, p99: float | None, target: float | None) -> Bracket | None:
@@ -236,9 +267,45 @@ def within_target(p90: float | None, p99: float | None, target: float | None) ->
     return None
 
 
+# How the collector measured a share, as status says it.
+SHARE_SOURCES: dict[ShareMethod | None, str] = {
+    ShareMethod.PER_REQUEST: "per request",
+    ShareMethod.BUCKET_EDGE: "histogram bucket at the target",
+    ShareMethod.INTERPOLATED: "interpolated in a histogram bucket",
+    ShareMethod.BEYOND_BUCKETS: "histogram, target beyond its buckets",
+    None: "measured share",
+}
+FROM_PERCENTILES = "from p90, p99"
+
+
+@dataclass(frozen=True)
+class Observed:
+    """The share of a window's requests within one latency target, and where it comes from."""
+
+    bracket: Bracket
+    source: str
+
+
+def observed_within(snapshot: MetricSnapshot | None, latency: str,
+                    target: float | None) -> Observed | None:
+    """The share within the ``latency`` (``ttft``, ``itl``) target: the collector's measured
+    share where the snapshot has one for this target, else what its p90 and p99 tell."""
+    if snapshot is None:
+        return None
+    measured = conditions.observed_share(snapshot, latency, target)
+    if measured is not None:
+        high = 1.0 if measured.lower_bound else measured.share
+        approximate = measured.method is ShareMethod.INTERPOLATED
+        return Observed(Bracket(measured.share, high, approximate), SHARE_SOURCES[measured.method])
+    bracket = within_target(getattr(snapshot, f"{latency}_p90_s"),
+                            getattr(snapshot, f"{latency}_p99_s"), target)
+    return None if bracket is None else Observed(bracket, FROM_PERCENTILES)
+
+
 def both_within(ttft: Bracket, itl: Bracket) -> Bracket:
     """Requests within both targets: at least the shares' overlap, at most the smaller."""
-    return Bracket(max(0.0, ttft.low + itl.low - 1.0), min(ttft.high, itl.high))
+    return Bracket(max(0.0, ttft.low + itl.low - 1.0), min(ttft.high, itl.high),
+                   ttft.approximate or itl.approximate)
 
 
 def _targets(target: ReplicaTarget | None) -> tuple[float | None, float | None]:
@@ -337,11 +404,15 @@ def _observed_text(snapshot: MetricSnapshot | None, ttft_target: float | None,
                    itl_target: float | None) -> str:
     if snapshot is None:
         return "- (no snapshot)"
-    ttft = within_target(snapshot.ttft_p90_s, snapshot.ttft_p99_s, ttft_target)
-    itl = within_target(snapshot.itl_p90_s, snapshot.itl_p99_s, itl_target)
+    ttft = observed_within(snapshot, "ttft", ttft_target)
+    itl = observed_within(snapshot, "itl", itl_target)
     if ttft is None and itl is None:
-        return "- (the last snapshot has no TTFT or ITL percentiles)"
-    parts = [f"TTFT {ttft.text() if ttft else '-'}", f"ITL {itl.text() if itl else '-'}"]
+        return "- (the last snapshot has no share within a target and no TTFT or ITL percentiles)"
+    parts = [f"TTFT {ttft.bracket.text() if ttft else '-'}",
+             f"ITL {itl.bracket.text() if itl else '-'}"]
     if ttft is not None and itl is not None:
-        parts.append(f"both {both_within(ttft, itl).text()}")
-    return ", ".join(parts) + f" of the requests of {clock(snapshot.window_end)} (from p90, p99)"
+        parts.append(f"both {both_within(ttft.bracket, itl.bracket).text()}")
+    sources = {found.source for found in (ttft, itl) if found is not None}
+    how = (sources.pop() if len(sources) == 1 else
+           f"TTFT {ttft.source if ttft else '-'}, ITL {itl.source if itl else '-'}")
+    return ", ".join(parts) + f" of the requests of {clock(snapshot.window_end)} ({how})"

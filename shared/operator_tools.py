@@ -114,8 +114,10 @@ async def connect(settings: ServiceSettings, tool: str) -> NATS:
 
     urls = ", ".join(settings.nats_url)
     try:
-        return await asyncio.wait_for(
-            nats.connect(**options, error_cb=quiet), timeout=2 * CONNECT_TIMEOUT_S + 1.0)
+        client = bus.new_client(settings)
+        await asyncio.wait_for(
+            client.connect(**options, error_cb=quiet), timeout=2 * CONNECT_TIMEOUT_S + 1.0)
+        return client
     except (OSError, TimeoutError, nats.errors.Error) as exc:
         raise ToolError(
             f"cannot reach NATS at {urls} ({str(exc) or type(exc).__name__}): start a server "

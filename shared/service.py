@@ -243,25 +243,28 @@ class Runtime:
         return message, "", ""
 
     async def read_stream(
-        self, subject_filter: str, deliver: DeliverPolicy, start_time: datetime | None = None,
-        batch: int = 512,
+        self, subject_filter: str | Sequence[str], deliver: DeliverPolicy,
+        start_time: datetime | None = None, batch: int = 512, until_seq: int | None = None,
     ) -> AsyncIterator[Msg]:
         """What the stream holds on a family now: the last message of each subject
-        (``LAST_PER_SUBJECT``), or every message from ``start_time`` (``BY_START_TIME``; from
-        the start with ``ALL``), read under names this service owns: no consumer is created by
-        the read itself (docs/operations.md, Security)."""
+        (``LAST_PER_SUBJECT``, one family), or every message from ``start_time``
+        (``BY_START_TIME``; from the start with ``ALL``) on one or more families in stream
+        order, up to ``until_seq`` if given, read under names this service owns: no consumer
+        is created by the read itself (docs/operations.md, Security)."""
         stream = self.settings.stream_name
+        filters = (subject_filter,) if isinstance(subject_filter, str) else tuple(subject_filter)
         if deliver == DeliverPolicy.LAST_PER_SUBJECT:
-            async for item in stored_reads.last_per_subject(self.nc, self.js, stream,
-                                                            subject_filter):
+            [only] = filters
+            async for item in stored_reads.last_per_subject(self.nc, self.js, stream, only):
                 yield item
             return
-        reader = bus.history_reader(self.settings.durable_name() or self.name, subject_filter)
+        reader = bus.history_reader(self.settings.durable_name() or self.name, *filters)
         async with self._history_lock:
             if not await self._await_consumer(reader):
                 return  # stopped first
             since = start_time if deliver == DeliverPolicy.BY_START_TIME else None
-            async for item in stored_reads.since(self.nc, self.js, stream, reader, since, batch):
+            async for item in stored_reads.since(self.nc, self.js, stream, reader, since, batch,
+                                                 until_seq):
                 yield item
 
     async def consume(

@@ -44,7 +44,14 @@ class ServiceSettings(Settings):
             "to <prefix>.> and no other user to it (deploy/base/nats/auth.conf)"
         ),
     )
-    nats_tls_ca_file: str | None = Field(default=None, description="CA bundle to verify NATS TLS")
+    nats_tls_ca_file: str | None = Field(
+        default=None,
+        description=(
+            "CA bundle that verifies the NATS server's certificate (default: the system's CAs); "
+            "with it, or with tls:// URLs, the service speaks TLS only and refuses a server "
+            "that does not (deploy/ mounts cert-manager's ca.crt)"
+        ),
+    )
     nats_tls_cert_file: str | None = Field(default=None, description="client certificate (mTLS)")
     nats_tls_key_file: str | None = Field(default=None, description="client key (mTLS)")
     nats_reconnect_wait_s: DurationS = Field(
@@ -130,6 +137,23 @@ class ServiceSettings(Settings):
     )
     http_port: int = http_port_field(8080)
     log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING or ERROR")
+
+    @model_validator(mode="after")
+    def _tls_for_every_server_or_none(self) -> Self:
+        # nats-py cycles through the list on reconnect: one nats:// among tls:// URLs would be
+        # a way back to plaintext.
+        schemes = {url.partition("://")[0].lower() for url in self.nats_url}
+        if "tls" in schemes and schemes - {"tls"}:
+            raise ValueError(
+                "SLAPLANNER_NATS_URL mixes tls:// with other schemes; a reconnect could go "
+                "plaintext: give every server as tls://"
+            )
+        return self
+
+    def wants_tls(self) -> bool:
+        """Whether the connection must be TLS: tls:// URLs, or a CA or client certificate."""
+        return (any(url.lower().startswith("tls://") for url in self.nats_url)
+                or self.nats_tls_ca_file is not None or self.nats_tls_cert_file is not None)
 
     @model_validator(mode="after")
     def _inbox_prefix_is_a_literal_subject(self) -> Self:

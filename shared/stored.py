@@ -86,12 +86,14 @@ async def _first_at(nc: NATS, js: JetStreamContext, stream: str, reader: str,
 
 async def since(nc: NATS, js: JetStreamContext, stream: str,
                 reader: bus.ConsumerSpec, start_time: datetime | None,
-                batch: int = 512) -> AsyncIterator[Msg]:
+                batch: int = 512, until_seq: int | None = None) -> AsyncIterator[Msg]:
     """Every message on the reader's filter from ``start_time`` (everything if None) up to the
-    end of the stream as it is when the read starts, in stream order."""
+    end of the stream as it is when the read starts (or to ``until_seq``), in stream order."""
     sub = await js.pull_subscribe_bind(durable=reader.name, stream=stream)
     try:
         last = (await js.stream_info(stream)).state.last_seq
+        if until_seq is not None:
+            last = min(last, until_seq)
         first = 1 if start_time is None else await _first_at(nc, js, stream, reader.name, sub,
                                                               start_time)
         if first > last or await bus.reset_consumer(nc, stream, reader.name, first) == 0:

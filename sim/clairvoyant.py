@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -288,8 +289,10 @@ def run(
     goal: float = 0.99,
     instant_startup: bool = False,
     max_intervals: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Clairvoyant:
-    """Plan the cheapest schedule reaching ``goal`` and validate it in the simulator."""
+    """Plan the cheapest schedule reaching ``goal`` and validate it in the simulator;
+    ``progress(done, total)`` is told each interval of each round's simulation."""
     goal = check_goal(goal)
     clock = time.process_time()
     trace = cut(trace, setup.interval_s, max_intervals)
@@ -348,7 +351,7 @@ def run(
             trace, profile,
             replace(config, start_prefill=schedule.start[0], start_decode=schedule.start[1]),
             schedule.planner(interval), interval, setup.ttft_target_s, setup.itl_target_s,
-            max_intervals=max_intervals, needs=needs,
+            max_intervals=max_intervals, needs=needs, progress=progress,
         )
         seconds["simulate"] += time.process_time() - started
         ttft_ok, itl_ok = metrics.attainment(

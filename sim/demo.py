@@ -5,9 +5,11 @@ and actuator run as separate processes on a real nats-server (an embedded one of
 ``--nats-url`` names another; ``SLAPLANNER_NATS_URL`` is not read), and the simulator stands in
 for the cluster and for Prometheus, in virtual time. It prints one row per interval as each
 interval's ScaleEvent comes back over the bus (and a line per fast-path scale-up), then the SLA
-report, and writes a PNG of load, forecast, replicas and latencies against their targets
-(``demo.png`` in the working directory unless ``--plot`` names another file). Every option of
-``replay`` can be given; the list below shows the demo's defaults.
+report, then one line each for the same slice under Dynamo's policy, the best fixed fleet and
+the clairvoyant reference (in the simulator, in under a second), and writes a PNG of load,
+forecast, replicas and latencies against their targets (``demo.png`` in the working directory
+unless ``--plot`` names another file). Every option of ``replay`` can be given; the list below
+shows the demo's defaults.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from typing import Any
 
 from services.forecaster.settings import ForecasterSettings
 from shared import traces
-from sim import replay
+from sim import comparison, replay, simulate_cli
+from sim.loop import LoopResult
 
 # The bundled Azure code trace: a real production hour with bursts of 40x between minutes, the
 # load a planner has to chase. Ten times faster it is 23 intervals of 15 s (5.7 minutes of
@@ -64,9 +67,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def print_comparison(
+    args: argparse.Namespace, parsed: simulate_cli.Parsed, run: LoopResult
+) -> None:
+    """What the product buys on the slice just replayed: Dynamo's policy from the same fleet,
+    the best fixed fleet and the clairvoyant, on the same trace, profile and targets."""
+    goal = simulate_cli.goal(args.goal)
+    lines = comparison.compare(
+        parsed.trace, parsed.profile, parsed.setup, parsed.config, run.start, goal,
+        max_intervals=args.max_intervals or None,
+    )
+    print(comparison.format_lines(parsed.setup.policy, float(run.scores["gpu_hours"]), lines,
+                                  goal))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    return replay.run_command(parser.parse_args(argv), parser.prog)
+    return replay.run_command(parser.parse_args(argv), parser.prog, epilogue=print_comparison)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -76,12 +76,14 @@ NAMES = tuple(HELP)
 
 
 class Workload:
-    """A trace on a simulated cluster, with what the searches reuse across candidates."""
+    """A trace on a simulated cluster, with what the searches reuse across candidates.
+    ``progress(done, total)`` is told each interval of each run in the simulator."""
 
     def __init__(
         self, trace: Trace, profile: Profile, setup: PlanningSetup, config: ClusterConfig,
-        max_intervals: int | None = None,
+        max_intervals: int | None = None, progress: Callable[[int, int], None] | None = None,
     ) -> None:
+        self.progress = progress
         self.trace = cut(trace, setup.interval_s, max_intervals)
         self.profile, self.setup, self.config = profile, setup, config
         self.max_intervals = max_intervals
@@ -101,7 +103,7 @@ class Workload:
             self.trace, self.profile,
             replace(self.config, start_prefill=start[0], start_decode=start[1]),
             planner, self.setup.interval_s, self.setup.ttft_target_s, self.setup.itl_target_s,
-            max_intervals=self.max_intervals, needs=self.needs,
+            max_intervals=self.max_intervals, needs=self.needs, progress=self.progress,
         )
 
     def ttft_met(self, start: int, requested: list[int]) -> tuple[BoolArray, FloatArray]:
@@ -571,18 +573,19 @@ def run(
     counts: tuple[int, int] | None = None,
     start: tuple[int, int] | None = None,
     max_intervals: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Reference:
     """One reference by name (``NAMES``). ``counts``: the fixed fleet's; ``start``: what the
     adaptive ones (``dynamo-tuned``, ``token-aware``) have at time 0 (default: the
-    clairvoyant's)."""
+    clairvoyant's); ``progress(done, total)``: told each interval of each run simulated."""
     from sim import clairvoyant  # it builds on this module's neighbours, not on this module
 
     goal = clairvoyant.check_goal(goal)
     if name == "clairvoyant":
         found = clairvoyant.run(trace, profile, setup, config, goal, instant_startup,
-                                max_intervals)
+                                max_intervals, progress)
         return Reference(found.run, found.detail())
-    workload = Workload(trace, profile, setup, config, max_intervals)
+    workload = Workload(trace, profile, setup, config, max_intervals, progress)
     if name == "fixed":
         if counts is None:
             raise ValueError("fixed: give --prefill N and --decode M")
@@ -591,7 +594,7 @@ def run(
         return best_fixed(workload, goal)
     if start is None:
         start = clairvoyant.run(trace, profile, setup, config, goal,
-                                max_intervals=max_intervals).schedule.start
+                                max_intervals=max_intervals, progress=progress).schedule.start
     if name == "dynamo-tuned":
         return dynamo_tuned(workload, goal, start)
     if name == "token-aware":

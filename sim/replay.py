@@ -308,8 +308,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_command(parser.parse_args(argv), parser.prog)
 
 
-def run_command(args: argparse.Namespace, prog: str) -> int:
-    """Run the replay the options ask for: the table as it goes, then the report and outputs."""
+def run_command(
+    args: argparse.Namespace, prog: str,
+    epilogue: Callable[[argparse.Namespace, simulate_cli.Parsed, LoopResult], None] | None = None,
+) -> int:
+    """Run the replay the options ask for: the table as it goes, then the report and outputs,
+    then ``epilogue`` (given the options, what they parsed to and the run), if any."""
     if args.policy in BASELINES:
         print(f"{prog}: --policy {args.policy} is a simulator baseline; replay drives the "
               "decider's policies (use slaplanner simulate for the baselines)", file=sys.stderr)
@@ -353,6 +357,8 @@ def run_command(args: argparse.Namespace, prog: str) -> int:
         fast_path = sum(target.forecast_id is None for target in replay.targets)
         print(f"{len(replay.events)} decisions over the bus ({fast_path} from the fast path) in "
               f"{replay.wall_s:.1f} s")
+    if epilogue is not None:
+        epilogue(args, parsed, replay.run)
     return 0
 
 

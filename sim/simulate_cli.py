@@ -14,7 +14,7 @@ import json
 import math
 import sys
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -372,15 +372,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError) as exc:  # TraceError and ProfileError are ValueErrors
         print(f"{prog}: {exc}", file=sys.stderr)
         return 2
+    progress = Progress(prog)
     if args.policy in references.NAMES:
         try:
-            found = run_reference(args, parsed)
+            found = run_reference(args, parsed, progress)
         except ValueError as exc:
+            progress.close()
             print(f"{prog}: {exc}", file=sys.stderr)
             return 2
+        progress.close()
         write_outputs(args, parsed, found.run, found.detail)
         return 0
-    progress = Progress(prog)
     try:
         run = simulate(
             parsed.trace,
@@ -397,7 +399,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def run_reference(args: argparse.Namespace, parsed: Parsed) -> references.Reference:
+def run_reference(
+    args: argparse.Namespace, parsed: Parsed, progress: Callable[[int, int], None] | None = None,
+) -> references.Reference:
     """A reference policy, starting (where it adapts) from the clairvoyant's fleet unless
     ``--warm-start`` or ``--start-*`` say otherwise."""
     counts = None
@@ -411,7 +415,7 @@ def run_reference(args: argparse.Namespace, parsed: Parsed) -> references.Refere
     return references.run(
         args.policy, parsed.trace, parsed.profile, parsed.setup, parsed.config,
         goal=goal(args.goal), instant_startup=args.instant_startup, counts=counts, start=start,
-        max_intervals=args.max_intervals or None,
+        max_intervals=args.max_intervals or None, progress=progress,
     )
 
 

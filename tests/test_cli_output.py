@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import os
+import pty
+import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -54,16 +58,55 @@ def test_an_output_that_is_a_folder_is_refused(tmp_path: Path) -> None:
         f"slaplanner simulate: --json {tmp_path}: is a folder; name a file in it"]
 
 
+INSTALL_PROPHET = "pip install 'slaplanner[prophet]'"  # quoted: zsh globs the brackets
+
+
 @pytest.mark.skipif(importlib.util.find_spec("prophet") is not None,
                     reason="the prophet extra is installed here")
-@pytest.mark.parametrize("command", ["simulate", "replay"])
-def test_a_missing_optional_extra_is_named_with_its_install_command(command: str) -> None:
-    result = slaplanner(command, "--trace", TRACE, "--policy", "slaplanner",
-                        "--predictor", "prophet")
+@pytest.mark.parametrize(("command", "env", "prefix"), [
+    pytest.param(["simulate", "--trace", TRACE, "--predictor", "prophet"], {},
+                 "slaplanner simulate: --predictor prophet: ", id="simulate"),
+    pytest.param(["replay", "--trace", TRACE, "--predictor", "prophet"], {},
+                 "slaplanner replay: --predictor prophet: ", id="replay"),
+    pytest.param(["demo", "--predictor", "prophet"], {},
+                 "slaplanner demo: --predictor prophet: ", id="demo"),
+    pytest.param(["dry-run", "--trace", TRACE, "--predictor", "prophet"], {},
+                 "slaplanner dry-run: --predictor prophet: ", id="dry-run"),
+    pytest.param(["forecaster", "--predictor", "prophet"], {},
+                 "slaplanner forecaster: ", id="the forecaster service"),
+    pytest.param(["forecaster"], {"SLAPLANNER_PREDICTOR_OVERRIDES": "prod/llama=prophet"},
+                 "slaplanner forecaster: ", id="the forecaster with one deployment on prophet"),
+])
+def test_a_missing_optional_extra_is_one_line_with_its_install_command(
+    command: list[str], env: dict[str, str], prefix: str, tmp_path: Path
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "services.cli", *command], cwd=tmp_path,
+        env={"PATH": "/usr/bin:/bin", **env}, capture_output=True, text=True, timeout=60,
+    )
     assert result.returncode == 2 and result.stdout == ""
-    [line] = result.stderr.splitlines()
-    assert line.startswith(f"slaplanner {command}: --predictor prophet: ")
-    assert line.endswith("pip install slaplanner[prophet]")
+    assert result.stderr.splitlines() == [
+        f"{prefix}the prophet predictor needs the optional dependency: {INSTALL_PROPHET}"]
+    assert list(tmp_path.iterdir()) == []  # nothing was run or written
+
+
+@pytest.mark.skipif(importlib.util.find_spec("prophet") is not None,
+                    reason="the prophet extra is installed here")
+def test_the_planning_benchmark_names_the_missing_extra_before_any_run(tmp_path: Path) -> None:
+    config = tmp_path / "bench.toml"
+    config.write_text(
+        '[[scenario]]\nname = "short"\ntrace = "azure_llm_2023_code.csv"\ninterval = "15s"\n'
+        'startup_delay = "60s"\nttft = "2s"\nitl = "30ms"\n\n'
+        '[[policy]]\nname = "ours with prophet"\nplanner = "slaplanner"\n'
+        'predictor = "prophet"\n', encoding="utf-8")
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.planning_benchmark", "--config", str(config), "--no-docs"],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.splitlines() == [
+        f"python -m bench.planning_benchmark: {config}: policy 'ours with prophet': predictor "
+        f"'prophet': the prophet predictor needs the optional dependency: {INSTALL_PROPHET}"]
 
 
 def test_the_services_default_to_ports_of_their_own() -> None:
@@ -120,12 +163,117 @@ def test_progress_is_one_line_rewritten_on_a_terminal_and_cleared_at_the_end() -
     ]
 
 
+def test_progress_counts_the_runs_of_a_search_and_times_each_on_its_own() -> None:
+    clock = iter([0.0, 1.0, 2.0, 10.0, 11.0])
+    out = _Terminal()
+    bar = progress.Progress("slaplanner simulate", stream=out, clock=lambda: next(clock))
+    bar(1, 2)  # t = 1 s
+    bar(2, 2)  # t = 2 s: the first run done
+    bar(1, 2)  # t = 10 s: a second run starts, timed from here
+    bar(2, 2)  # t = 11 s
+    bar.close()
+    assert out.getvalue().split("\r\033[K")[1:-1] == [
+        "slaplanner simulate: 1/2 intervals (50 %), 1 s, about 1 s left",
+        "slaplanner simulate: 2/2 intervals (100 %), 2 s",
+        "slaplanner simulate: run 2: 1/2 intervals (50 %), 0 s, about 0 s left",
+        "slaplanner simulate: run 2: 2/2 intervals (100 %), 1 s",
+    ]
+
+
 def test_progress_writes_nothing_where_stderr_is_not_a_terminal() -> None:
     out = io.StringIO()
     bar = progress.Progress("slaplanner simulate", stream=out)
     bar(1, 4)
     bar.close()
     assert out.getvalue() == ""
+
+
+def run_with_stderr_on_a_terminal(
+    args: list[str], cwd: Path, terminal: bool, timeout_s: float = 150.0
+) -> tuple[int, str, str]:
+    """Run ``args`` with stdout piped and stderr on a pseudo-terminal (``terminal``) or a pipe:
+    the exit status, stdout, and what stderr received."""
+    master, slave = pty.openpty() if terminal else os.pipe()
+    try:
+        proc = subprocess.Popen(args, cwd=cwd, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=slave)
+    finally:
+        os.close(slave)
+    received = bytearray()
+
+    def drain() -> None:
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # EIO: every writer closed the terminal
+                return
+            if not chunk:
+                return
+            received.extend(chunk)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        out, _ = proc.communicate(timeout=timeout_s)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        reader.join(timeout=10)
+        os.close(master)
+    return proc.returncode, out.decode(), received.decode(errors="replace")
+
+
+def _bench_config(folder: Path) -> Path:
+    """The benchmark on the demo's scenario alone, once, with three quick policies."""
+    config = folder / "bench.toml"
+    config.write_text(
+        '[defaults]\nperf_skews = [1.0]\n\n'
+        '[[scenario]]\nname = "azure-code-x10"\ntrace = "azure_llm_2023_code.csv"\n'
+        'speedup = 10.0\ninterval = "15s"\nstartup_delay = "60s"\nttft = "2s"\n'
+        'itl = "30ms"\n\n'
+        '[[policy]]\nname = "static peak"\nplanner = "static"\n\n'
+        '[[policy]]\nname = "best fixed"\nplanner = "best-fixed"\n\n'
+        '[[policy]]\nname = "clairvoyant"\nplanner = "clairvoyant"\n', encoding="utf-8")
+    return config
+
+
+LONG_RUNS = {
+    "simulate": (["-m", "services.cli", "simulate", "--trace", TRACE, "--speedup", "10",
+                  "--quiet"], "slaplanner simulate", "intervals"),
+    "simulate a reference": (["-m", "services.cli", "simulate", "--trace", TRACE,
+                              "--speedup", "10", "--quiet", "--policy", "clairvoyant"],
+                             "slaplanner simulate", "intervals"),
+    "replay": (["-m", "services.cli", "replay", "--trace", TRACE, "--speedup", "10",
+                "--max-intervals", "3", "--quiet"], "slaplanner replay", "intervals"),
+    "benchmark": (["-m", "bench.planning_benchmark", "--config", "{folder}/bench.toml",
+                   "--jobs", "1", "--no-docs", "--cache-dir", "{folder}/cache"],
+                  "python -m bench.planning_benchmark", "runs"),
+}
+
+
+@pytest.mark.parametrize("terminal", [True, False], ids=["stderr a terminal", "stderr a pipe"])
+@pytest.mark.parametrize("command", list(LONG_RUNS))
+def test_a_long_run_shows_progress_on_a_terminal_only(
+    command: str, terminal: bool, tmp_path: Path
+) -> None:
+    _bench_config(tmp_path)
+    args, label, unit = LONG_RUNS[command]
+    status, out, err = run_with_stderr_on_a_terminal(
+        [sys.executable, *(a.format(folder=tmp_path) for a in args)], REPO, terminal)
+    assert status == 0, out + err
+    assert "GPU-h" in out  # the report (or each run's row) is on stdout either way
+    if not terminal:
+        assert err == ""  # a log file or a pipe gets no progress lines
+        return
+    # One line rewritten in place ("\r", clear to the end of the line), the last drawing the
+    # whole run done, then cleared so that the terminal is left as it was.
+    assert err.startswith("\r\033[K") and err.endswith("\r\033[K"), err
+    drawings = [drawing for drawing in err.split("\r\033[K") if drawing]
+    assert drawings and all(d.startswith(f"{label}: ") for d in drawings), err
+    # (a reference's search simulates several runs: "run 2: ...")
+    assert re.match(rf"{re.escape(label)}: (run \d+: )?(\d+)/\2 {unit} \(100 %\)",
+                    drawings[-1]), err
 
 
 @pytest.mark.parametrize(("seconds", "span_s", "label"), [

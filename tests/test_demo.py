@@ -12,7 +12,7 @@ from pathlib import Path
 
 from shared import traces
 from shared.messages import Outcome
-from sim import demo
+from sim import comparison, demo
 from tests.conftest import NatsEndpoint
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -64,6 +64,30 @@ def test_the_demo_replays_the_bundled_slice_and_prints_the_table_the_report_and_
     assert 0.0 < lower <= gpu_hours and ratio >= 1.0 and actions >= 1
     assert abs(ratio - gpu_hours / lower) < 0.05
 
+    # What the product buys: the same slice under Dynamo's policy, the best fixed fleet and the
+    # clairvoyant, each with slaplanner's GPU-hours over its own.
+    (product,) = _match(rf"slaplanner N x: its {NUMBER} GPU-hours over theirs", out)
+    assert float(product) == round(gpu_hours, 3)
+    (goal,) = _match(rf"the cheapest reaching {NUMBER} %", out)
+    assert float(goal) == 99.0  # the demo's --goal
+    compared = {}
+    for name in ("Dynamo's policy", "best fixed fleet", "clairvoyant"):
+        hours, attainment, times = map(float, _match(
+            rf"\n  {name} \([^)]*\) +{NUMBER} GPU-hours, SLA attainment +{NUMBER} %, "
+            rf"slaplanner {NUMBER} x\n", out + "\n"))
+        assert hours > 0.0 and 0.0 <= attainment <= 100.0
+        # The printed ratio is the printed figures' quotient, to their rounding (3 and 2 places).
+        low = (float(product) - 0.0005) / (hours + 0.0005) - 0.005
+        high = (float(product) + 0.0005) / (hours - 0.0005) + 0.005
+        assert low <= times <= high, (name, product, hours, times)
+        compared[name] = (hours, attainment)
+    # The clairvoyant may change its fleet every interval and the fixed fleet may not: it is
+    # never dearer for the same goal, and both reach it on this slice.
+    assert compared["clairvoyant"][0] <= compared["best fixed fleet"][0]
+    assert min(compared["clairvoyant"][1], compared["best fixed fleet"][1]) >= 99.0
+    (fixed_p, fixed_d) = map(int, _match(r"best fixed fleet \((\d+) P \+ (\d+) D\)", out))
+    assert fixed_p >= 1 and fixed_d >= 1
+
     # The plot, in the working directory by default.
     (where,) = _match(r"plot of load, forecast, replicas and latencies: (\S+)", out)
     plot = tmp_path / "demo.png"
@@ -96,6 +120,20 @@ def test_an_output_into_a_missing_folder_fails_at_once_in_one_line(tmp_path: Pat
     assert result.stderr.splitlines() == [
         "slaplanner demo: --plot plots/demo.png: the folder plots does not exist; create it "
         "(mkdir -p plots) or write elsewhere"]
+
+
+def test_the_comparison_line_divides_the_products_gpu_hours_by_each() -> None:
+    lines = [comparison.Line("Dynamo's policy", "constant predictor, same start", 0.5, 0.25),
+             comparison.Line("clairvoyant", "a fleet per interval, goal not reached", 1.5, None)]
+    text = comparison.format_lines("slaplanner", 3.0, lines, 0.99)
+    assert text.splitlines() == [
+        "the same slice in the simulator (slaplanner N x: its 3.000 GPU-hours over theirs;",
+        "best fixed and clairvoyant: the cheapest reaching 99.00 %, found knowing every request):",
+        "  Dynamo's policy (constant predictor, same start)      0.500 GPU-hours, "
+        "SLA attainment  25.00 %, slaplanner 6.00 x",  # 3.000 / 0.500
+        "  clairvoyant (a fleet per interval, goal not reached)  1.500 GPU-hours, "
+        "SLA attainment        -, slaplanner 2.00 x",  # 3.000 / 1.500
+    ]
 
 
 def _match(pattern: str, text: str) -> tuple[str, ...]:

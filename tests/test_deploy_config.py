@@ -171,7 +171,7 @@ def check_nats_url(env: dict[str, str]) -> None:
     for url in urls:
         parsed_url = urlparse(url)
         assert (parsed_url.scheme, parsed_url.hostname, parsed_url.port) == (
-            "nats", "slaplanner-nats", service_port("slaplanner-nats")), url
+            "tls", "slaplanner-nats", service_port("slaplanner-nats")), url
 
 
 @pytest.mark.parametrize("target", deploy.TARGETS)

@@ -141,11 +141,9 @@ def test_every_query_names_only_metrics_the_services_export() -> None:
         ("ITL p99 and mean against its target", {
             "slaplanner_decider_observed_itl_p99_seconds",
             "slaplanner_decider_observed_itl_seconds", "slaplanner_decider_itl_target_seconds"}),
-        ("observed attainment: the tails over their targets", {
-            "slaplanner_decider_observed_ttft_p99_seconds",
-            "slaplanner_decider_ttft_target_seconds",
-            "slaplanner_decider_observed_itl_p99_seconds",
-            "slaplanner_decider_itl_target_seconds"}),
+        ("observed attainment: the shares within each target", {
+            "slaplanner_decider_observed_ttft_attainment_ratio",
+            "slaplanner_decider_observed_itl_attainment_ratio"}),
         ("predicted attainment", {"slaplanner_decider_predicted_attainment_ratio"}),
         ("the binding rule", {"slaplanner_decider_binding_rule"}),
         ("request rate and forecast", {"slaplanner_decider_observed_request_rate_per_second",

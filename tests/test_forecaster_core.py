@@ -309,7 +309,7 @@ def test_a_malformed_override_is_refused_at_start(entry):
 
 def test_prophet_configured_without_the_extra_fails_at_start(monkeypatch):
     def missing() -> None:
-        raise predictors.PredictorUnavailable("pip install slaplanner[prophet]")
+        raise predictors.PredictorUnavailable(predictors.PROPHET_INSTALL_HINT)
 
     monkeypatch.setattr(predictors, "import_prophet", missing)
     with pytest.raises(predictors.PredictorUnavailable, match="slaplanner"):

@@ -4,6 +4,7 @@ the commands themselves against a replay through the real services on a real nat
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 import subprocess
 import sys
@@ -14,8 +15,10 @@ from typing import Any
 import orjson
 import pytest
 from nats.aio.client import Client as NATS
+from prometheus_client import CollectorRegistry
 
-from shared import conditions, describe, embedded_nats
+from services.decider import gauges
+from shared import conditions, describe, embedded_nats, window_stats
 from shared.conditions import Status
 from shared.messages import (
     DeploymentKey,
@@ -27,7 +30,7 @@ from shared.messages import (
 )
 from shared.perf_model import default_profile_path, load_profile
 from sim.cluster import ClusterConfig
-from sim.loop import DEPLOYMENT, PlanningSetup
+from sim.loop import DEPLOYMENT, EPOCH_S, PlanningSetup
 from sim.replay import run_replay
 from sim.synth import SineLoad, generate
 from tests.conftest import REPO, NatsEndpoint
@@ -199,6 +202,61 @@ def test_percentiles_bracket_the_share_within_a_target(
     assert bracket is not None and bracket.text() == expected
 
 
+TARGETS: dict[str, Any] = {"config": {"ttft_target_s": 0.5, "itl_target_s": 0.05}}
+
+
+@pytest.mark.parametrize(("fields", "expected"), [
+    pytest.param({"ttft_target_s": 0.5, "ttft_under_target_share": 0.9761,
+                  "ttft_share_method": "per_request", "itl_target_s": 0.05,
+                  "itl_under_target_share": 1.0, "itl_share_method": "per_request",
+                  "ttft_p99_s": 2.4, "itl_p99_s": 0.01},
+                 "TTFT 97.61 %, ITL 100.00 %, both 97.61 % of the requests of 07:00:00Z "
+                 "(per request)", id="measured shares win over the percentiles"),
+    pytest.param({"ttft_target_s": 0.5, "ttft_under_target_share": 0.95,
+                  "ttft_share_method": "interpolated", "itl_target_s": 0.05,
+                  "itl_under_target_share": 0.98, "itl_share_method": "bucket_edge"},
+                 "TTFT about 95.00 %, ITL 98.00 %, both 93 % to 95 % of the requests of "
+                 "07:00:00Z (TTFT interpolated in a histogram bucket, ITL histogram bucket at "
+                 "the target)", id="an interpolated share is about, both is their overlap"),
+    pytest.param({"ttft_target_s": 0.5, "ttft_under_target_share": 0.8123,
+                  "ttft_share_method": "beyond_buckets", "itl_p90_s": 0.01, "itl_p99_s": 0.02},
+                 "TTFT at least 81.23 %, ITL at least 99 %, both at least 80.23 % of the "
+                 "requests of 07:00:00Z (TTFT histogram, target beyond its buckets, ITL from "
+                 "p90, p99)", id="a target beyond the buckets is a lower bound; a missing share "
+                 "falls back to the percentiles"),
+    pytest.param({"ttft_target_s": 2.0, "ttft_under_target_share": 0.5,
+                  "ttft_share_method": "per_request", "ttft_p90_s": 0.3, "ttft_p99_s": 0.8},
+                 "TTFT 90 % to 99 %, ITL - of the requests of 07:00:00Z (from p90, p99)",
+                 id="a share measured against another target is not this target's"),
+    pytest.param({"ttft_p90_s": 0.3, "ttft_p99_s": 0.45, "itl_p90_s": 0.04, "itl_p99_s": 0.06},
+                 "TTFT at least 99 %, ITL 90 % to 99 %, both 89 % to 99 % of the requests of "
+                 "07:00:00Z (from p90, p99)", id="a version 1 snapshot: the percentiles only"),
+])
+def test_status_shows_the_observed_attainment_the_snapshot_measured(
+    fields: dict[str, Any], expected: str
+) -> None:
+    latest = describe.Latest(snapshot=_snapshot(**fields), target=_target(**TARGETS))
+    out = describe.describe(KEY, latest, T0)
+    assert f"Observed attainment:  {expected}\n" in out, out
+
+
+def test_the_decider_exports_the_shares_measured_against_its_own_targets() -> None:
+    registry = CollectorRegistry()
+    recorder = gauges.DeciderGauges(registry=registry)
+    measured = _snapshot(ttft_target_s=0.5, ttft_under_target_share=0.9761,
+                         ttft_share_method="per_request", itl_target_s=0.1,
+                         itl_under_target_share=0.5, itl_share_method="per_request")
+    recorder.record(_target(**TARGETS), measured)
+    value = registry.get_sample_value
+    labels = {"namespace": "prod", "deployment": "llama"}
+    assert value("slaplanner_decider_observed_ttft_attainment_ratio", labels) == 0.9761
+    # measured against 100 ms, not the decider's 50 ms: not its attainment
+    assert math.isnan(value("slaplanner_decider_observed_itl_attainment_ratio", labels) or 0.0)
+    recorder.record(_target(window_end=T0 + 60, **TARGETS), _snapshot(window_end=T0 + 60))
+    # a window without a share does not keep the last one's
+    assert math.isnan(value("slaplanner_decider_observed_ttft_attainment_ratio", labels) or 0.0)
+
+
 # --- the watch timeline --------------------------------------------------------------------------
 
 def test_watch_shows_a_decision_once_with_its_inputs_and_the_actuators_outcome() -> None:
@@ -212,7 +270,7 @@ def test_watch_shows_a_decision_once_with_its_inputs_and_the_actuators_outcome()
     [line] = watch.add(_event(target, "applied"))
     assert line.startswith("07:00:00Z prod/llama  load 10.0/s  forecast 11.0/s (upper 16.5/s)")
     assert "P 2->4 D 2->3  bound by P queueing_model, D itl_curve" in line
-    assert "TTFT p99 1.20 s, ITL p99 31 ms  applied" in line
+    assert "TTFT p99 1.20 s, ITL p99 31 ms  applied" in line  # no targets known: no shares
     # a refusal of a target already shown is shown on its own
     [refusal] = watch.add(_event(target, "refused", "not in the allowlist"))
     assert refusal.endswith("actuator: refused (not in the allowlist)")
@@ -272,6 +330,14 @@ async def test_watch_and_status_tell_what_a_replay_decided_and_why(
         assert line.endswith(str(events[target.id].outcome)), line
         assert ("fast path" in line) == (target.forecast_id is None)
     assert any("gpu_budget_sla_split" in line for line in lines)
+    # The observed attainment of each window, as the replay measured it per request.
+    windows = {EPOCH_S + r.stats.end_s: r.stats for r in replay.run.records}
+    for line, target in zip(lines, targets, strict=True):
+        stats = windows[target.window_end]
+        ttft = window_stats.share_per_request(stats.ttft_samples_s, 0.5).share
+        itl = window_stats.share_per_request(stats.itl_samples_s, 0.05).share
+        shown = ["-" if share is None else conditions.percent(share) for share in (ttft, itl)]
+        assert f"within target TTFT {shown[0]}, ITL {shown[1]}  " in line, line
 
     last = targets[-1]
     at = str(last.window_end + 1)
@@ -288,6 +354,13 @@ async def test_watch_and_status_tell_what_a_replay_decided_and_why(
                      rf"{last.decode_replicas} \(", out), out
     share = conditions.predicted_attainment(last)
     assert share is not None and f"Predicted attainment: {conditions.percent(share)}" in out
+    ttft = window_stats.share_per_request(running.ttft_samples_s, 0.5).share
+    itl = window_stats.share_per_request(running.itl_samples_s, 0.05).share
+    assert ttft is not None and itl is not None
+    both = describe.Bracket(max(0.0, ttft + itl - 1.0), min(ttft, itl)).text()
+    assert (f"Observed attainment:  TTFT {conditions.percent(ttft)}, ITL "
+            f"{conditions.percent(itl)}, both {both} of the requests of "
+            f"{describe.clock(last.window_end)} (per request)\n") in out, out
     assert re.search(r"ScalingLimited\s+True\s+GpuBudget\s+prefill \d+ bound by "
                      r"gpu_budget_sla_split", out), out
     assert re.search(r"AbleToScale\s+True", out) and re.search(r"ScalingActive\s+True", out)

@@ -295,7 +295,8 @@ def test_horizon_smoothing_follows_a_random_walk_closely():
 
 def test_prophet_without_the_extra_installed_names_the_install_command(monkeypatch):
     monkeypatch.setitem(sys.modules, "prophet", None)  # makes `import prophet` fail
-    with pytest.raises(predictors.PredictorUnavailable, match=r"pip install slaplanner\[prophet\]"):
+    quoted = r"pip install 'slaplanner\[prophet\]'"  # quoted for zsh
+    with pytest.raises(predictors.PredictorUnavailable, match=quoted):
         predictors.make_predictor("prophet")
     with pytest.raises(predictors.PredictorUnavailable):
         predictors.ensure_available("prophet")

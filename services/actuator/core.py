@@ -449,6 +449,9 @@ class DryRunWorkerSets:
     def objects(self, key: DeploymentKey) -> list[ObjectRef]:
         return []
 
+    def forget(self, key: DeploymentKey) -> None:
+        self._replicas.pop(key, None)
+
     async def read(self, key: DeploymentKey) -> Observed | None:
         known = self._replicas.get(key)
         if known is None:
@@ -503,6 +506,8 @@ class Actuator:
         self.memory: dict[DeploymentKey, DeploymentMemory] = {}
         self._seen: OrderedDict[str, Outcome] = OrderedDict()
         self._remembered_targets = remembered_targets
+        # the newest window handled per deployment, to forget the idle ones
+        self._last_seen: dict[DeploymentKey, float] = {}
 
     def restore(self, event: ScaleEvent) -> None:
         """Seed the memory from a ScaleEvent published earlier (after a restart or failover).
@@ -561,7 +566,26 @@ class Actuator:
         event = await self._handle(target, now)
         if event.outcome is not Outcome.FAILED:
             self._remember(target.id, event.outcome)
+        seen = self._last_seen.pop(target.deployment, target.window_end)
+        self._last_seen[target.deployment] = max(seen, target.window_end)
         return event
+
+    def newest_seen_s(self) -> float | None:
+        """The newest ``window_end`` of any target handled; ``None`` before the first."""
+        return max(self._last_seen.values(), default=None)
+
+    def forget_idle(self, now_s: float, idle_s: float) -> list[DeploymentKey]:
+        """Forget every deployment whose newest target is ``idle_s`` or more behind ``now_s``
+        (window time), its memory and the dry run's numbers; the ones forgotten. One that
+        comes back is met as a new one (its replicas adopted as found)."""
+        idle = [key for key, seen in self._last_seen.items() if now_s - seen >= idle_s]
+        for key in idle:
+            del self._last_seen[key]
+            self.memory.pop(key, None)
+            route = self.router.route(key)
+            if not isinstance(route, str) and isinstance(route.worker_sets, DryRunWorkerSets):
+                route.worker_sets.forget(key)
+        return idle
 
     async def _handle(self, target: ReplicaTarget, now: float) -> ScaleEvent:
         key = target.deployment

@@ -149,6 +149,26 @@ async def _wait(stop: asyncio.Event, seconds: float) -> None:
         await asyncio.wait_for(stop.wait(), timeout=seconds)
 
 
+async def forget_idle_deployments(runtime: Runtime, actuator: Actuator, idle_forget_s: float,
+                                  clock: Clock = time.time) -> None:
+    """Every tenth of ``idle_forget_s`` (at most a minute), forget the deployments idle that
+    long, in window time capped by the wall clock (the forecaster's rule)."""
+    if idle_forget_s <= 0.0:
+        return
+    interval_s = min(60.0, max(0.5, idle_forget_s / 10.0))
+    while not runtime.stop.is_set():
+        await _wait(runtime.stop, interval_s)
+        newest_s = actuator.newest_seen_s()
+        if newest_s is None:
+            continue
+        forgotten = actuator.forget_idle(min(newest_s, clock()), idle_forget_s)
+        for key in forgotten:
+            OUTCOMES.remove_by_labels({"namespace": key.namespace, "deployment": key.name})
+        if forgotten:
+            log.info("forgot %d deployments idle for %g s or more", len(forgotten),
+                     idle_forget_s)
+
+
 def deployment_of(msg: Msg) -> str:
     # Targets of one deployment are applied in order; different deployments side by side.
     return msg.subject
@@ -159,7 +179,9 @@ async def run(runtime: Runtime, settings: ActuatorSettings, assembly: Assembly,
     if publisher is not None:
         publisher.runtime = runtime
     runtime.readiness_checks.append(assembly.not_ready)
-    tasks = [asyncio.create_task(consume(runtime, assembly, settings, clock))]
+    tasks = [asyncio.create_task(consume(runtime, assembly, settings, clock)),
+             asyncio.create_task(forget_idle_deployments(runtime, assembly.actuator,
+                                                         settings.idle_forget_s, clock))]
     if assembly.elector is not None:
         tasks.append(asyncio.create_task(
             lead(assembly, runtime.stop, settings.lease_retry_period_s, clock)))

@@ -134,6 +134,11 @@ class ActuatorSettings(ServiceSettings):
         default=64, ge=1, le=10_000,
         description="targets applied side by side, at most (those of one deployment in order); "
         "with many deployments the API round trips of different ones overlap")
+    idle_forget_s: DurationS = Field(
+        default=6 * 3600.0, ge=0.0,
+        description="forget a deployment (its memory and its outcome counters) once its newest "
+        "target is this far behind the newest one, seconds of window time (6 h), as the "
+        "forecaster's and the decider's setting of that name; 0 never forgets")
     restore_from_stream: bool = Field(
         default=True,
         description="on start (and on becoming leader) read the last ScaleEvent of each "

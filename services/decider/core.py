@@ -57,6 +57,8 @@ class _Memory:
     event_id: str | None = None  # the last ScaleEvent learnt from
     # ScaleEvents that arrived before the planning decision of their interval, in arrival order
     deferred_events: tuple[ScaleEvent, ...] = ()
+    # the newest window_end of any input, to forget a deployment that went idle
+    last_seen_s: float | None = None
 
     def decided_through(self) -> float | None:
         """The ``window_end`` of the last planning decision, ``None`` before the first."""
@@ -111,6 +113,33 @@ class Decider:
 
     def learns_from_scale_events(self) -> bool:
         return any(k.policy in registry.SCALE_EVENT_HOOKS for k in self.config.all_knobs())
+
+    def deployment_count(self) -> int:
+        """Deployments this decider remembers."""
+        return len(self._memory)
+
+    def newest_seen_s(self) -> float | None:
+        """The newest ``window_end`` of any input of any deployment; ``None`` before the
+        first."""
+        return max((m.last_seen_s for m in self._memory.values() if m.last_seen_s is not None),
+                   default=None)
+
+    def forget_idle(self, now_s: float, idle_s: float) -> list[DeploymentKey]:
+        """Forget every deployment whose newest input is ``idle_s`` or more behind ``now_s``
+        (window time); the ones forgotten. One that comes back starts afresh, as a new one."""
+        idle = [key for key, memory in self._memory.items()
+                if memory.last_seen_s is not None and now_s - memory.last_seen_s >= idle_s]
+        forgotten = []
+        for key in idle:
+            namespace, name = key.split("/", 1)
+            forgotten.append(DeploymentKey(namespace=namespace, name=name))
+            del self._memory[key]
+        return forgotten
+
+    def _seen(self, key: str, window_end: float) -> None:
+        memory = self._memory.get(key)
+        if memory is not None and (memory.last_seen_s is None or window_end > memory.last_seen_s):
+            self._memory[key] = replace(memory, last_seen_s=window_end)
 
     def state_of(self, deployment: DeploymentKey) -> PolicyState | None:
         memory = self._memory.get(str(deployment))
@@ -170,6 +199,7 @@ class Decider:
             target=target,
         )
         self._learn_deferred(key, through=forecast.window_end)
+        self._seen(key, forecast.window_end)
         return target
 
     def on_snapshot(self, snapshot: MetricSnapshot) -> ReplicaTarget | None:
@@ -202,6 +232,7 @@ class Decider:
             snapshot_id=snapshot.id,
             snapshot_target=target,
         )
+        self._seen(key, snapshot.window_end)
         return target
 
     def on_scale_event(self, event: ScaleEvent) -> None:
@@ -219,6 +250,7 @@ class Decider:
         decided = None if memory is None else memory.decided_through()
         if decided is not None and event.window_end <= decided:
             self._learn(key, event)
+            self._seen(key, event.window_end)
             return
         waiting = (*(memory.deferred_events if memory is not None else ()), event)
         self._memory[key] = replace(
@@ -226,6 +258,7 @@ class Decider:
         )
         for overflow in waiting[:-MAX_DEFERRED_EVENTS]:
             self._learn(key, overflow)
+        self._seen(key, event.window_end)
 
     def deferred_events(self, deployment: DeploymentKey) -> tuple[ScaleEvent, ...]:
         """The deployment's ScaleEvents waiting for the planning decision of their interval."""

@@ -12,13 +12,14 @@ Prometheus scaler and an HPA's external metric read (``deploy/examples/keda``).
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 from prometheus_client import REGISTRY, CollectorRegistry, Gauge
 
 from services.decider.core import gauge_values
 from shared import conditions
-from shared.messages import MetricSnapshot, ReplicaTarget
+from shared.messages import DeploymentKey, MetricSnapshot, ReplicaTarget
 
 PREFIX = "slaplanner_decider_"
 LABELS = ["namespace", "deployment"]
@@ -47,6 +48,12 @@ SNAPSHOT_GAUGES: dict[str, str] = {
     "window, seconds",
     "observed_itl_p99_seconds": "Observed 99th percentile inter-token latency in the last "
     "window, seconds",
+    "observed_ttft_attainment_ratio": "Share of the last window's first tokens within the TTFT "
+    "target, as the collector measured it (a lower bound where the target lies beyond the "
+    "histogram's buckets); NaN where the snapshot has none for this target",
+    "observed_itl_attainment_ratio": "Share of the requests finished in the last window whose "
+    "mean inter-token latency was within the ITL target, as the collector measured it; NaN "
+    "where the snapshot has none for this target",
 }
 # From the target as a whole.
 TARGET_GAUGES: dict[str, str] = {
@@ -65,11 +72,20 @@ BINDING_RULE_HELP = ("1 for the rule that set the role's count in the last targe
                      "a sizing model, a bound, the GPU budget, a hold, ...)")
 
 
-def snapshot_values(snapshot: MetricSnapshot | None) -> dict[str, float | None]:
-    return {
+def snapshot_values(
+    snapshot: MetricSnapshot | None, ttft_target_s: float | None = None,
+    itl_target_s: float | None = None,
+) -> dict[str, float | None]:
+    """The tail and the shares within the targets, from the snapshot the target was decided
+    on (a share measured against another target than the decider's is not its attainment)."""
+    values: dict[str, float | None] = {
         "observed_ttft_p99_seconds": None if snapshot is None else snapshot.ttft_p99_s,
         "observed_itl_p99_seconds": None if snapshot is None else snapshot.itl_p99_s,
     }
+    for latency, target_s in (("ttft", ttft_target_s), ("itl", itl_target_s)):
+        share = conditions.observed_share(snapshot, latency, target_s)
+        values[f"observed_{latency}_attainment_ratio"] = None if share is None else share.share
+    return values
 
 
 def _nan(value: float | None) -> float:
@@ -95,7 +111,8 @@ class DeciderGauges:
         key = target.deployment
         labels = {"namespace": key.namespace, "deployment": key.name}
         values = gauge_values(target)
-        values.update(snapshot_values(observed))
+        values.update(snapshot_values(observed, values.get("ttft_target_seconds"),
+                                      values.get("itl_target_seconds")))
         values["predicted_attainment_ratio"] = conditions.predicted_attainment(target)
         values["last_decision_timestamp_seconds"] = target.window_end
         for name, gauge in self._gauges.items():
@@ -106,6 +123,20 @@ class DeciderGauges:
                     _nan(values.get(source.format(role=role))))
         for role, rule in conditions.bound_by(target).items():
             self._set_rule((key.namespace, key.name, role), rule or "unknown")
+
+    def forget(self, deployment: DeploymentKey) -> None:
+        """Remove every series of a deployment (one the decider forgot: idle too long)."""
+        labels = (deployment.namespace, deployment.name)
+        for gauge in self._gauges.values():
+            with contextlib.suppress(KeyError):
+                gauge.remove(*labels)
+        for role in ROLES:
+            for gauge in self._role_gauges.values():
+                with contextlib.suppress(KeyError):
+                    gauge.remove(*labels, role)
+            rule = self._rule_of.pop((*labels, role), None)
+            if rule is not None:
+                self._rules.remove(*labels, role, rule)
 
     def _set_rule(self, series: tuple[str, str, str], rule: str) -> None:
         # One series per role: the old rule's goes when the rule changes.
@@ -125,3 +156,9 @@ def record(target: ReplicaTarget, observed: MetricSnapshot | None = None) -> Non
     if _default is None:
         _default = DeciderGauges()
     _default.record(target, observed)
+
+
+def forget(deployment: DeploymentKey) -> None:
+    """Remove a deployment's series from the process-wide registry."""
+    if _default is not None:
+        _default.forget(deployment)

@@ -8,19 +8,29 @@ path that ran after the forecast it should precede would decide differently. The
 the messages of different deployments side by side and those of one deployment strictly in
 order, so that publishing a target and acking its input (round trips to the server) overlap with
 deciding the next deployment instead of following it.
+
+On start it restores each deployment's memory from the stream (``restore``); with
+``replica_count`` > 1 it decides only the deployments ``partition`` gives its ``replica_index``,
+through a durable of its own (``decider-<i>``), and acks the others unread. Deployments idle for
+``idle_forget_s`` are forgotten.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from typing import Any
 
+import prometheus_client
 from nats.aio.msg import Msg
 
-from services.decider import gauges
+from services.decider import gauges, restore
 from services.decider.core import Decider, decision_line
+from services.decider.settings import DeciderSettings
+from shared import partition
 from shared.messages import Envelope, LoadForecast, MetricSnapshot, ScaleEvent
 from shared.service import Route, Runtime
 
@@ -37,6 +47,11 @@ RETIRED_DURABLES = ("fast-path", "scaled")
 FETCH_BATCH = 256
 MAX_IN_FLIGHT = 64
 log = logging.getLogger("slaplanner.decider")
+DEPLOYMENTS = prometheus_client.Gauge(
+    "slaplanner_decider_deployments", "Deployments whose policy memory this decider holds")
+FORGOTTEN = prometheus_client.Counter(
+    "slaplanner_decider_deployments_forgotten",
+    "Deployments forgotten after idle_forget_s without an input")
 
 
 def deployment_of(msg: Msg) -> str:
@@ -44,18 +59,32 @@ def deployment_of(msg: Msg) -> str:
     return msg.subject.split(".", 2)[-1]
 
 
-def routes(decider: Decider) -> list[Route[Any]]:
+def owned_by(settings: DeciderSettings) -> Callable[[str], bool]:
+    """Whether a subject's deployment belongs to this replica (all of them for a single one)."""
+    def owns(subject: str) -> bool:
+        return partition.owns(subject, settings.replica_count, settings.replica_index)
+
+    return owns
+
+
+def routes(decider: Decider, held: restore.Held | None = None) -> list[Route[Any]]:
     """What the decider reads: forecasts always; snapshots and ScaleEvents only if some
     deployment's policy uses them (dynamo does not), so a dynamo-only decider neither does the
-    work nor rejects bad snapshots that nothing of it reads."""
+    work nor rejects bad snapshots that nothing of it reads. A message the restore replayed
+    (taken, not acked, by the instance before) gets the replay's answer, ``held``."""
+    held = held if held is not None else restore.Held()
 
     async def on_forecast(forecast: LoadForecast) -> Iterable[Envelope]:
+        if (answer := held.take(forecast)) is not None:
+            return answer
         target = decider.decide(forecast)
         gauges.record(target, forecast.observed)
         log.info("%s", decision_line(target))
         return [target]
 
     async def on_snapshot(snapshot: MetricSnapshot) -> Iterable[Envelope]:
+        if (answer := held.take(snapshot)) is not None:
+            return answer
         target = decider.on_snapshot(snapshot)
         if target is None:
             return []
@@ -64,6 +93,8 @@ def routes(decider: Decider) -> list[Route[Any]]:
         return [target]
 
     async def on_scaled(event: ScaleEvent) -> Iterable[Envelope]:
+        if held.take(event) is not None:
+            return []
         decider.on_scale_event(event)
         return []
 
@@ -75,9 +106,52 @@ def routes(decider: Decider) -> list[Route[Any]]:
     return chosen
 
 
+async def forget_idle_deployments(
+    runtime: Runtime, decider: Decider, idle_forget_s: float,
+    clock: Callable[[], float] = time.time,
+) -> None:
+    """Every tenth of ``idle_forget_s`` (at most a minute), forget the deployments idle that
+    long, in window time (the decider's own clock), capped by the wall clock so that one window
+    stamped far ahead cannot make every other deployment look idle (the forecaster's rule)."""
+    if idle_forget_s <= 0.0:
+        return
+    interval_s = min(60.0, max(0.5, idle_forget_s / 10.0))
+    while not runtime.stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(runtime.stop.wait(), timeout=interval_s)
+        newest_s = decider.newest_seen_s()
+        if newest_s is None:
+            continue
+        forgotten = decider.forget_idle(min(newest_s, clock()), idle_forget_s)
+        for deployment in forgotten:
+            gauges.forget(deployment)
+        if forgotten:
+            FORGOTTEN.inc(len(forgotten))
+            log.info("forgot %d deployments idle for %g s or more", len(forgotten),
+                     idle_forget_s)
+
+
 async def run(runtime: Runtime, decider: Decider) -> None:
-    await asyncio.gather(
-        runtime.consume_routes(routes(decider), batch=FETCH_BATCH, ordered_by=deployment_of,
-                               max_in_flight=MAX_IN_FLIGHT),
-        runtime.retire_durables(f"{runtime.name}-{suffix}" for suffix in RETIRED_DURABLES),
-    )
+    settings = decider.settings
+    sharing = settings.replica_count > 1
+    owns = owned_by(settings)
+    durable = settings.durable_name()
+    DEPLOYMENTS.set_function(lambda: float(decider.deployment_count()))
+    if sharing:
+        log.info("replica %d of %d: deciding only the deployments it owns",
+                 settings.replica_index, settings.replica_count)
+    held = restore.Held()
+    if settings.restore_from_stream:
+        held = await restore.from_stream(runtime, decider, routes(decider), durable,
+                                         settings.restore_max_age_s, owns)
+    forgetting = asyncio.create_task(
+        forget_idle_deployments(runtime, decider, settings.idle_forget_s))
+    try:
+        await asyncio.gather(
+            runtime.consume_routes(routes(decider, held), durable=durable, batch=FETCH_BATCH,
+                                   ordered_by=deployment_of, max_in_flight=MAX_IN_FLIGHT,
+                                   owns=owns if sharing else None),
+            runtime.retire_durables(f"{runtime.name}-{suffix}" for suffix in RETIRED_DURABLES),
+        )
+    finally:
+        forgetting.cancel()

@@ -28,8 +28,9 @@ from pydantic import Field, ValidationError, model_validator
 from services.decider import knobs as knob_model
 from services.decider.knobs import DeploymentKnobs
 from shared.messages import DNS_LABEL
+from shared.partition import ReplicaIndex
 from shared.service_settings import DEFAULT_HTTP_PORTS, ServiceSettings, http_port_field
-from shared.settings import explain
+from shared.settings import DurationS, explain
 
 
 class KnobsFileError(ValueError):
@@ -116,11 +117,49 @@ class DeciderSettings(ServiceSettings, DeploymentKnobs):
         description='TOML file with [defaults] and [deployments."namespace/name"] knob overrides',
     )
 
+    restore_from_stream: bool = Field(
+        default=True,
+        description="on start, replay the inputs each deployment's decisions still depend on "
+        "(its stabilisation window, correction half-lives, fast-path window, startup time: "
+        "docs/decider.md, Restart) from the stream through the policy, publishing nothing, so "
+        "that a restarted decider decides as one that never stopped",
+    )
+    restore_max_age_s: DurationS = Field(
+        default=3600.0,
+        description="the replay on start reads inputs at most this old, whatever the knobs ask "
+        "for, seconds (1 h): a bound on the start's time and memory",
+    )
+    idle_forget_s: DurationS = Field(
+        default=6 * 3600.0,
+        description="forget a deployment (its policy memory) once its newest input is this far "
+        "behind the newest one of any deployment, seconds of window time (6 h), as the "
+        "forecaster's setting of that name; 0 never forgets. One that comes back starts afresh",
+    )
+    replica_count: int = Field(
+        default=1, ge=1, le=1024,
+        description="decider replicas that share the deployments, each deployment decided by "
+        "exactly one (rendezvous hashing of namespace/name, as the forecaster's and the "
+        "actuator's replicas); every replica must be given the same count",
+    )
+    replica_index: ReplicaIndex = Field(
+        default=0, le=1023,
+        description="this replica's index, 0 to replica_count - 1 (a StatefulSet pod name such "
+        "as slaplanner-decider-2 is read as its ordinal)",
+    )
+
     @model_validator(mode="after")
     def _config_file_readable(self) -> Self:
         # Read once here so that a bad file is refused with the other settings, at start.
         self.deployment_config()
+        if self.replica_index >= self.replica_count:
+            raise ValueError(f"replica_index {self.replica_index} is not below replica_count "
+                             f"{self.replica_count}")
         return self
+
+    def durable_name(self) -> str:
+        """This replica's durable consumer: one per index, so a restarted replica resumes where
+        it stopped; a single decider keeps the historic name."""
+        return "decider" if self.replica_count == 1 else f"decider-{self.replica_index}"
 
     def deployment_config(self) -> KnobsByDeployment:
         base = self.knobs()

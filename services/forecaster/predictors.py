@@ -60,7 +60,8 @@ for _category in (
 # trend fitted across a spike), not a forecast; the cap keeps it from asking for a fleet.
 RUNAWAY_FACTOR = 4.0
 
-PROPHET_INSTALL_HINT = "pip install slaplanner[prophet]"
+# Quoted: unquoted, zsh reads the brackets as a glob and answers "no matches found".
+PROPHET_INSTALL_HINT = "pip install 'slaplanner[prophet]'"
 
 
 class PredictorUnavailable(RuntimeError):

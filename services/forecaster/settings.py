@@ -27,7 +27,7 @@ class ForecasterSettings(ServiceSettings):
         default="auto",
         description=(
             "predictor of every deployment without an override: auto, constant, arima, kalman, "
-            "holt-winters, horizon-smoothing or prophet (needs pip install slaplanner[prophet]); "
+            "holt-winters, horizon-smoothing or prophet (needs pip install 'slaplanner[prophet]'); "
             "auto, the default, picks per deployment and series the best of constant, "
             "smoothing, ARIMA and a seasonal model with the period found in the history by "
             "rolling backtest, at each refit (docs/benchmarks.md, Forecaster)"
