@@ -261,6 +261,11 @@ class PrefillModel:
     def thpt_per_gpu(self, isl_tokens: float) -> float:
         return self.estimate(isl_tokens).thpt_tokens_per_s_per_gpu
 
+    def thpt_per_gpu_many(self, isl_tokens: FloatArray) -> FloatArray:
+        """``thpt_per_gpu`` of many lengths at once, clamped as ``ttft_s_many``."""
+        clamped = np.clip(isl_tokens, self.min_isl_tokens, self.max_isl_tokens)
+        return np.asarray(self._thpt(clamped), dtype=np.float64)
+
 
 def _scattered_onto_grid(
     x: FloatArray, y: FloatArray, z: FloatArray, grid: tuple[FloatArray, FloatArray]

@@ -234,7 +234,8 @@ SERVER_MODULES = frozenset({
     "test_collector_recorded", "test_demo", "test_deploy_dashboard", "test_deploy_dockerfile",
     "test_deploy_manifests", "test_deploy_monitoring", "test_deploy_nats",
     "test_deploy_prometheus", "test_docs_commands", "test_faults", "test_full_loop",
-    "test_nats_tls", "test_operator_tools", "test_security", "test_sim_replay",
+    "test_forecaster_resources_shell", "test_nats_tls", "test_operator_tools", "test_security",
+    "test_sim_replay",
 })
 
 

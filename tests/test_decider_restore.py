@@ -46,7 +46,8 @@ KILL_AFTER = 14  # the interval whose target is the last before SIGKILL
 # Workers that start in one interval, as the simulated actuator reports them (what is learnt
 # equals what is configured), and corrections that forget within a few minutes. The horizon
 # these give is 8 intervals, so the replay after KILL_AFTER intervals really is cut.
-KNOBS = {"worker_startup_s": WINDOW_S, "correction_half_life_s": 60.0}
+KNOBS = {"worker_startup_s": WINDOW_S, "correction_half_life_s": 60.0,
+         "scale_down_window_s": 300.0, "sla_feedback_window_s": 300.0}
 HORIZON_S = restore.replay_horizon_s(settings(**KNOBS).knobs())
 # Generous: a busy 2-core machine; a healthy interval takes well under a second.
 INTERVAL_TIMEOUT_S = 60.0
@@ -56,14 +57,18 @@ ACK_WAIT_S = 3.0
 
 
 def test_the_replay_horizon_follows_the_knobs() -> None:
-    # 300 s window + 240 s lookahead (180 s startup + 60 s interval) + the 60 s interval
-    assert restore.replay_horizon_s(settings().knobs()) == 600.0
-    assert restore.replay_horizon_s(settings(scale_down_window_s=900.0).knobs()) == 1200.0
+    # the SLA feedback's 30 min window outlasts the rest, plus the 60 s interval
+    assert restore.replay_horizon_s(settings().knobs()) == 1860.0
+    quiet = {"sla_feedback": False}
+    # without it: the hold (180 s startup + 60 s) + 240 s lookahead + the 60 s interval
+    assert restore.replay_horizon_s(settings(**quiet).knobs()) == 540.0
+    assert restore.replay_horizon_s(settings(scale_down_window_s=900.0, **quiet).knobs()) == 1200.0
     # 4 half-lives of 240 s outlast the window and the lookahead: 960 + 60
-    assert restore.replay_horizon_s(settings(correction_half_life_s=240.0).knobs()) == 1020.0
-    assert restore.replay_horizon_s(
-        settings(scale_to_zero=True, scale_to_zero_idle_s=1200.0, min_endpoint=0).knobs()
-    ) == 1260.0
+    assert restore.replay_horizon_s(settings(correction_half_life_s=240.0, **quiet).knobs()) \
+        == 1020.0
+    assert restore.replay_horizon_s(settings(
+        scale_to_zero=True, scale_to_zero_idle_s=1200.0, min_endpoint=0, **quiet
+    ).knobs()) == 1260.0
     assert HORIZON_S == 300.0 + 60.0 + 60.0 + 60.0
     assert HORIZON_S < KILL_AFTER * WINDOW_S, "the test must cut the replay"
 

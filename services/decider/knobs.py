@@ -168,15 +168,54 @@ class DeploymentKnobs(Settings):
         description="the confidence of the forecaster's upper quantile (its 'confidence' "
         "setting); used to rescale to load_confidence",
     )
-    ttft_quantile: float = knob(
-        0.99, unit="probability", gt=0.5, lt=1.0, policies=SLAPLANNER,
-        description="share of requests whose queueing delay + prefill time the prefill sizing "
-        "keeps under the TTFT target (M/G/c wait tail)",
+    attainment_goal: float = knob(
+        0.99, unit="share", gt=0.5, lt=1.0, policies=SLAPLANNER,
+        description="share of requests planned to meet both targets; the sizing predicts each "
+        "role's misses with a queueing model and keeps them within the rest",
     )
-    decode_concurrency_quantile: float = knob(
-        0.9, unit="probability", ge=0.5, lt=1.0, policies=SLAPLANNER,
-        description="quantile of requests in flight (Poisson, M/G/infinity) that decode is "
-        "sized to hold at the ITL target",
+    ttft_miss_share: float = knob(
+        0.5, unit="share", gt=0.0, lt=1.0, policies=SLAPLANNER,
+        description="part of the goal's misses (1 - attainment_goal) given to TTFT (prefill); "
+        "the rest goes to ITL (decode)",
+    )
+    sla_feedback: bool = knob(
+        True, unit="switch", policies=SLAPLANNER,
+        description="move each role's load_confidence with the attainment observed (the "
+        "snapshots' share of requests under each target): up at once when a window misses more "
+        "than the role's share of the goal, down slowly while well within it",
+    )
+    sla_feedback_window_s: DurationS = knob(
+        1800.0, unit="s", gt=0.0, le=7 * 86_400.0, policies=SLAPLANNER,
+        description="the observed attainment is judged over this sliding window ('30m')",
+    )
+    sla_feedback_min_requests: float = knob(
+        200.0, unit="requests", ge=1.0, le=1e9, policies=SLAPLANNER,
+        description="fewest requests in the sliding window before its attainment moves "
+        "anything",
+    )
+    sla_feedback_step: float = knob(
+        0.5, unit="sigma", gt=0.0, le=5.0, policies=SLAPLANNER,
+        description="windows short of the goal raise the role's planned load quantile by this "
+        "many standard normal units (0.75 -> 0.88 for 0.5), judged again a startup delay later",
+    )
+    sla_feedback_relax_per_hour: float = knob(
+        1.0, unit="sigma", ge=0.0, le=100.0, policies=SLAPLANNER,
+        description="while the window stays within half the role's miss budget, the planned "
+        "load quantile comes down by this many standard normal units per hour",
+    )
+    load_confidence_min: float = knob(
+        0.5, unit="probability", gt=0.0, lt=1.0, policies=SLAPLANNER,
+        description="the SLA feedback never plans below this load quantile (0.5: the point "
+        "forecast; below it, a forecast that lags a rising load is met late every time)",
+    )
+    load_confidence_max: float = knob(
+        0.995, unit="probability", gt=0.5, lt=1.0, policies=SLAPLANNER,
+        description="the SLA feedback never plans above this load quantile",
+    )
+    worker_warmup_s: DurationS = knob(
+        60.0, unit="s", ge=0.0, le=86_400.0, policies=SLAPLANNER,
+        description="windows within this long after a role gained ready workers do not update "
+        "its correction factor (a first pass through a cold engine is not a slow engine)",
     )
     arrival_cv2: float | None = knob(
         None, unit="cv^2", ge=0.0, le=100.0, policies=SLAPLANNER,
@@ -195,10 +234,11 @@ class DeploymentKnobs(Settings):
         description="KV-cache share a decode engine is planned to use at most (headroom for "
         "long requests)",
     )
-    scale_down_window_s: DurationS = knob(
-        300.0, unit="s", le=86_400.0, policies=SLAPLANNER,
-        description="scale down only to the highest recommendation of this window (the "
-        "Kubernetes HPA's default scale-down stabilisation, 300 s)",
+    scale_down_window_s: DurationS | None = knob(
+        None, unit="s", le=86_400.0, policies=SLAPLANNER,
+        description="scale down only to the highest recommendation of this window; unset: one "
+        "startup delay plus one interval (capacity released is back no sooner than a startup "
+        "delay later, so a dip shorter than that is not worth releasing)",
     )
     scale_up_step_replicas: int = knob(
         4, unit="replicas", ge=1, le=MAX_REPLICAS, policies=SLAPLANNER,

@@ -55,16 +55,24 @@ def replay_horizon_s(knobs: DeploymentKnobs) -> float:
     """How far back (window time) a deployment's inputs still shape its next decision: the
     longest memory its knobs give the policy, plus the interval whose decision it starts from.
 
-    The scale-down window is the longest as a rule, and it reaches further than its own length:
+    The SLA feedback's sliding window is the longest by default (30 min); the scale-down window
+    reaches further than its own length:
     whether it may be cut short depends on the forecast's upper counts having held for the
     windows it covers, and those were forecast a lookahead (startup + one interval) earlier.
     """
     lookahead_s = knobs.worker_startup_s + knobs.adjustment_interval_s
+    hold_s = (
+        knobs.scale_down_window_s
+        if knobs.scale_down_window_s is not None
+        else lookahead_s  # the policy's default hold: one startup delay plus one interval
+    )
     memory_s = max(
-        knobs.scale_down_window_s + lookahead_s,
+        hold_s + lookahead_s,
         knobs.fast_path_window_s,
         knobs.scale_to_zero_idle_s if knobs.scale_to_zero else 0.0,
         CORRECTION_HALF_LIVES * knobs.correction_half_life_s,
+        # the SLA feedback judges the misses of its sliding window
+        knobs.sla_feedback_window_s if knobs.sla_feedback else 0.0,
     )
     return memory_s + knobs.adjustment_interval_s
 

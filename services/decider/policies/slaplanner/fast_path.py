@@ -16,7 +16,7 @@ from services.decider.policies import contract
 from services.decider.policies.contract import FastPathResult, PolicyDecision, PolicyState
 from services.decider.policies.slaplanner import queueing, sizing, stabilise, startup
 from services.decider.policies.slaplanner.bounds import floors, max_bounds, ratio_bounds
-from services.decider.policies.slaplanner.load import recent_load
+from services.decider.policies.slaplanner.load import hold_window_s, recent_load
 from services.decider.policies.slaplanner.memory import (
     active,
     memory_of,
@@ -161,7 +161,8 @@ def fast_path(
     memory = replace(
         memory,
         recommendations=stabilise.record(
-            memory.recommendations, now, prefill, decode, knobs.scale_down_window_s
+            memory.recommendations, now, prefill, decode,
+            hold_window_s(knobs, start.startup_s, knobs.adjustment_interval_s),
         ),
     )
     sections.update(

@@ -10,7 +10,12 @@ from typing import Any
 from services.decider.knobs import DeploymentKnobs
 from services.decider.policies.contract import PlannedLoad
 from services.decider.policies.slaplanner import sizing
-from services.decider.policies.slaplanner.memory import PlannerMemory, band_trusted, variability
+from services.decider.policies.slaplanner.memory import (
+    PlannerMemory,
+    band_trusted,
+    planning_confidences,
+    variability,
+)
 from services.decider.policies.slaplanner.sizing import PrefillSizing, size_decode, size_prefill
 from shared.messages import DeploymentKey, ForecastStep, LoadForecast, MetricSnapshot
 from shared.perf_model import Profile
@@ -36,7 +41,7 @@ def at_confidence(
     if not upper > point:
         return point
     z_theirs = NormalDist().inv_cdf(forecast_confidence)
-    z_ours = NormalDist().inv_cdf(confidence) if confidence > 0.5 else 0.0
+    z_ours = NormalDist().inv_cdf(min(max(confidence, 1e-6), 1 - 1e-6))
     return max(0.0, point + (upper - point) * z_ours / z_theirs)
 
 
@@ -151,6 +156,27 @@ class Sized:
     # (None: the forecast does not reach the end of the lookahead): a scale-down to at least
     # this needs no stabilisation, the lookahead already covers the rebound it guards against.
     covered: tuple[int, int] | None = None
+    # the need itself: the binding step's count, or what runs now when a step before new
+    # replicas could be ready binds (adding for it would come too late)
+    prefill_need: int = 0
+    decode_need: int = 0
+
+
+def binding_step(
+    needs: list[int], late: list[int], current: int | None
+) -> tuple[int, int]:
+    """The step that binds a role and its need: the most any step after new replicas could be
+    ready needs; a step before that may only keep what runs (what it needs beyond, new replicas
+    would bring too late; what runs it needs must not be released)."""
+    late_at = max(late, key=lambda i: (needs[i], -i))
+    early = [i for i in range(len(needs)) if i not in late]
+    if current is None or not early:
+        return late_at, needs[late_at]
+    early_at = max(early, key=lambda i: (needs[i], -i))
+    kept = min(current, needs[early_at])
+    if kept > needs[late_at]:
+        return early_at, kept
+    return late_at, needs[late_at]
 
 
 def size_lookahead(
@@ -159,21 +185,31 @@ def size_lookahead(
     knobs: DeploymentKnobs,
     memory: PlannerMemory,
     startup_s: float,
+    current: tuple[int, int] | None = None,
 ) -> Sized:
-    """Size both roles for every forecast step of the lookahead; the busiest step binds."""
+    """Size both roles for every forecast step of the lookahead, each role at its planned load
+    quantile (the SLA feedback's); the busiest step binds (see ``binding_step``)."""
     p_factor, d_factor = memory.prefill_correction.factor, memory.decode_correction.factor
     spread = variability(memory, knobs)
-    steps, lookahead = planned_steps(forecast, knobs, startup_s)
+    p_conf, d_conf = planning_confidences(memory, knobs)
+    p_steps, lookahead = planned_steps(forecast, knobs, startup_s, p_conf)
+    d_steps = p_steps if d_conf == p_conf else planned_steps(forecast, knobs, startup_s, d_conf)[0]
     prefills = [
-        size_prefill(s.rate_per_s, s.isl_tokens, profile, knobs, p_factor, spread) for s in steps
+        size_prefill(s.rate_per_s, s.isl_tokens, profile, knobs, p_factor, spread)
+        for s in p_steps
     ]
     decodes = [
         size_decode(s.rate_per_s, s.isl_tokens, s.osl_tokens, profile, knobs, d_factor)
-        for s in steps
+        for s in d_steps
     ]
-    p_at = max(range(len(steps)), key=lambda i: (prefills[i].replicas, -i))
-    d_at = max(range(len(steps)), key=lambda i: (decodes[i].replicas, -i))
-    first = steps[0]
+    ready_at = forecast.window_end + startup_s
+    late = [i for i, s in enumerate(p_steps) if s.window_end_s > ready_at + 1e-6]
+    late = late or [len(p_steps) - 1]
+    p_at, p_need = binding_step([x.replicas for x in prefills], late,
+                                None if current is None else current[0])
+    d_at, d_need = binding_step([x.replicas for x in decodes], late,
+                                None if current is None else current[1])
+    first = p_steps[0]
     load = {
         "num_requests": first.num_requests,
         "isl_avg_tokens": first.isl_tokens,
@@ -186,35 +222,50 @@ def size_lookahead(
                 "index": s.index,
                 "window_end_s": s.window_end_s,
                 "num_requests": s.num_requests,
+                "decode_num_requests": ds_.num_requests,
                 "isl_tokens": s.isl_tokens,
                 "osl_tokens": s.osl_tokens,
                 "prefill_replicas": ps.replicas,
                 "decode_replicas": ds.replicas,
+                "after_new_replicas_ready": i in late,
             }
-            for s, ps, ds in zip(steps, prefills, decodes, strict=True)
+            for i, (s, ds_, ps, ds) in enumerate(zip(p_steps, d_steps, prefills, decodes,
+                                                     strict=True))
         ],
         **lookahead,
+        "load_confidence": {"prefill": p_conf, "decode": d_conf},
+        "new_replicas_ready_at_s": ready_at,
         "prefill_step": p_at,
         "decode_step": d_at,
     }
-    quantile_used = knobs.load_confidence > 0.5 and any(
+    quantile_used = max(p_conf, d_conf) > 0.5 and any(
         st.num_requests_upper > st.num_requests
         or st.isl_avg_upper > st.isl_avg
         or st.osl_avg_upper > st.osl_avg
-        for st in forecast.steps[: len(steps)]
+        for st in forecast.steps[: len(p_steps)]
     )
     covered = None
-    trusted = band_trusted(memory, forecast.window_end, len(steps), knobs.scale_down_window_s)
+    trusted = band_trusted(memory, forecast.window_end, len(p_steps),
+                           hold_window_s(knobs, startup_s, forecast.window_s))
     load["forecast_band_trusted"] = trusted
     if not lookahead["horizon_short"] and trusted:
-        sure = max(knobs.load_confidence, knobs.forecast_confidence)
-        sure_steps, _ = planned_steps(forecast, knobs, startup_s, sure)
+        sure_p, sure_d = (max(c, knobs.forecast_confidence) for c in (p_conf, d_conf))
+        sure_p_steps, _ = planned_steps(forecast, knobs, startup_s, sure_p)
+        sure_d_steps, _ = planned_steps(forecast, knobs, startup_s, sure_d)
         covered = (
             max(size_prefill(s.rate_per_s, s.isl_tokens, profile, knobs, p_factor,
-                             spread).replicas for s in sure_steps),
+                             spread).replicas for s in sure_p_steps),
             max(size_decode(s.rate_per_s, s.isl_tokens, s.osl_tokens, profile, knobs,
-                            d_factor).replicas for s in sure_steps),
+                            d_factor).replicas for s in sure_d_steps),
         )
         load["covered_over_lookahead"] = {"prefill": covered[0], "decode": covered[1]}
-    return Sized(prefills[p_at], decodes[d_at], p_at, d_at, load, quantile_used, covered)
+    return Sized(prefills[p_at], decodes[d_at], p_at, d_at, load, quantile_used, covered,
+                 p_need, d_need)
 
+
+def hold_window_s(knobs: DeploymentKnobs, startup_s: float, interval_s: float) -> float:
+    """The scale-down stabilisation window: the knob's, else one startup delay plus one
+    interval (released capacity is back no sooner than a startup delay later)."""
+    if knobs.scale_down_window_s is not None:
+        return knobs.scale_down_window_s
+    return startup_s + interval_s

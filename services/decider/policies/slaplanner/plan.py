@@ -19,7 +19,12 @@ from services.decider.policies.slaplanner.bounds import (
     ratio_bounds,
     split_gpu_budget,
 )
-from services.decider.policies.slaplanner.load import Sized, one_step_forecast, size_lookahead
+from services.decider.policies.slaplanner.load import (
+    Sized,
+    hold_window_s,
+    one_step_forecast,
+    size_lookahead,
+)
 from services.decider.policies.slaplanner.memory import (
     PlannerMemory,
     active,
@@ -27,6 +32,7 @@ from services.decider.policies.slaplanner.memory import (
     measure_dispersion,
     memory_of,
     observe,
+    observe_sla,
     observe_spread,
     remember_band,
     update_corrections,
@@ -98,14 +104,15 @@ def normalise(
     observed: MetricSnapshot | None,
     knobs: DeploymentKnobs,
     memory: PlannerMemory,
+    hold_s: float,
 ) -> Normalised:
     """The planning pipeline, one named step at a time, each with its rule: the need; scale to
     zero (or the floors, waking from zero); the stabilisation window; the step limits; no shrink
     on missing latencies; the ratio bounds; the maxima; the GPU budget."""
     bounds = floors(knobs)
     p_trail, d_trail = Trail(), Trail()
-    prefill = p_trail.add("queueing_model", sized.prefill.replicas, Rule.QUEUEING_MODEL)
-    decode = d_trail.add("little_law", sized.decode.replicas, sized.decode.reason)
+    prefill = p_trail.add("queueing_model", sized.prefill_need, Rule.QUEUEING_MODEL)
+    decode = d_trail.add("little_law", sized.decode_need, sized.decode.reason)
     detail: dict[str, Any] = {}
 
     idle_s = None if memory.last_activity_s is None else now - memory.last_activity_s
@@ -140,10 +147,12 @@ def normalise(
         window = (stabilise.Recommendation(now, current[0], current[1]),)
     memory = replace(
         memory,
-        recommendations=stabilise.record(window, now, prefill, decode, knobs.scale_down_window_s),
+        recommendations=stabilise.record(window, now, prefill, decode, hold_s),
     )
     stabilisation: dict[str, Any] = {
-        "window_s": knobs.scale_down_window_s,
+        "window_s": hold_s,
+        "window_from": "scale_down_window_s" if knobs.scale_down_window_s is not None
+        else "startup delay + interval",
         "current": list(current) if current is not None else None,
         "seeded_with_current": seeded,
     }
@@ -157,8 +166,13 @@ def normalise(
                 # hold no more than the forecast's upper quantile needs over the lookahead
                 highest = min(highest, sized.covered[index])
                 stabilisation[f"{role}_held_at_most"] = highest
-            trail.add("scale_down_stabilisation",
-                      *stabilise.scale_down_stabilised(trail.last, now_at, highest))
+            wanted = trail.last
+            held = trail.add("scale_down_stabilisation",
+                             *stabilise.scale_down_stabilised(wanted, now_at, highest))
+            if held > wanted:
+                stabilisation[f"{role}_release_at_s"] = stabilise.release_at(
+                    memory.recommendations, role, wanted, hold_s
+                )
             value = trail.add("step_limit", *stabilise.step_limited(
                 trail.last, now_at, knobs.scale_up_step_replicas, knobs.scale_up_step_percent,
                 knobs.scale_down_step_replicas, knobs.scale_down_step_percent,
@@ -186,7 +200,7 @@ def normalise(
         bounds.serving_prefill, bounds.serving_decode
     )
     need = Need(
-        sized.prefill.replicas, sized.decode.replicas,
+        sized.prefill_need, sized.decode_need,
         _held_by(p_trail), _held_by(d_trail),
     )
     split = split_gpu_budget(
@@ -249,14 +263,18 @@ def decide(
     memory = observe(memory_of(state), observed, now)
     running = contract.running_now(state, observed)
 
+    start = startup.estimate(memory.startup, knobs.worker_startup_s, now, knobs.learn_startup)
+    hold_s = hold_window_s(knobs, start.startup_s, forecast.window_s)
     cause = contract.hold_cause(observed, needed_metrics(observed))
     if cause is not None and running is not None:
-        return _held(cause, running, now, knobs, state, memory, observed)
+        return _held(cause, running, now, knobs, state, memory, observed, hold_s)
     correction: dict[str, Any]
+    feedback: dict[str, Any] = {"enabled": knobs.sla_feedback, "note": "no observation"}
     if observed is not None and cause is None:
         memory, correction = update_corrections(memory, observed, profile, knobs, now)
         memory = observe_spread(memory, observed, profile, knobs)
         memory = check_band(memory, observed)
+        memory, feedback = observe_sla(memory, observed, knobs, start.startup_s)
     else:
         correction = {
             "enabled": knobs.correction_enabled,
@@ -264,12 +282,14 @@ def decide(
             "prefill_factor": memory.prefill_correction.factor,
             "decode_factor": memory.decode_correction.factor,
         }
-    memory, dispersion = measure_dispersion(memory, now, forecast.window_s)
-    start = startup.estimate(memory.startup, knobs.worker_startup_s, now, knobs.learn_startup)
-    sized = size_lookahead(forecast, profile, knobs, memory, start.startup_s)
-    memory = remember_band(memory, forecast, sized.load["forecast_steps_used"])
+    if observed is None or observed.arrival_dispersion is None:
+        memory, dispersion = measure_dispersion(memory, now, forecast.window_s)
+    else:
+        dispersion = {"note": "measured by the collector: the snapshot's arrival_dispersion"}
     current = None if running is None else running.counts
-    result = normalise(sized, current, now, observed, knobs, memory)
+    sized = size_lookahead(forecast, profile, knobs, memory, start.startup_s, current)
+    memory = remember_band(memory, forecast, sized.load["forecast_steps_used"])
+    result = normalise(sized, current, now, observed, knobs, memory, hold_s)
     prefill, decode, memory = result.prefill, result.decode, result.memory
 
     rules = result.prefill_trail.families() | result.decode_trail.families()
@@ -281,6 +301,7 @@ def decide(
         **base_sections(sized.load, observed, knobs),
         "correction": correction,
         "startup": {"startup_s": start.startup_s, "source": start.source, **start.detail},
+        "sla_feedback": feedback,
         "capacity_on_the_way": _on_the_way(current, memory, now),
         "variability": {**variability_detail(memory, knobs),
                         "arrival_measure_update": dispersion},
@@ -327,6 +348,7 @@ def _held(
     state: PolicyState,
     memory: PlannerMemory,
     observed: MetricSnapshot | None,
+    hold_s: float,
 ) -> PolicyDecision:
     """Keep what runs now (within bounds and budget, which may have changed)."""
     prefill, decode, p_bound, d_bound = contract.hold_within_bounds(
@@ -335,7 +357,7 @@ def _held(
     memory = replace(
         memory,
         recommendations=stabilise.record(
-            memory.recommendations, now, prefill, decode, knobs.scale_down_window_s
+            memory.recommendations, now, prefill, decode, hold_s
         ),
     )
     sections = {

@@ -36,7 +36,6 @@ quantile of the concurrency is a Poisson quantile.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 from scipy import special, stats
 
@@ -73,29 +72,6 @@ def erlang_c(servers: int, offered_load: float) -> float:
     return erlang_c_from_b(servers, offered_load, erlang_b(servers, offered_load))
 
 
-def wait_tail(
-    servers: int, offered_load: float, service_s: float, wait_s: float, variability: float
-) -> float:
-    """``P(wait > wait_s)`` in the M/G/c approximation; 1 when the queue is unstable."""
-    if offered_load <= 0.0:
-        return 0.0
-    if servers <= offered_load:
-        return 1.0
-    return _tail(erlang_c(servers, offered_load), servers, offered_load, service_s, wait_s,
-                 variability)
-
-
-def _tail(
-    waiting: float, servers: int, offered_load: float, service_s: float, wait_s: float,
-    variability: float,
-) -> float:
-    if wait_s <= 0.0:
-        return waiting
-    if variability <= 0.0 or service_s <= 0.0:
-        return 0.0
-    return waiting * math.exp(-(servers - offered_load) * wait_s / (service_s * variability))
-
-
 def mean_wait_s(servers: int, offered_load: float, service_s: float, variability: float) -> float:
     """Mean wait (Allen-Cunneen): ``C(c, a) * S / (c - a) * (ca^2 + cs^2) / 2``; inf if unstable."""
     if offered_load <= 0.0:
@@ -103,73 +79,6 @@ def mean_wait_s(servers: int, offered_load: float, service_s: float, variability
     if servers <= offered_load:
         return math.inf
     return erlang_c(servers, offered_load) * service_s / (servers - offered_load) * variability
-
-
-@dataclass(frozen=True)
-class ServerSizing:
-    """The fewest servers whose wait stays within a budget with the wanted probability."""
-
-    servers: int
-    offered_load: float  # erlangs
-    tail_probability: float  # P(wait > budget) with that many servers
-    waiting_probability: float  # Erlang C with that many servers
-    capped: bool  # the search stopped at its maximum without meeting the tail
-
-    def as_dict(self) -> dict[str, float | int | bool]:
-        return {
-            "servers": self.servers,
-            "offered_load_erlangs": self.offered_load,
-            "utilisation": self.offered_load / self.servers if self.servers else 0.0,
-            "tail_probability": self.tail_probability,
-            "waiting_probability": self.waiting_probability,
-            "capped": self.capped,
-        }
-
-
-def servers_for_wait(
-    offered_load: float,
-    service_s: float,
-    wait_budget_s: float,
-    tail: float,
-    variability: float,
-    max_servers: int,
-) -> ServerSizing:
-    """The smallest ``c`` with ``P(wait > wait_budget_s) <= tail`` (at most ``max_servers``).
-
-    No load needs no server. The search walks ``c`` upwards once, carrying Erlang B, so it costs
-    ``O(c)`` however large the load.
-    """
-    if not offered_load > 0.0:
-        return ServerSizing(0, 0.0, 0.0, 0.0, False)
-    blocking = 1.0
-    waiting = probability = 1.0
-    for servers in range(1, max_servers + 1):
-        blocking = offered_load * blocking / (servers + offered_load * blocking)
-        if servers <= offered_load:
-            continue
-        waiting = erlang_c_from_b(servers, offered_load, blocking)
-        probability = _tail(waiting, servers, offered_load, service_s, wait_budget_s, variability)
-        if probability <= tail:
-            return ServerSizing(servers, offered_load, probability, waiting, False)
-    return ServerSizing(max_servers, offered_load, probability, waiting, True)
-
-
-def wait_tails(
-    offered_load: float, service_s: float, wait_s: float, variability: float, up_to: int
-) -> list[float]:
-    """``P(wait > wait_s)`` for 0 .. ``up_to`` servers in one pass (1 where unstable)."""
-    tails = [0.0 if offered_load <= 0 else 1.0]
-    blocking = 1.0
-    for servers in range(1, up_to + 1):
-        blocking = offered_load * blocking / (servers + offered_load * blocking)
-        if offered_load <= 0.0:
-            tails.append(0.0)
-        elif servers <= offered_load:
-            tails.append(1.0)
-        else:
-            waiting = erlang_c_from_b(servers, offered_load, blocking)
-            tails.append(_tail(waiting, servers, offered_load, service_s, wait_s, variability))
-    return tails
 
 
 def poisson_quantile(mean: float, quantile: float) -> float:
@@ -188,13 +97,6 @@ def poisson_quantile(mean: float, quantile: float) -> float:
     count = math.ceil(inverse)
     below = max(count - 1, 0)
     return float(below if special.pdtr(below, mean) >= quantile else count)
-
-
-def poisson_exceeds(mean: float, level: float) -> float:
-    """``P(N > level)`` for a Poisson count ``N`` with this mean."""
-    if not mean > 0.0:
-        return 0.0
-    return float(stats.poisson.sf(math.floor(level), mean))
 
 
 def poisson_rate_lower(count: float, window_s: float, confidence: float) -> float:

@@ -83,3 +83,12 @@ def step_limited(
         if desired < least:
             return least, Rule.STEP_LIMIT_DOWN
     return desired, Rule.WITHIN_BOUNDS
+
+
+def release_at(
+    window: Sequence[Recommendation], role: str, desired: int, window_s: float
+) -> float | None:
+    """When the window stops holding ``role`` above ``desired``: the last recommendation above
+    it leaves the window then (``None``: nothing holds it)."""
+    above = [r.at_s for r in window if (r.prefill if role == "prefill" else r.decode) > desired]
+    return max(above) + window_s if above else None
