@@ -453,8 +453,9 @@ async def test_the_same_target_twice_and_an_older_one_change_nothing() -> None:
     older = await actuator.handle(a_target(5, 5, T0, id="t1"), T0 + 2)
     assert first is not None and again is not None and older is not None
     assert len(writes) == 1
-    assert again.outcome is Outcome.UNCHANGED and "duplicate delivery" in (again.reason or "")
-    assert again.id == first.id  # so JetStream drops the second ScaleEvent as a duplicate
+    # the very same report, so JetStream drops it as a duplicate, or, if the first report was
+    # lost (the connection went with it), the stream still learns what was done
+    assert again == first and again.outcome is Outcome.DRY_RUN
     assert older.outcome is Outcome.UNCHANGED and "older than the last applied" in (
         older.reason or "")
 

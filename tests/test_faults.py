@@ -436,13 +436,25 @@ class Publisher:
                 await self.nc.close()
 
 
+def scales(body: object) -> bool:
+    """Whether a DGD patch writes replicas: the actuator also writes its conditions annotation
+    alone when they move (after a restart, say), which scales nothing."""
+    if isinstance(body, list):  # a JSON patch
+        return any(not str(op.get("path", "")).startswith("/metadata/annotations")
+                   for op in body if isinstance(op, dict))
+    if isinstance(body, dict):  # a merge patch
+        return any(key != "metadata" for key in body) or any(
+            key != "annotations" for key in body.get("metadata", {}))
+    return True
+
+
 @dataclass
 class Run:
     records: list[tuple[int, int, str | None]]  # simulated counts and outcome, per interval
     dgd: list[tuple[int, int]]  # the DGD's replicas after each interval
     log: StreamLog
     window_ends: list[float]  # the intervals whose snapshot was published
-    dgd_writes: int  # successful writes to the DGD
+    dgd_writes: int  # successful writes of replicas to the DGD
     restarts: dict[str, int]  # services started again during the run
     duplicate_snapshots: int  # snapshot publications the stream dropped as duplicates
     reconnects: dict[str, int]  # times each service reconnected to NATS during the run
@@ -491,7 +503,7 @@ async def replay(stack: Stack, name: str, fault: Fault) -> Run:
             await nc.close()
     writes = sum(1 for r in stack.k8s.writes()
                  if r.method == "PATCH" and r.path.endswith(f"/{DGD_PATH}/{name}")
-                 and r.status == 200)
+                 and r.status == 200 and scales(r.body))
     restarts = {service: count - restarts_before.get(service, 0)
                 for service, count in stack.restarts.items()
                 if count != restarts_before.get(service, 0)}

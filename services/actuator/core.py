@@ -520,6 +520,10 @@ class Actuator:
         self.sleep = sleep
         self.memory: dict[DeploymentKey, DeploymentMemory] = {}
         self._seen: OrderedDict[str, Outcome] = OrderedDict()
+        # the ScaleEvent each recent target got: a target delivered again (its report lost with
+        # the connection, say) gets the very same event, so the stream keeps one report of it,
+        # the one that says what was done
+        self._reported: OrderedDict[str, ScaleEvent] = OrderedDict()
         self._remembered_targets = remembered_targets
         # the newest window handled per deployment, to forget the idle ones
         self._last_seen: dict[DeploymentKey, float] = {}
@@ -568,19 +572,28 @@ class Actuator:
                 role_memory, attempted=role_memory.attempted | {replicas}))
         self.memory[key] = memory
 
-    def _remember(self, target_id: str, outcome: Outcome) -> None:
+    def _remember(self, target_id: str, outcome: Outcome,
+                  event: ScaleEvent | None = None) -> None:
         self._seen[target_id] = outcome
         self._seen.move_to_end(target_id)
         while len(self._seen) > self._remembered_targets:
             self._seen.popitem(last=False)
+        if event is not None:
+            self._reported[target_id] = event
+            self._reported.move_to_end(target_id)
+            while len(self._reported) > self._remembered_targets:
+                self._reported.popitem(last=False)
 
     async def handle(self, target: ReplicaTarget, now: float) -> ScaleEvent | None:
         """Apply one target; None when this instance is not the leader (leave it to the leader)."""
         if self.gate is not None and not self.gate.is_leader(now):
             return None
+        reported = self._reported.get(target.id)
+        if reported is not None:
+            return reported  # delivered again: the same report (JetStream drops a repeat)
         event = await self._handle(target, now)
         if event.outcome is not Outcome.FAILED:
-            self._remember(target.id, event.outcome)
+            self._remember(target.id, event.outcome, event)
         seen = self._last_seen.pop(target.deployment, target.window_end)
         self._last_seen[target.deployment] = max(seen, target.window_end)
         return event
@@ -600,6 +613,9 @@ class Actuator:
             route = self.router.route(key)
             if not isinstance(route, str) and isinstance(route.worker_sets, DryRunWorkerSets):
                 route.worker_sets.forget(key)
+        gone = set(idle)
+        for target_id in [t for t, e in self._reported.items() if e.deployment in gone]:
+            del self._reported[target_id]
         return idle
 
     async def _handle(self, target: ReplicaTarget, now: float) -> ScaleEvent:
