@@ -310,6 +310,8 @@ async def test_two_deployments_whose_snapshots_share_an_id_both_get_their_decisi
     await seen.until(lambda: len(seen.events()) == 2, 60,
                      "a ScaleEvent for each deployment:\n" + logs(procs))
     assert sorted(e.deployment.name for e in seen.events()) == ["alpha", "beta"]
+    # each its own report: neither taken for a second delivery of the other's target
+    assert all("duplicate delivery" not in (e.reason or "") for e in seen.events())
     stored = await js.stream_info(STREAM, subjects_filter="slaplanner.forecast.>")
     assert stored.state.subjects == {"slaplanner.forecast.prod.alpha": 1,
                                      "slaplanner.forecast.prod.beta": 1}

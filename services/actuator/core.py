@@ -519,11 +519,13 @@ class Actuator:
         self.conflict_backoff_s = conflict_backoff_s
         self.sleep = sleep
         self.memory: dict[DeploymentKey, DeploymentMemory] = {}
-        self._seen: OrderedDict[str, Outcome] = OrderedDict()
+        # keyed by deployment and target id: two deployments' targets may share an id (derived
+        # from snapshot ids, which only the deployment's subject makes unique)
+        self._seen: OrderedDict[tuple[DeploymentKey, str], Outcome] = OrderedDict()
         # the ScaleEvent each recent target got: a target delivered again (its report lost with
         # the connection, say) gets the very same event, so the stream keeps one report of it,
         # the one that says what was done
-        self._reported: OrderedDict[str, ScaleEvent] = OrderedDict()
+        self._reported: OrderedDict[tuple[DeploymentKey, str], ScaleEvent] = OrderedDict()
         self._remembered_targets = remembered_targets
         # the newest window handled per deployment, to forget the idle ones
         self._last_seen: dict[DeploymentKey, float] = {}
@@ -548,7 +550,7 @@ class Actuator:
             memory = replace(memory, prefill=replace(memory.prefill, applied=event.prefill.to),
                              decode=replace(memory.decode, applied=event.decode.to))
         self.memory[key] = memory
-        self._remember(event.target_id, event.outcome)
+        self._remember((key, event.target_id), event.outcome)
 
     def restore_unconfirmed(self, target: ReplicaTarget) -> None:
         """Seed the memory from the last target in the stream when no ScaleEvent reports it
@@ -557,7 +559,7 @@ class Actuator:
         change, not someone else's to respect for ``external_change_hold_s``."""
         key = target.deployment
         memory = self.memory.get(key)
-        if memory is None or target.id in self._seen:
+        if memory is None or (key, target.id) in self._seen:
             return  # nothing restored (first sight adopts anyway), or reported
         if memory.last_window_end is not None and target.window_end < memory.last_window_end:
             return
@@ -572,15 +574,15 @@ class Actuator:
                 role_memory, attempted=role_memory.attempted | {replicas}))
         self.memory[key] = memory
 
-    def _remember(self, target_id: str, outcome: Outcome,
+    def _remember(self, seen: tuple[DeploymentKey, str], outcome: Outcome,
                   event: ScaleEvent | None = None) -> None:
-        self._seen[target_id] = outcome
-        self._seen.move_to_end(target_id)
+        self._seen[seen] = outcome
+        self._seen.move_to_end(seen)
         while len(self._seen) > self._remembered_targets:
             self._seen.popitem(last=False)
         if event is not None:
-            self._reported[target_id] = event
-            self._reported.move_to_end(target_id)
+            self._reported[seen] = event
+            self._reported.move_to_end(seen)
             while len(self._reported) > self._remembered_targets:
                 self._reported.popitem(last=False)
 
@@ -588,12 +590,12 @@ class Actuator:
         """Apply one target; None when this instance is not the leader (leave it to the leader)."""
         if self.gate is not None and not self.gate.is_leader(now):
             return None
-        reported = self._reported.get(target.id)
+        reported = self._reported.get((target.deployment, target.id))
         if reported is not None:
             return reported  # delivered again: the same report (JetStream drops a repeat)
         event = await self._handle(target, now)
         if event.outcome is not Outcome.FAILED:
-            self._remember(target.id, event.outcome, event)
+            self._remember((target.deployment, target.id), event.outcome, event)
         seen = self._last_seen.pop(target.deployment, target.window_end)
         self._last_seen[target.deployment] = max(seen, target.window_end)
         return event
@@ -614,8 +616,8 @@ class Actuator:
             if not isinstance(route, str) and isinstance(route.worker_sets, DryRunWorkerSets):
                 route.worker_sets.forget(key)
         gone = set(idle)
-        for target_id in [t for t, e in self._reported.items() if e.deployment in gone]:
-            del self._reported[target_id]
+        for seen in [s for s in self._reported if s[0] in gone]:
+            del self._reported[seen]
         return idle
 
     async def _handle(self, target: ReplicaTarget, now: float) -> ScaleEvent:
@@ -643,7 +645,7 @@ class Actuator:
 
         route = self.router.route(key)
         backend = "none" if isinstance(route, str) else route.worker_sets.backend_name
-        previous = self._seen.get(target.id)
+        previous = self._seen.get((key, target.id))
         if previous is not None:
             return event(Outcome.UNCHANGED, f"duplicate delivery of target {target.id} "
                          f"(already handled: {previous}); nothing done", known, backend=backend)
