@@ -752,3 +752,25 @@ async def serve(name: str, settings: ServiceSettings,
     http.shutdown()
     log.info("%s: stopped", name)
     return code
+
+
+async def forget_idle_periodically(
+    stop: asyncio.Event,
+    idle_forget_s: float,
+    newest_seen_s: Callable[[], float | None],
+    forget: Callable[[float], None],
+    clock: Callable[[], float] = time.time,
+) -> None:
+    """Every tenth of ``idle_forget_s`` (at least 0.5 s, at most a minute) until ``stop``, call
+    ``forget(now_s)`` with ``now_s`` in window time: the newest window the service has seen
+    (a replay runs in virtual time), capped by the wall clock so that one window stamped far
+    ahead cannot make every other deployment look idle. Nothing when ``idle_forget_s`` is 0."""
+    if idle_forget_s <= 0.0:
+        return
+    interval_s = min(60.0, max(0.5, idle_forget_s / 10.0))
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=interval_s)
+        newest_s = newest_seen_s()
+        if newest_s is not None:
+            forget(min(newest_s, clock()))

@@ -28,7 +28,7 @@ from services.actuator.wiring import Assembly
 from shared import partition
 from shared import service as shell
 from shared.messages import SUBJECT_PREFIX, Envelope, ReplicaTarget, ScaleEvent
-from shared.service import Runtime
+from shared.service import Runtime, forget_idle_periodically
 
 log = logging.getLogger("slaplanner.actuator")
 OUTCOMES = prometheus_client.Counter(
@@ -151,22 +151,19 @@ async def _wait(stop: asyncio.Event, seconds: float) -> None:
 
 async def forget_idle_deployments(runtime: Runtime, actuator: Actuator, idle_forget_s: float,
                                   clock: Clock = time.time) -> None:
-    """Every tenth of ``idle_forget_s`` (at most a minute), forget the deployments idle that
-    long, in window time capped by the wall clock (the forecaster's rule)."""
-    if idle_forget_s <= 0.0:
-        return
-    interval_s = min(60.0, max(0.5, idle_forget_s / 10.0))
-    while not runtime.stop.is_set():
-        await _wait(runtime.stop, interval_s)
-        newest_s = actuator.newest_seen_s()
-        if newest_s is None:
-            continue
-        forgotten = actuator.forget_idle(min(newest_s, clock()), idle_forget_s)
+    """Forget the deployments idle for ``idle_forget_s`` (``forget_idle_periodically``), with
+    their outcome counters."""
+
+    def forget(now_s: float) -> None:
+        forgotten = actuator.forget_idle(now_s, idle_forget_s)
         for key in forgotten:
             OUTCOMES.remove_by_labels({"namespace": key.namespace, "deployment": key.name})
         if forgotten:
             log.info("forgot %d deployments idle for %g s or more", len(forgotten),
                      idle_forget_s)
+
+    await forget_idle_periodically(runtime.stop, idle_forget_s, actuator.newest_seen_s, forget,
+                                   clock)
 
 
 def deployment_of(msg: Msg) -> str:

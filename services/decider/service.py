@@ -18,7 +18,6 @@ through a durable of its own (``decider-<i>``), and acks the others unread. Depl
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -32,7 +31,7 @@ from services.decider.core import Decider, decision_line
 from services.decider.settings import DeciderSettings
 from shared import partition
 from shared.messages import Envelope, LoadForecast, MetricSnapshot, ScaleEvent
-from shared.service import Route, Runtime
+from shared.service import Route, Runtime, forget_idle_periodically
 
 CONSUMES = "slaplanner.forecast.>"
 FAST_PATH_CONSUMES = "slaplanner.metrics.>"
@@ -110,25 +109,20 @@ async def forget_idle_deployments(
     runtime: Runtime, decider: Decider, idle_forget_s: float,
     clock: Callable[[], float] = time.time,
 ) -> None:
-    """Every tenth of ``idle_forget_s`` (at most a minute), forget the deployments idle that
-    long, in window time (the decider's own clock), capped by the wall clock so that one window
-    stamped far ahead cannot make every other deployment look idle (the forecaster's rule)."""
-    if idle_forget_s <= 0.0:
-        return
-    interval_s = min(60.0, max(0.5, idle_forget_s / 10.0))
-    while not runtime.stop.is_set():
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(runtime.stop.wait(), timeout=interval_s)
-        newest_s = decider.newest_seen_s()
-        if newest_s is None:
-            continue
-        forgotten = decider.forget_idle(min(newest_s, clock()), idle_forget_s)
+    """Forget the deployments idle for ``idle_forget_s`` (``forget_idle_periodically``), with
+    their gauge series."""
+
+    def forget(now_s: float) -> None:
+        forgotten = decider.forget_idle(now_s, idle_forget_s)
         for deployment in forgotten:
             gauges.forget(deployment)
         if forgotten:
             FORGOTTEN.inc(len(forgotten))
             log.info("forgot %d deployments idle for %g s or more", len(forgotten),
                      idle_forget_s)
+
+    await forget_idle_periodically(runtime.stop, idle_forget_s, decider.newest_seen_s, forget,
+                                   clock)
 
 
 async def run(runtime: Runtime, decider: Decider) -> None:

@@ -14,7 +14,6 @@ it has never seen. While it runs, deployments idle for ``idle_forget_s`` are for
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -31,7 +30,7 @@ from services.forecaster.core import Forecaster
 from services.forecaster.settings import ForecasterSettings
 from shared import partition, traces
 from shared.messages import Envelope, MetricSnapshot
-from shared.service import Runtime
+from shared.service import Runtime, forget_idle_periodically
 
 log = logging.getLogger("slaplanner.forecaster")
 CONSUMES = "slaplanner.metrics.>"
@@ -107,23 +106,16 @@ async def forget_idle_deployments(
     runtime: Runtime, forecaster: Forecaster, idle_forget_s: float,
     clock: Callable[[], float] = time.time,
 ) -> None:
-    """Every tenth of ``idle_forget_s`` (at most a minute), forget the deployments idle that
-    long. Idleness is measured in window time, the forecaster's own clock (a replay runs in
-    virtual time); the wall clock only caps it, so that a window stamped far in the future
-    cannot make every other deployment look idle."""
-    if idle_forget_s <= 0.0:
-        return
-    interval_s = min(60.0, max(0.5, idle_forget_s / 10.0))
-    while not runtime.stop.is_set():
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(runtime.stop.wait(), timeout=interval_s)
-        newest_s = forecaster.newest_seen_s()
-        if newest_s is None:
-            continue
-        forgotten = forecaster.forget_idle(min(newest_s, clock()))
+    """Forget the deployments idle for ``idle_forget_s`` (``forget_idle_periodically``)."""
+
+    def forget(now_s: float) -> None:
+        forgotten = forecaster.forget_idle(now_s)
         if forgotten:
             FORGOTTEN.inc(forgotten)
             log.info("forgot %d deployments idle for %g s or more", forgotten, idle_forget_s)
+
+    await forget_idle_periodically(runtime.stop, idle_forget_s, forecaster.newest_seen_s,
+                                   forget, clock)
 
 
 async def run(runtime: Runtime, forecaster: Forecaster, settings: ForecasterSettings) -> None:
