@@ -175,6 +175,16 @@ def wait_until(predicate: object, timeout_s: float = 20.0, interval_s: float = 0
     raise AssertionError("condition not met in time")
 
 
+async def until(condition: object, timeout_s: float, what: str,
+                interval_s: float = 0.05) -> None:
+    """Wait for an async ``condition()`` to hold, failing after ``timeout_s`` with ``what``."""
+    assert callable(condition)
+    deadline = time.monotonic() + timeout_s
+    while not await condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(interval_s)
+
+
 @pytest.fixture(autouse=True)
 def _stop_actuator_watches() -> Iterator[None]:
     """Stop the watch threads of the actuators a test assembled (tests/conftest_k8s.py)."""

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from services.decider.settings import DeciderSettings
 from shared import bus, partition
 from shared.messages import DeploymentKey, LoadForecast, ReplicaTarget
 from shared.service_settings import ServiceSettings
-from tests.conftest import NatsEndpoint, ServiceProcess
+from tests.conftest import NatsEndpoint, ServiceProcess, until
 from tests.test_slaplanner_policy_support import (
     WINDOW_S,
     forecast,
@@ -78,14 +77,6 @@ async def planned_targets(js: JetStreamContext) -> list[ReplicaTarget]:
             found += [ReplicaTarget.from_json(m.data) for m in msgs]
     finally:
         await sub.unsubscribe()
-
-
-async def until(condition: object, timeout_s: float, what: str) -> None:
-    assert callable(condition)
-    deadline = time.monotonic() + timeout_s
-    while not await condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.1)
 
 
 @pytest.mark.filterwarnings("ignore::Warning:statsmodels")

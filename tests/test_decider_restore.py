@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import time
 from dataclasses import dataclass
 
 import pytest
@@ -27,7 +26,7 @@ from services.decider.knobs import knob_environment
 from shared import bus
 from shared.messages import Envelope, LoadForecast, MetricSnapshot, ReplicaTarget, ScaleEvent
 from shared.service_settings import ServiceSettings
-from tests.conftest import NatsEndpoint, ServiceProcess
+from tests.conftest import NatsEndpoint, ServiceProcess, until
 from tests.test_slaplanner_policy_support import (
     LLAMA,
     WINDOW_S,
@@ -141,14 +140,6 @@ async def handled_everything(js: JetStreamContext) -> bool:
     last = (await js.stream_info(STREAM)).state.last_seq
     return (info.num_pending == 0 and info.num_ack_pending == 0
             and info.ack_floor.stream_seq >= last - 1)  # the last may be the decider's own
-
-
-async def until(condition: object, timeout_s: float, what: str) -> None:
-    assert callable(condition)
-    deadline = time.monotonic() + timeout_s
-    while not await condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.05)
 
 
 @pytest.mark.filterwarnings("ignore::Warning:statsmodels")
