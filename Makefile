@@ -53,8 +53,11 @@ test-servers:
 	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends \
 	    prometheus=$(PROMETHEUS_DEB); }
 
+# Two workers (pytest-xdist): most tests wait on servers and subprocesses, so two share a 2-core
+# machine well. A file's tests stay on one worker, so its module fixtures start once.
+PYTEST_WORKERS ?= 2
 test: lint test-servers
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadfile
 
 # The tests that need no server or process (tests/conftest.py marks the others): under a minute.
 test-fast: $(STAMP)
