@@ -6,22 +6,32 @@ period, so a nats-server that comes back with an empty store has its streams and
 within that time, while the services (``bus_setup=admin``) wait for them with /readyz failing.
 deploy/ runs it beside nats-server, in the NATS pod, as the admin user: the services' users may
 create nothing. ``check`` only reports, and exits 1 when something differs or is missing.
+
+With ``--served-cert-file`` and ``--server-pid-file`` the keep loop also compares the certificate
+the server serves with the one mounted from its Secret, and tells nats-server to reload (SIGHUP)
+while they differ: cert-manager renews the certificate in the Secret, the kubelet updates the
+files, but nats-server reads them only when it starts or reloads.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
+import ssl
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Self
+from urllib.parse import urlsplit
 
 import nats.errors
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from shared import bus
 from shared import settings as settings_mod
@@ -55,6 +65,27 @@ class BusAdminSettings(ServiceSettings):
         description=("0: set up once and exit; else stay and set up again at this period, "
                      "seconds (a store lost meanwhile is rebuilt within it)"),
     )
+    served_cert_file: str = Field(
+        default="",
+        description=("the server's certificate as mounted from its Secret (tls.crt): while the "
+                     "server serves another one, it is told to reload (with --keep-interval-s "
+                     "and --server-pid-file)"),
+    )
+    server_pid_file: str = Field(
+        default="",
+        description=("nats-server's pid_file; the reload is a SIGHUP to that process (in a pod, "
+                     "shareProcessNamespace lets the bus-admin signal it)"),
+    )
+
+    @model_validator(mode="after")
+    def _certificate_reload_is_whole(self) -> Self:
+        if bool(self.served_cert_file) != bool(self.server_pid_file):
+            raise ValueError("SLAPLANNER_SERVED_CERT_FILE and SLAPLANNER_SERVER_PID_FILE go "
+                             "together: the certificate to compare and the process to reload")
+        if self.served_cert_file and self.keep_interval_s <= 0:
+            raise ValueError("the certificate reload runs in the keep loop: set "
+                             "SLAPLANNER_KEEP_INTERVAL_S too")
+        return self
 
 
 async def setup_once(js: JetStreamContext, settings: BusAdminSettings) -> list[str]:
@@ -93,6 +124,70 @@ async def check(js: JetStreamContext, settings: BusAdminSettings) -> list[str]:
     return found
 
 
+def leaf_certificate(pem_file: Path) -> bytes:
+    """The first certificate of a PEM file (the leaf of a chain), DER-encoded."""
+    text = pem_file.read_text()
+    end_marker = "-----END CERTIFICATE-----"
+    if end_marker not in text:
+        raise ValueError(f"{pem_file}: no PEM certificate in it")
+    return ssl.PEM_cert_to_DER_cert(text[: text.index(end_marker) + len(end_marker)])
+
+
+async def served_certificate(url: str, timeout_s: float = 5.0) -> bytes:
+    """The certificate a nats-server serves at ``url``, DER-encoded. NATS speaks first in plain
+    text (its INFO line) and the client then starts TLS; nothing is verified here, since only
+    which certificate is served matters, and nothing is sent after the handshake."""
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 4222
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+
+    async def handshake() -> bytes:
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            await reader.readline()
+            await writer.start_tls(context)
+            ssl_object = writer.get_extra_info("ssl_object")
+            der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
+            if not der:
+                raise ConnectionError(f"{url} served no certificate")
+            return bytes(der)
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError, ssl.SSLError):
+                await writer.wait_closed()
+
+    return await asyncio.wait_for(handshake(), timeout_s)
+
+
+async def reload_if_renewed(settings: BusAdminSettings) -> bool:
+    """Tell nats-server to reload when it serves another certificate than the mounted one;
+    whether it was told. Each failure is logged with what to check, and the next round tries
+    again: the kubelet updates the server's volume and this one each on its own schedule."""
+    url = settings.nats_url[0]
+    try:
+        mounted = leaf_certificate(Path(settings.served_cert_file))
+        served = await served_certificate(url)
+    except (OSError, ValueError, ssl.SSLError, TimeoutError) as exc:
+        log.error("certificate check: %s", str(exc) or type(exc).__name__)
+        return False
+    if mounted == served:
+        return False
+    try:
+        pid = int(Path(settings.server_pid_file).read_text().strip())
+        os.kill(pid, signal.SIGHUP)
+    except (OSError, ValueError) as exc:
+        log.error("nats-server serves another certificate than %s but cannot be told to reload "
+                  "(pid file %s: %s); in a pod the StatefulSet needs shareProcessNamespace",
+                  settings.served_cert_file, settings.server_pid_file,
+                  str(exc) or type(exc).__name__)
+        return False
+    log.info("nats-server (pid %d) serves another certificate than %s: told it to reload",
+             pid, settings.served_cert_file)
+    return True
+
+
 async def keep(nc: NATS, settings: BusAdminSettings, stop: asyncio.Event) -> None:
     js = nc.jetstream(timeout=bus.API_TIMEOUT_S)
     while not stop.is_set():
@@ -100,6 +195,8 @@ async def keep(nc: NATS, settings: BusAdminSettings, stop: asyncio.Event) -> Non
             await setup_once(js, settings)
         except (bus.BusError, TimeoutError, nats.errors.Error) as exc:
             log.error("bus setup: %s", str(exc) or type(exc).__name__)
+        if settings.served_cert_file and settings.server_pid_file:
+            await reload_if_renewed(settings)
         try:
             await asyncio.wait_for(stop.wait(), timeout=settings.keep_interval_s)
         except TimeoutError:

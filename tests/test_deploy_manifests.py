@@ -668,8 +668,10 @@ def test_every_nats_client_speaks_tls_and_verifies_the_server_against_the_ca() -
         assert all(url.startswith("tls://") for url in urls), where
         volume, key = mounted_file(pod, container, env["SLAPLANNER_NATS_TLS_CA_FILE"])
         assert volume["secret"]["secretName"] == NATS_TLS_SECRET, where
-        # the CA alone: no client gets the server's private key
-        assert volume["secret"]["items"] == [{"key": "ca.crt", "path": key}], where
+        # no client gets the server's private key (the bus-admin also gets its certificate)
+        items = volume["secret"]["items"]
+        assert {"key": "ca.crt", "path": key} in items, where
+        assert {item["key"] for item in items} <= {"ca.crt", "tls.crt"}, where
 
 
 def test_the_server_serves_the_certificate_of_the_secret_cert_manager_keeps() -> None:
@@ -684,6 +686,32 @@ def test_the_server_serves_the_certificate_of_the_secret_cert_manager_keeps() ->
     for field, key in (("cert_file", "tls.crt"), ("key_file", "tls.key")):
         volume, found = mounted_file(pod, server, files[field])
         assert (volume["secret"]["secretName"], found) == (NATS_TLS_SECRET, key), field
+
+
+def test_the_bus_admin_can_tell_the_server_to_reload_a_renewed_certificate() -> None:
+    """It compares the Secret's tls.crt with what the server serves, and signals the process in
+    nats.conf's pid_file: a file of a volume both containers mount, a process it can see (one
+    process namespace) and may signal (the same user)."""
+    conf = (BASE / "nats" / "nats.conf").read_text()
+    [pid_file] = re.findall(r"^pid_file:\s*(\S+)", conf, re.M)
+    statefulset = find(resources(BASE), "StatefulSet", "slaplanner-nats")
+    pod = statefulset["spec"]["template"]["spec"]
+    assert pod["shareProcessNamespace"] is True
+    [server] = [c for c in pod["containers"] if c["name"] == "nats"]
+    [admin] = [c for c in pod["containers"] if c["name"] == "bus-admin"]
+    args = admin["args"]
+    assert args[:2] == ["bus", "setup"] and "--keep-interval-s" in args
+    option = dict(zip(args[2::2], args[3::2], strict=True))
+    assert option["--server-pid-file"] == pid_file
+    server_side, name = mounted_file(pod, server, pid_file)
+    admin_side, admin_name = mounted_file(pod, admin, pid_file)
+    assert server_side is admin_side and "emptyDir" in server_side and name == admin_name
+    volume, key = mounted_file(pod, admin, option["--served-cert-file"])
+    assert volume["secret"]["secretName"] == NATS_TLS_SECRET
+    assert {"key": "tls.crt", "path": key} in volume["secret"]["items"]
+    for container in (server, admin):
+        assert "runAsUser" not in container.get("securityContext", {}), container["name"]
+    assert pod["securityContext"]["runAsUser"] != 0
 
 
 def test_the_certificate_names_every_address_the_clients_use() -> None:

@@ -11,27 +11,31 @@ import json
 import os
 import secrets
 import signal
+import ssl
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import nats
 import pytest
 import trustme
+from nats.js.errors import NotFoundError
 from pydantic import ValidationError
 
-from shared import bus, embedded_nats, operator_tools
+from shared import bus, bus_admin, embedded_nats, operator_tools
 from shared.service_settings import ServiceSettings
 from tests import test_deploy_manifests as deploy
-from tests.conftest import REPO, ServiceProcess, wait_until
+from tests.conftest import REPO, ServiceProcess, until, wait_until
 from tests.test_bus_reliability import error_lines, run_until_exit
 
 NATS_DIR = deploy.BASE / "nats"
 USERS = (*deploy.SERVICES, "admin")
 # Where the StatefulSet mounts the Secret slaplanner-nats-tls for the server.
 SERVER_TLS_MOUNT = "/etc/nats-tls/"
+# nats.conf's pid_file, which the bus-admin beside the server reads to tell it to reload.
+SERVER_PID_FILE = "/var/run/nats/nats.pid"
 
 
 @dataclass
@@ -73,6 +77,7 @@ def shipped_config(folder: Path, certs: Certificates, port: int, http_port: int)
         text = text.replace(path, str(local))
     for line, setting in (("port: 4222", f"listen: 127.0.0.1:{port}"),
                           ("http_port: 8222", f"http: 127.0.0.1:{http_port}"),
+                          (f"pid_file: {SERVER_PID_FILE}", f'pid_file: "{folder / "nats.pid"}"'),
                           ("store_dir: /data/jetstream", f'store_dir: "{folder / "js"}"')):
         assert line in text, line
         text = text.replace(line, setting)
@@ -190,8 +195,9 @@ def test_a_service_that_trusts_another_ca_exits_with_one_line_naming_it(
 async def test_a_reload_serves_a_renewed_certificate_without_a_restart(
     certificates: Certificates, tmp_path: Path
 ) -> None:
-    """What docs/operations.md says to do after cert-manager renews: SIGHUP (kill -HUP 1 in the
-    pod). The new certificate comes from another CA here, so that which one is served shows."""
+    """What a reload (SIGHUP) does: the server serves the certificate now in its files, to the
+    clients it has and to new ones, without a restart. The new certificate comes from another CA
+    here, so that which one is served shows."""
     served = Certificates(tmp_path / "ca.crt", tmp_path / "tls.crt", tmp_path / "tls.key")
     for source, target in zip(vars(certificates).values(), vars(served).values(), strict=True):
         target.write_bytes(source.read_bytes())
@@ -230,6 +236,121 @@ async def test_a_reload_serves_a_renewed_certificate_without_a_restart(
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+def leaf_pem(certificate: trustme.LeafCert) -> bytes:
+    return b"".join(pem.bytes() for pem in certificate.cert_chain_pems)
+
+
+async def test_the_bus_admin_reloads_the_server_once_its_mounted_certificate_is_renewed(
+    tmp_path: Path,
+) -> None:
+    """cert-manager renews the server's certificate in the Secret and the kubelet updates the
+    files, the bus-admin's volume and the server's each on its own schedule (here the
+    bus-admin's first); nats-server reads its files only when it starts or reloads. The
+    bus-admin tells it to reload while it serves another certificate than the Secret's, and
+    stops once it serves the renewed one."""
+    ca = trustme.CA()
+    first = ca.issue_cert("127.0.0.1")
+    served = Certificates(tmp_path / "ca.crt", tmp_path / "tls.crt", tmp_path / "tls.key")
+    ca.cert_pem.write_to_path(str(served.ca_file))
+    first.private_key_pem.write_to_path(str(served.server_key))
+    served.server_cert.write_bytes(leaf_pem(first))
+    admin_mount = tmp_path / "bus-admin"
+    admin_mount.mkdir()
+    (admin_mount / "tls.crt").write_bytes(leaf_pem(first))
+    port = embedded_nats.free_port()
+    config = shipped_config(tmp_path, served, port, embedded_nats.free_port())
+    password = secrets.token_hex(24)
+    env = {**os.environ, "POD_NAME": "slaplanner-nats-0",
+           **{f"NATS_{user.upper()}_PASSWORD": password for user in USERS}}
+    server = subprocess.Popen([embedded_nats.nats_server_binary(), "-c", str(config)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"tls://127.0.0.1:{port}"
+    admin = subprocess.Popen(
+        [sys.executable, "-m", "services.cli", "bus", "setup", "--keep-interval-s", "1s",
+         "--served-cert-file", str(admin_mount / "tls.crt"),
+         "--server-pid-file", str(tmp_path / "nats.pid")],
+        env={**os.environ, **deploy.local_env("base"), "SLAPLANNER_NATS_URL": url,
+             "SLAPLANNER_NATS_TLS_CA_FILE": str(served.ca_file), "SLAPLANNER_NATS_USER": "admin",
+             "SLAPLANNER_NATS_PASSWORD": password},
+        cwd=REPO, stdout=(tmp_path / "bus-admin.log").open("wb"), stderr=subprocess.STDOUT)
+
+    def reloads() -> list[str]:
+        return [line for line in (tmp_path / "bus-admin.log").read_text().splitlines()
+                if "told it to reload" in line]
+
+    def der(certificate: trustme.LeafCert) -> bytes:
+        return ssl.PEM_cert_to_DER_cert(certificate.cert_chain_pems[0].bytes().decode())
+
+    try:
+        embedded_nats.wait_for_port(port)
+        # the bus laid out, then two more rounds: the same certificate, no reload
+        await until(wait_for_layout(url, served.ca_file, password), 60.0, "the bus layout")
+        await asyncio.sleep(2.5)
+        assert not reloads(), (tmp_path / "bus-admin.log").read_text()
+        assert await bus_admin.served_certificate(url) == der(first)
+
+        renewed = ca.issue_cert("127.0.0.1")
+        (admin_mount / "tls.crt").write_bytes(leaf_pem(renewed))
+        # the server's files are not updated yet: a reload changes nothing, so it comes again
+        await until(async_true(lambda: len(reloads()) >= 2), 60.0, "the reloads")
+        renewed.private_key_pem.write_to_path(str(served.server_key))
+        served.server_cert.write_bytes(leaf_pem(renewed))
+
+        async def serves_the_renewed() -> bool:
+            return await bus_admin.served_certificate(url) == der(renewed)
+
+        await until(serves_the_renewed, 60.0, "the renewed certificate served")
+        assert server.poll() is None  # the same process: reloaded, not restarted
+        # and it stops: the server serves what the Secret holds
+        settled = len(reloads())
+        await asyncio.sleep(3.0)
+        assert len(reloads()) <= settled + 1, reloads()
+        assert admin.poll() is None, (tmp_path / "bus-admin.log").read_text()
+        trusting_ca = ServiceSettings(nats_url=[url], nats_user="admin", nats_password=password,
+                                      nats_tls_ca_file=str(served.ca_file),
+                                      connect_deadline_s=5.0)
+        await (await bus.connect(trusting_ca, "test")).close()
+    finally:
+        for process in (admin, server):
+            process.terminate()
+            process.wait(timeout=30)
+
+
+def async_true(predicate: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return predicate()
+    return check
+
+
+def wait_for_layout(url: str, ca_file: Path, password: str) -> Callable[[], Awaitable[bool]]:
+    """Whether the bus-admin has made the stream (its first round done)."""
+    settings = ServiceSettings(nats_url=[url], nats_user="admin", nats_password=password,
+                               nats_tls_ca_file=str(ca_file), connect_deadline_s=5.0)
+
+    async def laid_out() -> bool:
+        nc = await bus.connect(settings, "test")
+        try:
+            await nc.jetstream().stream_info(settings.stream_name)
+            return True
+        except NotFoundError:
+            return False
+        finally:
+            await nc.close()
+    return laid_out
+
+
+def test_a_certificate_reload_needs_both_files_and_the_keep_loop() -> None:
+    for args, says in ((["--served-cert-file", "/x/tls.crt", "--keep-interval-s", "10s"],
+                        "go together"),
+                       (["--served-cert-file", "/x/tls.crt", "--server-pid-file", "/x/pid"],
+                        "KEEP_INTERVAL_S")):
+        done = subprocess.run([sys.executable, "-m", "services.cli", "bus", "setup", *args],
+                              cwd=REPO, capture_output=True, text=True, timeout=60,
+                              env={**os.environ, "SLAPLANNER_NATS_URL": "nats://127.0.0.1:1"})
+        assert done.returncode == 2, done.stdout + done.stderr
+        assert says in done.stderr, done.stderr
 
 
 # --- no password in plaintext where TLS is wanted -----------------------------------------------
