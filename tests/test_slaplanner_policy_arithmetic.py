@@ -15,7 +15,7 @@ from services.decider.policies.slaplanner import (
     stabilise,
 )
 from services.decider.policies.slaplanner.bounds import ratio_bounds, split_gpu_budget
-from services.decider.policies.slaplanner.load import at_confidence
+from services.decider.policies.slaplanner.load import at_confidence, design_point
 from shared.explanation import Rule
 from shared.messages import MetricSnapshot
 from tests.test_slaplanner_policy_support import PROFILE, config, snapshot
@@ -194,6 +194,37 @@ def test_the_forecast_at_our_confidence(
     point: float, upper: float, theirs: float, ours: float, expected: float
 ) -> None:
     assert at_confidence(point, upper, theirs, ours) == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("ours", [0.75, 0.9, 0.3])
+def test_one_quantity_alone_is_at_our_confidence(ours: float) -> None:
+    planned = design_point({"requests": 100.0, "isl": 2000.0},
+                           {"requests": 140.0, "isl": 2000.0}, 0.9, ours)
+    assert planned["requests"] == pytest.approx(at_confidence(100.0, 140.0, 0.9, ours))
+    assert planned["isl"] == 2000.0
+
+
+def test_a_product_is_planned_at_our_quantile_not_at_every_factors() -> None:
+    """Requests and mean prompt each with a 10 % relative error (their 0.9 quantiles 12.8 %
+    up): the prefill work, their product, has a 14.1 % error; at 0.75 it is planned 9.5 % up
+    (each factor 4.8 %), where both factors at their own 0.75 quantile would be 13.9 %."""
+    z90, z75 = 1.28155, 0.67449
+    points = {"requests": 100.0, "isl": 2000.0}
+    uppers = {"requests": 100.0 * (1 + 0.1 * z90), "isl": 2000.0 * (1 + 0.1 * z90)}
+    planned = design_point(points, uppers, 0.9, 0.75)
+    for name in points:
+        assert planned[name] / points[name] == pytest.approx(1 + z75 * 0.1 / 2 ** 0.5, rel=1e-6)
+    work = planned["requests"] * planned["isl"] / (100.0 * 2000.0)
+    both_at_quantile = (1 + z75 * 0.1) ** 2
+    assert work == pytest.approx(1 + z75 * 0.1 * 2 ** 0.5, abs=0.003)
+    assert work < both_at_quantile - 0.04
+    # the wider band moves more: its factor carries more of the product's error
+    uneven = design_point(points, {"requests": 100.0 * (1 + 0.3 * z90), "isl": uppers["isl"]},
+                          0.9, 0.75)
+    assert uneven["requests"] / 100.0 - 1 > 5 * (uneven["isl"] / 2000.0 - 1) > 0
+    # below one half, every factor is planned below its point; no band, the points
+    assert all(v < points[k] for k, v in design_point(points, uppers, 0.9, 0.3).items())
+    assert design_point(points, points, 0.9, 0.99) == points
 
 
 KNOBS = corrections.CorrectionKnobs(half_life_s=120.0, min_weight_requests=50.0, minimum=0.5,

@@ -3,6 +3,7 @@ our quantile, the recent load the fast path reads, and each role's need over the
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from statistics import NormalDist
 from typing import Any
@@ -45,12 +46,41 @@ def at_confidence(
     return max(0.0, point + (upper - point) * z_ours / z_theirs)
 
 
+# What each role's work grows with: prefill with the requests and their prompts, decode also
+# with their outputs (how long each holds its slot and KV cache).
+PREFILL_LOAD = ("requests", "isl")
+DECODE_LOAD = ("requests", "isl", "osl")
+
+
+def design_point(
+    points: dict[str, float], uppers: dict[str, float], forecast_confidence: float,
+    confidence: float,
+) -> dict[str, float]:
+    """The quantities at which their product (a role's work) reaches our quantile, each at its
+    most likely value there: with independent relative errors ``s_k`` (from the forecaster's
+    upper quantile), the product's is ``s = sqrt(sum s_k^2)``, and the point of the boundary
+    nearest the forecast moves each by ``z * s_k^2 / s`` (the design point of first-order
+    reliability). Taking every quantity at the quantile itself would plan a product far above
+    it: requests and mean prompt both at their 0.75 quantile are about the 0.83 quantile of the
+    prefill work. One quantity alone is ``at_confidence``."""
+    z_theirs = NormalDist().inv_cdf(forecast_confidence)
+    z_ours = NormalDist().inv_cdf(min(max(confidence, 1e-6), 1 - 1e-6))
+    spreads = {k: (uppers[k] / v - 1.0) / z_theirs if v > 0 and uppers[k] > v else 0.0
+               for k, v in points.items()}
+    total = math.hypot(*spreads.values())  # no overflow, even for a point near zero
+    if total == 0.0:
+        return dict(points)
+    return {k: max(0.0, v * (1.0 + z_ours * spreads[k] * (spreads[k] / total)))
+            for k, v in points.items()}
+
+
 def planned_steps(
     forecast: LoadForecast, knobs: DeploymentKnobs, startup_s: float,
-    confidence: float | None = None,
+    confidence: float | None = None, joint: tuple[str, ...] = PREFILL_LOAD,
 ) -> tuple[list[StepLoad], dict[str, Any]]:
-    """The steps from the next window up to ``now + startup + one window``, at our quantile
-    (``load_confidence``, unless ``confidence`` is given)."""
+    """The steps from the next window up to ``now + startup + one window``, with the role's
+    work (the product of the ``joint`` quantities) at our quantile (``load_confidence``, unless
+    ``confidence`` is given); a quantity not in ``joint`` stays at the forecast's point."""
     ours = knobs.load_confidence if confidence is None else confidence
     now, window = forecast.window_end, forecast.window_s
     horizon_end = now + startup_s + window
@@ -58,7 +88,7 @@ def planned_steps(
     for index, step in enumerate(forecast.steps):
         if index > 0 and step.window_end > horizon_end + 1e-6:
             break
-        steps.append(_step_load(index, step, window, ours, knobs.forecast_confidence))
+        steps.append(_step_load(index, step, window, ours, knobs.forecast_confidence, joint))
     reaches = forecast.steps[len(steps) - 1].window_end
     return steps, {
         "now_s": now,
@@ -74,16 +104,21 @@ def planned_steps(
 
 
 def _step_load(
-    index: int, step: ForecastStep, window_s: float, conf: float, theirs: float
+    index: int, step: ForecastStep, window_s: float, conf: float, theirs: float,
+    joint: tuple[str, ...],
 ) -> StepLoad:
-    requests = at_confidence(step.num_requests, step.num_requests_upper, theirs, conf)
+    points = {"requests": step.num_requests, "isl": step.isl_avg, "osl": step.osl_avg}
+    uppers = {"requests": step.num_requests_upper, "isl": step.isl_avg_upper,
+              "osl": step.osl_avg_upper}
+    planned = {**points, **design_point({k: points[k] for k in joint},
+                                        {k: uppers[k] for k in joint}, theirs, conf)}
     return StepLoad(
         index=index,
         window_end_s=step.window_end,
-        num_requests=requests,
-        rate_per_s=requests / window_s,
-        isl_tokens=at_confidence(step.isl_avg, step.isl_avg_upper, theirs, conf),
-        osl_tokens=at_confidence(step.osl_avg, step.osl_avg_upper, theirs, conf),
+        num_requests=planned["requests"],
+        rate_per_s=planned["requests"] / window_s,
+        isl_tokens=planned["isl"],
+        osl_tokens=planned["osl"],
     )
 
 
@@ -192,8 +227,8 @@ def size_lookahead(
     p_factor, d_factor = memory.prefill_correction.factor, memory.decode_correction.factor
     spread = variability(memory, knobs)
     p_conf, d_conf = planning_confidences(memory, knobs)
-    p_steps, lookahead = planned_steps(forecast, knobs, startup_s, p_conf)
-    d_steps = p_steps if d_conf == p_conf else planned_steps(forecast, knobs, startup_s, d_conf)[0]
+    p_steps, lookahead = planned_steps(forecast, knobs, startup_s, p_conf, PREFILL_LOAD)
+    d_steps, _ = planned_steps(forecast, knobs, startup_s, d_conf, DECODE_LOAD)
     prefills = [
         size_prefill(s.rate_per_s, s.isl_tokens, profile, knobs, p_factor, spread)
         for s in p_steps
@@ -213,7 +248,7 @@ def size_lookahead(
     load = {
         "num_requests": first.num_requests,
         "isl_avg_tokens": first.isl_tokens,
-        "osl_avg_tokens": first.osl_tokens,
+        "osl_avg_tokens": d_steps[0].osl_tokens,
         "window_s": forecast.window_s,
         "request_rate_per_s": first.rate_per_s,
         "point_num_requests": forecast.steps[0].num_requests,
@@ -224,7 +259,8 @@ def size_lookahead(
                 "num_requests": s.num_requests,
                 "decode_num_requests": ds_.num_requests,
                 "isl_tokens": s.isl_tokens,
-                "osl_tokens": s.osl_tokens,
+                "decode_isl_tokens": ds_.isl_tokens,
+                "osl_tokens": ds_.osl_tokens,
                 "prefill_replicas": ps.replicas,
                 "decode_replicas": ds.replicas,
                 "after_new_replicas_ready": i in late,
@@ -250,8 +286,8 @@ def size_lookahead(
     load["forecast_band_trusted"] = trusted
     if not lookahead["horizon_short"] and trusted:
         sure_p, sure_d = (max(c, knobs.forecast_confidence) for c in (p_conf, d_conf))
-        sure_p_steps, _ = planned_steps(forecast, knobs, startup_s, sure_p)
-        sure_d_steps, _ = planned_steps(forecast, knobs, startup_s, sure_d)
+        sure_p_steps, _ = planned_steps(forecast, knobs, startup_s, sure_p, PREFILL_LOAD)
+        sure_d_steps, _ = planned_steps(forecast, knobs, startup_s, sure_d, DECODE_LOAD)
         covered = (
             max(size_prefill(s.rate_per_s, s.isl_tokens, profile, knobs, p_factor,
                              spread).replicas for s in sure_p_steps),
