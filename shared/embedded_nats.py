@@ -7,8 +7,6 @@ next to the Python interpreter's scripts) or, failing that, from PATH.
 from __future__ import annotations
 
 import contextlib
-import os
-import random
 import shutil
 import socket
 import subprocess
@@ -32,29 +30,10 @@ def nats_server_binary() -> str:
     return found
 
 
-# Where free ports are taken from, "LOW-HIGH" (unset: wherever the kernel picks). The test suite
-# gives each of its parallel workers a range of its own (tests/conftest.py): a port one worker's
-# server has just released is then never handed to another worker's, where a client of the first
-# still reconnecting would land and publish into another test's stream.
-PORT_RANGE_ENV = "SLAPLANNER_FREE_PORT_RANGE"
-_handed_out: set[int] = set()
-
-
 def free_port() -> int:
-    """A port free on 127.0.0.1 now, never one this process has handed out before."""
-    spec = os.environ.get(PORT_RANGE_ENV)
-    low, high = (int(x) for x in spec.split("-")) if spec else (0, 0)
-    for _ in range(500):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            try:
-                sock.bind(("127.0.0.1", random.randrange(low, high) if spec else 0))
-            except OSError:
-                continue  # taken: another try
-            port = int(sock.getsockname()[1])
-        if port not in _handed_out:
-            _handed_out.add(port)
-            return port
-    raise RuntimeError(f"no free port found{f' in {spec} ({PORT_RANGE_ENV})' if spec else ''}")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def wait_for_port(port: int, timeout_s: float = 10.0) -> None:

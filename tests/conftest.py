@@ -257,12 +257,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    # Each parallel worker (pytest-xdist's gw0, gw1, ...) takes its servers' ports from a range
-    # of its own, below the kernel's ephemeral ports (shared/embedded_nats.py says why).
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
-    index = int(worker.removeprefix("gw")) if worker.removeprefix("gw").isdigit() else 0
-    low = 20000 + (index % 4) * 3000
-    os.environ.setdefault(embedded_nats.PORT_RANGE_ENV, f"{low}-{low + 3000}")
     if config.option.markexpr.replace(" ", "") != "notservers":
         return
 
