@@ -34,10 +34,11 @@ from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from pydantic import ValidationError
 
-from shared import bus, describe
+from shared import bus, describe, stored
 from shared import settings as settings_mod
 from shared.messages import (
     DNS_LABEL,
+    METRICS_SUBJECT,
     SUBJECT_PREFIX,
     DeploymentKey,
     Envelope,
@@ -347,23 +348,43 @@ def watch_main(argv: Sequence[str]) -> int:
 
     async def main() -> int:
         key = deployment_key(args.deployment)
-        async with session(args, "watch") as (_, js, settings):
+        async with session(args, "watch") as (nc, js, settings):
             await stream_or_error(js, settings)
             await watch(js, settings.stream_name, key, args.since, args.count,
-                        lambda line: print(line, flush=True))
+                        lambda line: print(line, flush=True),
+                        await newest_window(nc, settings.stream_name, key))
             return 0
 
     return run("watch", main)
 
 
+async def newest_window(nc: NATS, stream: str, key: DeploymentKey | None) -> int | None:
+    """The stream sequence of the deployment's newest snapshot (``None``: none, or no single
+    deployment). A watch that starts there shows that window's decision first, with its load
+    and its forecast, whether it is made or still on its way: started at the last message of
+    each subject instead, it showed the decision before it whenever the newest one was still
+    being made, its snapshot and forecast already replaced by the newer window's."""
+    if key is None:
+        return None
+    subject = METRICS_SUBJECT.format(namespace=key.namespace, name=key.name)
+    last = await stored.last_message(nc, stream, subject)
+    return None if last is None else last.metadata.sequence.stream
+
+
 async def watch(js: JetStreamContext, stream: str, key: DeploymentKey | None,
-                since_s: float | None, count: int | None, emit: Callable[[str], None]) -> None:
+                since_s: float | None, count: int | None, emit: Callable[[str], None],
+                start_sequence: int | None = None) -> None:
+    """Lines for the decisions from ``since_s`` ago, else from the stream sequence
+    ``start_sequence`` (``newest_window``), else from the last message of each subject."""
     queue: asyncio.Queue[Msg] = asyncio.Queue()
 
     async def on_msg(msg: Msg) -> None:
         await queue.put(msg)
 
-    if since_s is None:
+    if since_s is None and start_sequence is not None:
+        start = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                               opt_start_seq=start_sequence)
+    elif since_s is None:
         start = ConsumerConfig(deliver_policy=DeliverPolicy.LAST_PER_SUBJECT)
     else:
         start = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_TIME,

@@ -18,9 +18,13 @@ from nats.aio.client import Client as NATS
 from prometheus_client import CollectorRegistry
 
 from services.decider import gauges
-from shared import conditions, describe, embedded_nats, window_stats
+from shared import bus, conditions, describe, embedded_nats, window_stats
 from shared.conditions import Status
 from shared.messages import (
+    FORECAST_SUBJECT,
+    METRICS_SUBJECT,
+    SCALED_SUBJECT,
+    TARGET_SUBJECT,
     DeploymentKey,
     LoadForecast,
     MetricSnapshot,
@@ -29,6 +33,7 @@ from shared.messages import (
     ScaleEvent,
 )
 from shared.perf_model import default_profile_path, load_profile
+from shared.service_settings import ServiceSettings
 from sim.cluster import ClusterConfig
 from sim.loop import DEPLOYMENT, EPOCH_S, PlanningSetup
 from sim.replay import run_replay
@@ -442,3 +447,37 @@ def test_a_deployment_that_is_not_namespace_slash_name_is_refused_in_one_line() 
     assert result.stderr.splitlines() == [
         "slaplanner status: 'llama' is not a deployment: write NAMESPACE/NAME, each a DNS label "
         "(^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$), e.g. prod/llama"]
+
+
+async def test_watch_started_while_a_decision_is_made_shows_that_one_with_its_inputs(
+    nats_server: NatsEndpoint, nc: NATS
+) -> None:
+    """`publish` then `watch --count 1`, as the README types them: the snapshot and the forecast
+    of the new window are in, its target not yet. Started at the last message of each subject,
+    watch showed the previous window's decision, its snapshot and forecast already replaced
+    (`load -  forecast -`, seen on a busy machine); it starts at the newest snapshot."""
+    js = nc.jetstream()
+    await bus.update_streams(js, ServiceSettings(nats_url=[nats_server.url]))
+    before, now = _target(T0), _target(T0 + 60, prefill=4)
+
+    subjects: dict[type, str] = {MetricSnapshot: METRICS_SUBJECT, LoadForecast: FORECAST_SUBJECT,
+                                 ReplicaTarget: TARGET_SUBJECT, ScaleEvent: SCALED_SUBJECT}
+
+    async def put(message: MetricSnapshot | LoadForecast | ReplicaTarget | ScaleEvent) -> None:
+        subject = subjects[type(message)]
+        await js.publish(subject.format(namespace=KEY.namespace, name=KEY.name),
+                         message.model_dump_json(by_alias=True).encode())
+
+    for message in (_snapshot(T0), _forecast(T0), before, _event(before, "applied"),
+                    _snapshot(T0 + 60, num_requests=1200.0), _forecast(T0 + 60)):
+        await put(message)
+    watching = asyncio.create_task(asyncio.to_thread(
+        slaplanner, "watch", str(KEY), "--count", "1", env_url=nats_server.url))
+    await asyncio.sleep(3.0)  # watch has started (or is starting): the decision comes now
+    await put(now)
+    await put(_event(now, "applied"))
+    watched = await asyncio.wait_for(watching, 90.0)
+    assert watched.returncode == 0, watched.stderr
+    [line] = watched.stdout.splitlines()
+    assert line.startswith(f"{describe.clock(T0 + 60)} {KEY}  load 20.0/s  forecast 11.0/s"), line
+    assert "->4 D " in line and line.endswith("applied"), line
