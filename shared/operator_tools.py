@@ -333,8 +333,9 @@ def watch_main(argv: Sequence[str]) -> int:
         prog="slaplanner watch",
         description="One line per decision as the planner takes it: load, forecast, replicas "
         "running -> desired, the rule that bound each role, latency p99s and the actuator's "
-        "outcome; and the bodies a service rejected. Starts with the latest decisions in the "
-        "stream; Ctrl-C stops.",
+        "outcome; and the bodies a service rejected. Starts with the decision of the "
+        "deployment's newest window (made or on its way), or for all deployments with the "
+        "latest decisions in the stream; Ctrl-C stops.",
     )
     parser.add_argument("deployment", nargs="?", help="NAMESPACE/NAME (default: all of them)")
     parser.add_argument(
