@@ -704,8 +704,31 @@ async def serve(name: str, settings: ServiceSettings,
         if runtime_ref:
             runtime_ref[0].stop.set()
 
+    # From the start: a SIGTERM while connecting or checking the streams (a pod stopped as it
+    # starts) is a clean stop, not a death by the signal.
+    stopping = asyncio.Event()
+
+    def request_stop() -> None:
+        stopping.set()
+        if runtime_ref:
+            runtime_ref[0].stop.set()
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, request_stop)
+    connecting = asyncio.create_task(bus.connect(settings, name, on_fatal))
+    stop_asked = asyncio.create_task(stopping.wait())
+    await asyncio.wait({connecting, stop_asked}, return_when=asyncio.FIRST_COMPLETED)
+    stop_asked.cancel()
+    if not connecting.done():
+        connecting.cancel()
+        with contextlib.suppress(asyncio.CancelledError, bus.BusError):
+            await connecting
+        log.info("%s: stopped while connecting to NATS", name)
+        http.shutdown()
+        return 0
     try:
-        nc = await bus.connect(settings, name, on_fatal)
+        nc = connecting.result()
     except bus.BusError as exc:
         log.error("%s: %s", name, exc)
         http.shutdown()
@@ -717,10 +740,9 @@ async def serve(name: str, settings: ServiceSettings,
         http.shutdown()
         return 1
     runtime_ref.append(runtime)
+    if stopping.is_set():
+        runtime.stop.set()
     NATS_CONNECTED.labels(name).set_function(lambda: float(nc.is_connected))
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, runtime.stop.set)
     helpers = [asyncio.create_task(_beat(beat)), asyncio.create_task(runtime.watch_streams())]
     task = asyncio.create_task(main(runtime))
     stopper = asyncio.create_task(runtime.stop.wait())

@@ -11,7 +11,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -173,6 +173,13 @@ def wait_until(predicate: object, timeout_s: float = 20.0, interval_s: float = 0
             return
         time.sleep(interval_s)
     raise AssertionError("condition not met in time")
+
+
+def async_true(predicate: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
+    """A plain predicate as the async condition ``until`` waits for."""
+    async def check() -> bool:
+        return predicate()
+    return check
 
 
 async def until(condition: object, timeout_s: float, what: str,

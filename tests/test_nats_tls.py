@@ -27,7 +27,7 @@ from pydantic import ValidationError
 from shared import bus, bus_admin, embedded_nats, operator_tools
 from shared.service_settings import ServiceSettings
 from tests import test_deploy_manifests as deploy
-from tests.conftest import REPO, ServiceProcess, until, wait_until
+from tests.conftest import REPO, ServiceProcess, async_true, until, wait_until
 from tests.test_bus_reliability import error_lines, run_until_exit
 
 NATS_DIR = deploy.BASE / "nats"
@@ -316,12 +316,6 @@ async def test_the_bus_admin_reloads_the_server_once_its_mounted_certificate_is_
         for process in (admin, server):
             process.terminate()
             process.wait(timeout=30)
-
-
-def async_true(predicate: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
-    async def check() -> bool:
-        return predicate()
-    return check
 
 
 def wait_for_layout(url: str, ca_file: Path, password: str) -> Callable[[], Awaitable[bool]]:

@@ -15,7 +15,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from shared.messages import Rejected, ReplicaTarget, ScaleEvent
-from tests.conftest import NatsEndpoint, ServiceProcess
+from tests.conftest import NatsEndpoint, ServiceProcess, async_true, until
 
 # The published worked example on the bundled H200 profile (Dynamo docs, see
 # shared/profiles/h200_llama31_8b_fp8_tp1/README.md): at ISL 3000 one prefill GPU does
@@ -229,6 +229,34 @@ async def test_sigterm_drains_and_exits_cleanly(
     await start_and_wait_ready(nc, procs)
     for proc in procs:
         assert proc.stop(timeout_s=8.0) == 0, proc.log()
+
+
+@pytest.mark.parametrize("name", ["collector", "forecaster", "decider", "actuator"])
+async def test_a_sigterm_while_connecting_is_a_clean_stop(
+    services: dict[str, ServiceProcess], name: str
+) -> None:
+    """A pod stopped as it starts. The server here accepts and never answers, so the service is
+    still connecting when the signal comes; before, the signal's default action ended it (exit
+    -15) when it came before the handlers, set only once the streams were checked."""
+    silent: list[asyncio.StreamWriter] = []
+
+    async def hold(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        silent.append(writer)
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    proc = services[name]
+    proc.env.update({"SLAPLANNER_NATS_URL": f"nats://127.0.0.1:{port}",
+                     "SLAPLANNER_CONNECT_DEADLINE_S": "120s"})
+    proc.start()
+    try:
+        await until(async_true(lambda: bool(silent)), 60.0, f"{name} connecting")
+        assert proc.stop(timeout_s=30.0) == 0, proc.log()
+        assert f"{name}: stopped while connecting to NATS" in proc.log(), proc.log()
+    finally:
+        server.close()
+        for writer in silent:
+            writer.close()
 
 
 async def test_services_reconnect_after_the_nats_server_restarts(
