@@ -705,17 +705,11 @@ async def serve(name: str, settings: ServiceSettings,
             runtime_ref[0].stop.set()
 
     # From the start: a SIGTERM while connecting or checking the streams (a pod stopped as it
-    # starts) is a clean stop, not a death by the signal.
+    # starts) is a clean stop, not a death by the signal. The event becomes the runtime's stop.
     stopping = asyncio.Event()
-
-    def request_stop() -> None:
-        stopping.set()
-        if runtime_ref:
-            runtime_ref[0].stop.set()
-
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, request_stop)
+        loop.add_signal_handler(sig, stopping.set)
     connecting = asyncio.create_task(bus.connect(settings, name, on_fatal))
     stop_asked = asyncio.create_task(stopping.wait())
     await asyncio.wait({connecting, stop_asked}, return_when=asyncio.FIRST_COMPLETED)
@@ -734,14 +728,12 @@ async def serve(name: str, settings: ServiceSettings,
         http.shutdown()
         return 1
     runtime = Runtime(name=name, settings=settings, nc=nc, js=nc.jetstream(),
-                      msg_id_key=bus.message_id_key(settings))
+                      msg_id_key=bus.message_id_key(settings), stop=stopping)
     if await runtime.check_streams() is not None:  # logged as it was found
         await nc.close()
         http.shutdown()
         return 1
     runtime_ref.append(runtime)
-    if stopping.is_set():
-        runtime.stop.set()
     NATS_CONNECTED.labels(name).set_function(lambda: float(nc.is_connected))
     helpers = [asyncio.create_task(_beat(beat)), asyncio.create_task(runtime.watch_streams())]
     task = asyncio.create_task(main(runtime))
