@@ -15,7 +15,7 @@ from services.decider.policies.slaplanner import (
     stabilise,
 )
 from services.decider.policies.slaplanner.bounds import ratio_bounds, split_gpu_budget
-from services.decider.policies.slaplanner.load import at_confidence, design_point
+from services.decider.policies.slaplanner.load import design_point
 from shared.explanation import Rule
 from shared.messages import MetricSnapshot
 from tests.test_slaplanner_policy_support import PROFILE, config, snapshot
@@ -187,21 +187,32 @@ def test_a_slower_decode_engine_lowers_the_concurrency_it_may_run() -> None:
             100.0, 140.0, 0.9, 0.75, 100.0 + 40.0 * 0.67449 / 1.28155,
             id="0.75 against 0.9: the spread times z(0.75) / z(0.9)",
         ),
+        pytest.param(100.0, 140.0, 0.9, 0.3, 100.0 - 40.0 * 0.52440 / 1.28155,
+                     id="below one half: under the point"),
         pytest.param(100.0, 100.0, 0.9, 0.99, 100.0, id="no spread, nothing to add"),
+        pytest.param(0.0, 100.0, 0.9, 0.75, 100.0 * 0.67449 / 1.28155,
+                     id="no requests forecast under a band: the band at our quantile"),
     ],
 )
-def test_the_forecast_at_our_confidence(
+def test_one_quantity_with_a_band_is_the_forecast_at_our_confidence(
     point: float, upper: float, theirs: float, ours: float, expected: float
 ) -> None:
-    assert at_confidence(point, upper, theirs, ours) == pytest.approx(expected, rel=1e-4)
-
-
-@pytest.mark.parametrize("ours", [0.75, 0.9, 0.3])
-def test_one_quantity_alone_is_at_our_confidence(ours: float) -> None:
-    planned = design_point({"requests": 100.0, "isl": 2000.0},
-                           {"requests": 140.0, "isl": 2000.0}, 0.9, ours)
-    assert planned["requests"] == pytest.approx(at_confidence(100.0, 140.0, 0.9, ours))
+    planned = design_point({"requests": point, "isl": 2000.0},
+                           {"requests": upper, "isl": 2000.0}, theirs, ours)
+    assert planned["requests"] == pytest.approx(expected, rel=1e-4)
     assert planned["isl"] == 2000.0
+
+
+def test_a_quantity_forecast_at_zero_under_a_band_takes_the_whole_error() -> None:
+    """Its relative error is unbounded: in the limit the others stay at their points (before
+    the joint quantile, a point of 0 planned on the band; it must not plan 0)."""
+    planned = design_point({"requests": 0.0, "isl": 3000.0}, {"requests": 100.0, "isl": 3300.0},
+                           0.9, 0.75)
+    assert planned["requests"] == pytest.approx(100.0 * 0.67449 / 1.28155, rel=1e-4)
+    assert planned["isl"] == 3000.0
+    near_zero = design_point({"requests": 1e-9, "isl": 3000.0},
+                             {"requests": 100.0, "isl": 3300.0}, 0.9, 0.75)
+    assert near_zero == pytest.approx(planned, rel=1e-6)
 
 
 def test_a_product_is_planned_at_our_quantile_not_at_every_factors() -> None:

@@ -34,18 +34,6 @@ class StepLoad:
     osl_tokens: float
 
 
-def at_confidence(
-    point: float, upper: float, forecast_confidence: float, confidence: float
-) -> float:
-    """The forecast at our confidence, from its point and its upper quantile at the forecaster's
-    (a normal error: ``point + (upper - point) * z(confidence) / z(forecast_confidence)``)."""
-    if not upper > point:
-        return point
-    z_theirs = NormalDist().inv_cdf(forecast_confidence)
-    z_ours = NormalDist().inv_cdf(min(max(confidence, 1e-6), 1 - 1e-6))
-    return max(0.0, point + (upper - point) * z_ours / z_theirs)
-
-
 # What each role's work grows with: prefill with the requests and their prompts, decode also
 # with their outputs (how long each holds its slot and KV cache).
 PREFILL_LOAD = ("requests", "isl")
@@ -62,15 +50,24 @@ def design_point(
     nearest the forecast moves each by ``z * s_k^2 / s`` (the design point of first-order
     reliability). Taking every quantity at the quantile itself would plan a product far above
     it: requests and mean prompt both at their 0.75 quantile are about the 0.83 quantile of the
-    prefill work. One quantity alone is ``at_confidence``."""
+    prefill work.
+
+    Written as each quantity's band rescaled to our quantile, ``point + (upper - point) *
+    z(ours) / z(theirs)``, times its share ``s_k / s`` of the product's error: one quantity
+    alone takes its whole band. A point of 0 under a band has an unbounded relative error, so
+    (in the limit) such quantities share the whole product's error and the others stay at
+    their points: a forecast of no requests with room for some plans for some."""
     z_theirs = NormalDist().inv_cdf(forecast_confidence)
     z_ours = NormalDist().inv_cdf(min(max(confidence, 1e-6), 1 - 1e-6))
-    spreads = {k: (uppers[k] / v - 1.0) / z_theirs if v > 0 and uppers[k] > v else 0.0
-               for k, v in points.items()}
-    total = math.hypot(*spreads.values())  # no overflow, even for a point near zero
-    if total == 0.0:
-        return dict(points)
-    return {k: max(0.0, v * (1.0 + z_ours * spreads[k] * (spreads[k] / total)))
+    banded = {k for k, v in points.items() if uppers[k] > v}
+    unbounded = {k for k in banded if points[k] <= 0.0}
+    if unbounded:
+        shares = {k: 1.0 / math.sqrt(len(unbounded)) if k in unbounded else 0.0 for k in points}
+    else:
+        spreads = {k: (uppers[k] / v - 1.0) if k in banded else 0.0 for k, v in points.items()}
+        total = math.hypot(*spreads.values())  # no overflow, even for a point near zero
+        shares = {k: spread / total if total > 0.0 else 0.0 for k, spread in spreads.items()}
+    return {k: max(0.0, v + (uppers[k] - v) * z_ours / z_theirs * shares[k])
             for k, v in points.items()}
 
 
