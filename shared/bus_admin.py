@@ -195,7 +195,7 @@ async def keep(nc: NATS, settings: BusAdminSettings, stop: asyncio.Event) -> Non
             await setup_once(js, settings)
         except (bus.BusError, TimeoutError, nats.errors.Error) as exc:
             log.error("bus setup: %s", str(exc) or type(exc).__name__)
-        if settings.served_cert_file and settings.server_pid_file:
+        if settings.served_cert_file:  # with the pid file: the settings hold both or neither
             await reload_if_renewed(settings)
         try:
             await asyncio.wait_for(stop.wait(), timeout=settings.keep_interval_s)

@@ -45,6 +45,11 @@ class Certificates:
     server_key: Path
 
 
+def leaf_pem(certificate: trustme.LeafCert) -> bytes:
+    """A leaf certificate with its chain, as cert-manager writes tls.crt."""
+    return b"".join(pem.bytes() for pem in certificate.cert_chain_pems)
+
+
 @pytest.fixture(scope="module")
 def certificates(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
     """A throwaway CA and a server certificate for 127.0.0.1, as cert-manager's Secret holds
@@ -55,7 +60,7 @@ def certificates(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
     found = Certificates(folder / "ca.crt", folder / "tls.crt", folder / "tls.key")
     ca.cert_pem.write_to_path(str(found.ca_file))
     server.private_key_pem.write_to_path(str(found.server_key))
-    found.server_cert.write_bytes(b"".join(pem.bytes() for pem in server.cert_chain_pems))
+    found.server_cert.write_bytes(leaf_pem(server))
     return found
 
 
@@ -220,7 +225,7 @@ async def test_a_reload_serves_a_renewed_certificate_without_a_restart(
         # the kubelet updates the mounted Secret's files; then the reload
         leaf = renewed_ca.issue_cert("127.0.0.1")
         leaf.private_key_pem.write_to_path(str(served.server_key))
-        served.server_cert.write_bytes(b"".join(pem.bytes() for pem in leaf.cert_chain_pems))
+        served.server_cert.write_bytes(leaf_pem(leaf))
         process.send_signal(signal.SIGHUP)
         deadline = asyncio.get_running_loop().time() + 30.0
         while True:
@@ -236,10 +241,6 @@ async def test_a_reload_serves_a_renewed_certificate_without_a_restart(
     finally:
         process.terminate()
         process.wait(timeout=10)
-
-
-def leaf_pem(certificate: trustme.LeafCert) -> bytes:
-    return b"".join(pem.bytes() for pem in certificate.cert_chain_pems)
 
 
 async def test_the_bus_admin_reloads_the_server_once_its_mounted_certificate_is_renewed(
@@ -267,6 +268,8 @@ async def test_the_bus_admin_reloads_the_server_once_its_mounted_certificate_is_
     server = subprocess.Popen([embedded_nats.nats_server_binary(), "-c", str(config)], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"tls://127.0.0.1:{port}"
+    as_admin = ServiceSettings(nats_url=[url], nats_user="admin", nats_password=password,
+                               nats_tls_ca_file=str(served.ca_file), connect_deadline_s=5.0)
     admin = subprocess.Popen(
         [sys.executable, "-m", "services.cli", "bus", "setup", "--keep-interval-s", "1s",
          "--served-cert-file", str(admin_mount / "tls.crt"),
@@ -286,7 +289,7 @@ async def test_the_bus_admin_reloads_the_server_once_its_mounted_certificate_is_
     try:
         embedded_nats.wait_for_port(port)
         # the bus laid out, then two more rounds: the same certificate, no reload
-        await until(wait_for_layout(url, served.ca_file, password), 60.0, "the bus layout")
+        await until(wait_for_layout(as_admin), 60.0, "the bus layout")
         await asyncio.sleep(2.5)
         assert not reloads(), (tmp_path / "bus-admin.log").read_text()
         assert await bus_admin.served_certificate(url) == der(first)
@@ -308,20 +311,15 @@ async def test_the_bus_admin_reloads_the_server_once_its_mounted_certificate_is_
         await asyncio.sleep(3.0)
         assert len(reloads()) <= settled + 1, reloads()
         assert admin.poll() is None, (tmp_path / "bus-admin.log").read_text()
-        trusting_ca = ServiceSettings(nats_url=[url], nats_user="admin", nats_password=password,
-                                      nats_tls_ca_file=str(served.ca_file),
-                                      connect_deadline_s=5.0)
-        await (await bus.connect(trusting_ca, "test")).close()
+        await (await bus.connect(as_admin, "test")).close()
     finally:
         for process in (admin, server):
             process.terminate()
             process.wait(timeout=30)
 
 
-def wait_for_layout(url: str, ca_file: Path, password: str) -> Callable[[], Awaitable[bool]]:
+def wait_for_layout(settings: ServiceSettings) -> Callable[[], Awaitable[bool]]:
     """Whether the bus-admin has made the stream (its first round done)."""
-    settings = ServiceSettings(nats_url=[url], nats_user="admin", nats_password=password,
-                               nats_tls_ca_file=str(ca_file), connect_deadline_s=5.0)
 
     async def laid_out() -> bool:
         nc = await bus.connect(settings, "test")
