@@ -170,7 +170,8 @@ async def reload_if_renewed(settings: BusAdminSettings) -> bool:
         mounted = leaf_certificate(Path(settings.served_cert_file))
         served = await served_certificate(url)
     except (OSError, ValueError, ssl.SSLError, TimeoutError) as exc:
-        log.error("certificate check: %s", str(exc) or type(exc).__name__)
+        log.error("certificate check of %s against %s: %s", url, settings.served_cert_file,
+                  str(exc) or type(exc).__name__)
         return False
     if mounted == served:
         return False
